@@ -1,0 +1,1 @@
+"""Hosted multi-tenant contact center: the API, workers and voice control."""

@@ -1,0 +1,118 @@
+"""Settings from the environment, with safe development defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    return os.environ.get(name, "1" if default else "0").lower() in {"1", "true", "yes", "on"}
+
+
+DEV_SECRET = "dev-only-secret-change-me-in-production-0123456789abcdef"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every tunable number and address of the backend, read once at start-up."""
+
+    environment: str = field(default_factory=lambda: _env("CC_ENV", "development"))
+    """`development`, `test` or `production`; production refuses the development secret."""
+    debug: bool = field(default_factory=lambda: _env_bool("CC_DEBUG", False))
+    """Litestar debug mode (tracebacks in responses); never in production."""
+    database_url: str = field(
+        default_factory=lambda: _env(
+            "DATABASE_URL", "postgresql+asyncpg://cc_app:cc_app@127.0.0.1:55432/contactcenter"
+        )
+    )
+    """The application role's DSN: owns nothing, cannot bypass row-level security."""
+    database_owner_url: str = field(
+        default_factory=lambda: _env(
+            "DATABASE_OWNER_URL", "postgresql+asyncpg://cc_owner:cc_owner@127.0.0.1:55432/contactcenter"
+        )
+    )
+    """The schema owner's DSN, used only by migrations."""
+    database_pool_size: int = field(default_factory=lambda: _env_int("CC_DB_POOL_SIZE", 20))
+    """Connections kept per process."""
+    database_max_overflow: int = field(default_factory=lambda: _env_int("CC_DB_MAX_OVERFLOW", 10))
+    """Extra connections a process may open under load."""
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:56379/0"))
+    """Redis for routing state, caches, throttling, pub/sub and the job queue."""
+    public_base_url: str = field(default_factory=lambda: _env("CC_PUBLIC_BASE_URL", "http://127.0.0.1:8000"))
+    """Where users reach the API; used in e-mailed links and SSO redirects."""
+    secret_key: str = field(default_factory=lambda: _env("CC_SECRET_KEY", DEV_SECRET))
+    """Signs access tokens and encrypts TOTP secrets. At least 32 characters."""
+    provider_sip_domain: str = field(default_factory=lambda: _env("CC_SIP_DOMAIN", "sip.cc.test"))
+    """Tenants' SIP domains are `<slug>.<this>`."""
+    access_token_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_ACCESS_TOKEN_TTL", 600))
+    """Lifetime of a JWT access token (at most 15 minutes)."""
+    session_idle_timeout_seconds: int = field(default_factory=lambda: _env_int("CC_SESSION_IDLE", 1800))
+    """A session whose refresh token is not used for this long ends."""
+    session_absolute_timeout_seconds: int = field(
+        default_factory=lambda: _env_int("CC_SESSION_ABSOLUTE", 12 * 3600)
+    )
+    """A session ends this long after login, however active."""
+    email_token_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_EMAIL_TOKEN_TTL", 24 * 3600))
+    """Lifetime of e-mail verification and invitation links."""
+    password_reset_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_PASSWORD_RESET_TTL", 1800))
+    """Lifetime of a password-reset link."""
+    login_failures_per_account: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ACCOUNT", 10))
+    """Failed logins allowed per account per window before 429."""
+    login_account_window_seconds: int = field(
+        default_factory=lambda: _env_int("CC_LOGIN_FAIL_ACCOUNT_WINDOW", 900)
+    )
+    """The per-account failure window."""
+    login_failures_per_address: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ADDRESS", 30))
+    """Failed logins allowed per client address per window before 429."""
+    login_address_window_seconds: int = field(
+        default_factory=lambda: _env_int("CC_LOGIN_FAIL_ADDRESS_WINDOW", 60)
+    )
+    """The per-address failure window."""
+    password_min_length: int = field(default_factory=lambda: _env_int("CC_PASSWORD_MIN_LENGTH", 12))
+    """Shortest accepted password (ASVS 5.0 V6.2.1 asks for 8 at least; we ask more)."""
+    password_max_length: int = field(default_factory=lambda: _env_int("CC_PASSWORD_MAX_LENGTH", 128))
+    """Longest accepted password (ASVS asks that 64 at least be allowed)."""
+    request_max_body_bytes: int = field(default_factory=lambda: _env_int("CC_MAX_BODY", 1_048_576))
+    """Default request body limit; streamed upload routes name larger limits of their own."""
+    max_inflight_requests: int = field(default_factory=lambda: _env_int("CC_MAX_INFLIGHT", 512))
+    """Requests one process serves at once; beyond it the API answers 429 with Retry-After."""
+    revocation_recheck_seconds: int = field(default_factory=lambda: _env_int("CC_REVOCATION_RECHECK", 30))
+    """How often an open WebSocket re-checks its credentials, in case a revocation message was missed."""
+    ws_ticket_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_WS_TICKET_TTL", 30))
+    """Lifetime of a single-use WebSocket ticket."""
+    api_key_touch_interval_seconds: int = field(default_factory=lambda: _env_int("CC_API_KEY_TOUCH", 60))
+    """An API key's last use is written at most this often."""
+    switch_shared_secret: str = field(default_factory=lambda: _env("CC_SWITCH_SECRET", "dev-switch-secret"))
+    """Secret FreeSWITCH nodes present on xml_curl and CDR requests."""
+    page_size_default: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE", 50))
+    """Items per page when a list request names no limit."""
+    page_size_max: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE_MAX", 200))
+    """Most items a list request may ask for."""
+    log_level: str = field(default_factory=lambda: _env("CC_LOG_LEVEL", "INFO"))
+    """Root log level."""
+    log_json: bool = field(default_factory=lambda: _env_bool("CC_LOG_JSON", True))
+    """JSON log lines (production, CI) or human-readable ones."""
+
+    def __post_init__(self) -> None:
+        if self.environment == "production" and self.secret_key == DEV_SECRET:
+            raise RuntimeError("CC_SECRET_KEY must be set in production")
+        if len(self.secret_key) < 32:
+            raise RuntimeError("CC_SECRET_KEY must be at least 32 characters")
+        if self.access_token_ttl_seconds > 900:
+            raise RuntimeError("CC_ACCESS_TOKEN_TTL may not exceed 15 minutes")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (tests clear the cache after changing the environment)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database access: engine, sessions, tenant context (RLS) and migrations."""

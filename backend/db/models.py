@@ -1,0 +1,9 @@
+"""Imports every domain's tables so that metadata (and Alembic) sees the whole schema."""
+
+from backend.auth import models as auth_models
+from backend.db.base import Base
+from backend.tenants import models as tenant_models
+
+metadata = Base.metadata
+
+__all__ = ["auth_models", "metadata", "tenant_models"]

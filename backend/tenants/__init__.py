@@ -1,0 +1,1 @@
+"""Tenants: signup, plans, users, teams, roles, seats, SIP credentials, audit."""
