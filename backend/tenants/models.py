@@ -111,6 +111,8 @@ class User(TenantOwned, Base):
     totp_last_step: Mapped[int | None] = mapped_column(Integer)
     """The last accepted TOTP time step: a code is never accepted twice (ASVS V6.5.1)."""
     password_changed_at: Mapped[datetime | None] = mapped_column()
+    tokens_revoked_at: Mapped[datetime | None] = mapped_column()
+    """Access tokens issued before this instant are refused (role change, deactivation)."""
 
 
 class Team(TenantOwned, Base):

@@ -195,6 +195,7 @@ def upgrade() -> None:
         sa.Column("totp_enabled", sa.Boolean(), nullable=False),
         sa.Column("totp_last_step", sa.Integer(), nullable=True),
         sa.Column("password_changed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("tokens_revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("tenant_id", sa.UUID(), nullable=False),
         sa.Column("id", sa.UUID(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),

@@ -1,0 +1,124 @@
+"""The application factory: plugins, routes, shared clients and their lifespan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.types import ASGIApp
+from redis.asyncio import Redis
+
+from backend.auth.authenticate import Authenticator
+from backend.auth.controllers import ApiKeyController, AuthController, ProviderAuthController
+from backend.auth.guards import access_guard
+from backend.auth.middleware import AuthenticationMiddleware
+from backend.auth.revocation import Revocations
+from backend.auth.service import AuthService
+from backend.auth.throttle import LoginThrottle
+from backend.auth.tokens import TokenSigner
+from backend.config import Settings, get_settings
+from backend.db.engine import make_engine, make_sessionmaker
+from backend.db.session import provide_db_session
+from backend.lib.health import healthz, metrics, readyz
+from backend.lib.observability import OverloadMiddleware, RequestContextMiddleware, configure_logging
+from backend.lib.openapi import document_routes
+from backend.lib.pagination import page_request
+from backend.lib.problems import exception_handlers
+from backend.routing.controllers import agent_socket
+from backend.routing.hub import AgentHub
+from backend.tenants.controllers import (
+    AuditController,
+    OpsController,
+    RoleController,
+    SeatController,
+    SignupController,
+    TeamController,
+    TenantController,
+    UserController,
+)
+
+ROUTE_HANDLERS: list[Any] = [
+    healthz,
+    readyz,
+    metrics,
+    AuthController,
+    ProviderAuthController,
+    ApiKeyController,
+    SignupController,
+    TenantController,
+    UserController,
+    RoleController,
+    TeamController,
+    SeatController,
+    AuditController,
+    OpsController,
+    agent_socket,
+]
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the Litestar application and the clients it shares between requests."""
+    settings = settings or get_settings()
+    configure_logging(settings)
+    engine = make_engine(settings)
+    sessionmaker = make_sessionmaker(engine)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    signer = TokenSigner(settings)
+    revocations = Revocations(redis, sessionmaker, settings.access_token_ttl_seconds)
+    authenticator = Authenticator(settings, signer, revocations, redis, sessionmaker)
+    auth_service = AuthService(sessionmaker, authenticator, LoginThrottle(redis, settings), settings)
+    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
+
+    async def start_hub() -> None:
+        await hub.start()
+
+    async def close_clients() -> None:
+        await hub.stop()
+        await redis.aclose()
+        await engine.dispose()
+
+    app = Litestar(
+        route_handlers=ROUTE_HANDLERS,
+        state=State(
+            {
+                "settings": settings,
+                "engine": engine,
+                "sessionmaker": sessionmaker,
+                "redis": redis,
+                "authenticator": authenticator,
+                "auth_service": auth_service,
+                "hub": hub,
+            }
+        ),
+        dependencies={
+            "db_session": Provide(provide_db_session),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+            "page": Provide(page_request, sync_to_thread=False),
+        },
+        middleware=[RequestContextMiddleware(), AuthenticationMiddleware()],
+        guards=[access_guard],
+        exception_handlers=exception_handlers,
+        request_max_body_size=settings.request_max_body_bytes,
+        on_startup=[start_hub],
+        on_shutdown=[close_clients],
+        openapi_config=OpenAPIConfig(
+            title="Contact Center API",
+            version="1.0.0",
+            path="/schema",
+            description="Multi-tenant contact-center API. Errors are RFC 9457 problem+json.",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        ),
+        debug=settings.debug,
+    )
+    document_routes(app)
+    return app
+
+
+def create_asgi_app() -> ASGIApp:
+    """What the server runs: the application behind overload protection (uvicorn --factory)."""
+    settings = get_settings()
+    return OverloadMiddleware(create_app(settings), settings.max_inflight_requests)

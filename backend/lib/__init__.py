@@ -1,0 +1,1 @@
+"""Cross-cutting pieces of the API: errors, pagination, logging, metrics, overload protection."""

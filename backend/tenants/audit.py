@@ -1,0 +1,56 @@
+"""The tenant audit log: who changed what, with before and after."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.lib.context import client_ip_var, request_id_var
+from backend.tenants.models import AuditEntry
+
+log = structlog.get_logger("audit")
+
+
+def _ip() -> str | None:
+    value = client_ip_var.get()
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+async def record(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    actor_type: str,
+    actor_id: uuid.UUID | None,
+    action: str,
+    target_type: str,
+    target_id: uuid.UUID | str | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    """Add one audit entry to the current transaction, so it lands with the change or not at all."""
+    entry = AuditEntry(
+        tenant_id=tenant_id,
+        actor_type=actor_type,
+        actor_id=actor_id,
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id) if target_id is not None else None,
+        before=before,
+        after=after,
+        ip=_ip(),
+        request_id=request_id_var.get(),
+    )
+    session.add(entry)
+    log.info(
+        "audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id
+    )
