@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from litestar.connection import ASGIConnection
+from litestar import Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
@@ -26,14 +26,14 @@ async def run_after_commit(session: AsyncSession) -> None:
         await callback()
 
 
-async def provide_db_session(connection: ASGIConnection[Any, Any, Any, Any]) -> AsyncIterator[AsyncSession]:
+async def provide_db_session(request: Request[Any, Any, Any]) -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed before the response is sent.
 
     For a tenant caller the transaction is scoped with `SET LOCAL app.tenant_id`,
     so row-level security shows it nothing of any other tenant.
     """
-    sessionmaker: async_sessionmaker[AsyncSession] = connection.app.state.sessionmaker
-    principal = connection.scope.get("user")
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    principal = request.scope.get("user")
     async with sessionmaker() as session:
         async with session.begin():
             if (
