@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         debug=settings.debug,
     )
-    document_routes(app)
+    document_routes(app, schema_path="/schema")
     return app
 
 

@@ -34,11 +34,17 @@ def _describe(handler: HTTPRouteHandler) -> str:
     }.get(access, f"**Access:** {access}.")
 
 
-def document_routes(app: Litestar) -> None:
-    """Add the access rule to each operation's description and the problem responses it can give."""
+def document_routes(app: Litestar, schema_path: str) -> None:
+    """Add the access rule to each operation's description and the problem responses it can give.
+
+    The OpenAPI document's own routes are made by Litestar; they are public.
+    """
     for route in app.routes:
         for handler in getattr(route, "route_handlers", []):
             if not isinstance(handler, HTTPRouteHandler):
+                continue
+            if route.path == schema_path or route.path.startswith(schema_path + "/"):
+                handler.opt.setdefault("access", "public")
                 continue
             rule = _describe(handler)
             if rule not in (handler.description or ""):

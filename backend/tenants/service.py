@@ -351,7 +351,7 @@ async def invite_user(
     await session.flush()
     for team_id in dict.fromkeys(data.team_ids):
         if await session.scalar(select(Team.id).where(Team.id == team_id)) is None:
-            raise InvalidInput.field("team_ids", f"{team_id} is not a team of this tenant")
+            raise InvalidInput.field("team_ids", "names a team that is not of this tenant")
         session.add(TeamMember(tenant_id=principal.tenant_id, team_id=team_id, user_id=user.id))
     token = await onetime.issue(
         session,

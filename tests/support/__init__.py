@@ -1,0 +1,1 @@
+"""Test peers and helpers: local protocol servers and drivers."""

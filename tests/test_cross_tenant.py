@@ -1,0 +1,317 @@
+"""The cross-tenant test: walks the application's own route table, HTTP and WebSocket.
+
+Every route must be classified (`access` = public, tenant, provider or switch).
+Each tenant-scoped route is called with tenant B's credentials on tenant A's
+real objects and must answer 403 or 404 without any of A's data; then with
+A's own credentials on the same objects, where it must succeed. Objects come
+from a factory registered per path-parameter name and request bodies from a
+factory registered per body type: a route with a parameter or body type that
+has no factory fails this test, so routes added later are covered without
+editing the walk itself, only the registries.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyotp
+import pytest
+from litestar import Litestar
+from litestar.handlers import HTTPRouteHandler, WebsocketRouteHandler
+from litestar.routes import HTTPRoute, WebSocketRoute
+
+from backend.auth import schemas as auth_schemas
+from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
+from backend.tenants import schemas as tenant_schemas
+from tests.factories import PASSWORD, Factory, TenantCtx, unique
+from tests.support.asgi_websocket import websocket_connect
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Owned:
+    """Objects made for tenant A for one call, and every string that would betray them."""
+
+    ctx: TenantCtx
+    params: dict[str, str] = field(default_factory=dict)
+    secrets: set[str] = field(default_factory=set)
+
+    def keep(self, value: Any) -> str:
+        text = str(value)
+        self.secrets.add(text)
+        return text
+
+
+ParamFactory = Callable[[Factory, Owned], Awaitable[str]]
+BodyFactory = Callable[[Factory, Owned], Awaitable[dict[str, Any]]]
+
+
+async def _user(f: Factory, owned: Owned) -> str:
+    user = await f.user(owned.ctx)
+    owned.keep(user["email"])
+    return owned.keep(user["id"])
+
+
+async def _team(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.team(owned.ctx))
+
+
+async def _role(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.role(owned.ctx))
+
+
+async def _seat(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.seat(owned.ctx))
+
+
+async def _api_key(f: Factory, owned: Owned) -> str:
+    created = await f.api_key(owned.ctx)
+    owned.keep(created["api_key"]["prefix"])
+    return owned.keep(created["api_key"]["id"])
+
+
+PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
+    "user_id": _user,
+    "team_id": _team,
+    "role_id": _role,
+    "seat_id": _seat,
+    "api_key_id": _api_key,
+}
+
+
+async def _agent_role_id(f: Factory, owned: Owned) -> str:
+    response = await f.client.get("/api/v1/roles", headers=owned.ctx.headers)
+    return owned.keep(next(r["id"] for r in response.json() if r["name"] == "agent"))
+
+
+async def _invite(f: Factory, owned: Owned) -> dict[str, Any]:
+    return {
+        "email": f"{unique('inv')}@{owned.ctx.slug}.test",
+        "name": "Invited",
+        "role_id": await _agent_role_id(f, owned),
+        "team_ids": [await _team(f, owned)],
+    }
+
+
+async def _seat_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    return {"user_id": await _user(f, owned)}
+
+
+async def _totp_confirm(f: Factory, owned: Owned) -> dict[str, Any]:
+    response = await f.client.post("/api/v1/auth/totp", headers=owned.ctx.headers)
+    assert response.status_code == 200, response.text
+    owned.params["totp_secret"] = response.json()["secret"]
+    return {"code": pyotp.TOTP(response.json()["secret"]).now()}
+
+
+async def _totp_disable(f: Factory, owned: Owned) -> dict[str, Any]:
+    body = await _totp_confirm(f, owned)
+    response = await f.client.post("/api/v1/auth/totp/confirm", json=body, headers=owned.ctx.headers)
+    assert response.status_code == 200, response.text
+    totp = pyotp.TOTP(owned.params["totp_secret"])
+    # The current step's code is spent; the next step's is inside the accepted window.
+    return {"password": PASSWORD, "code": totp.at(int(time.time()) + totp.interval)}
+
+
+async def _constant(body: dict[str, Any]) -> dict[str, Any]:
+    return body
+
+
+BODY_FACTORIES: dict[type, BodyFactory] = {
+    tenant_schemas.TenantUpdate: lambda f, o: _constant({"name": "Renamed Company"}),
+    tenant_schemas.InviteRequest: _invite,
+    tenant_schemas.UserUpdate: lambda f, o: _constant({"name": "Renamed Person"}),
+    tenant_schemas.RoleCreate: lambda f, o: _constant({"name": unique("role"), "permissions": ["users:read"]}),
+    tenant_schemas.RoleUpdate: lambda f, o: _constant({"description": "changed"}),
+    tenant_schemas.TeamCreate: lambda f, o: _constant({"name": unique("team")}),
+    tenant_schemas.TeamUpdate: lambda f, o: _constant({"description": "changed"}),
+    tenant_schemas.SeatCreate: _seat_body,
+    auth_schemas.ApiKeyCreate: lambda f, o: _constant({"name": unique("key"), "scopes": ["users:read"]}),
+    auth_schemas.PasswordChange: lambda f, o: _constant(
+        {"current_password": PASSWORD, "new_password": "A-Brand-New-Passphrase-77"}
+    ),
+    auth_schemas.TotpConfirm: _totp_confirm,
+    auth_schemas.TotpDisable: _totp_disable,
+}
+
+
+def _routes(app: Litestar) -> list[tuple[str, str, Any, Any]]:
+    """(path, method, route, handler) for every route; framework-made OPTIONS handlers carry no data."""
+    found = []
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for handler in route.route_handlers:
+                methods = set(handler.http_methods)
+                if methods == {"OPTIONS"}:
+                    continue
+                for method in sorted(methods):
+                    found.append((route.path, method, route, handler))
+        elif isinstance(route, WebSocketRoute):
+            found.append((route.path, "WEBSOCKET", route, route.route_handler))
+    return found
+
+
+def _route_id(item: tuple[str, str, Any, Any]) -> str:
+    return f"{item[1]} {item[0]}"
+
+
+def _app_routes() -> list[tuple[str, str, Any, Any]]:
+    from backend.app import create_app
+
+    return _routes(create_app())
+
+
+ROUTES = _app_routes()
+
+
+def test_every_route_is_classified():
+    """A route that does not say who may call it fails here; tenant routes must name a permission."""
+    unclassified = [_route_id(r) for r in ROUTES if r[3].opt.get("access") not in ACCESS_KINDS]
+    assert not unclassified, f"routes without a valid `access`: {unclassified}"
+    no_permission = [
+        _route_id(r) for r in ROUTES if r[3].opt.get("access") == "tenant" and not r[3].opt.get("permission")
+    ]
+    assert not no_permission, f"tenant routes without a `permission`: {no_permission}"
+
+
+def test_every_parameter_and_body_has_a_factory():
+    """New path parameters and body types need a registered factory before they can ship."""
+    missing = []
+    for path, method, route, handler in ROUTES:
+        if handler.opt.get("access") != "tenant":
+            continue
+        for name in route.path_parameters:
+            if name not in PATH_PARAMETER_FACTORIES:
+                missing.append(f"{method} {path}: path parameter {name}")
+        data = handler.parsed_fn_signature.parameters.get("data")
+        if data is not None and data.annotation not in BODY_FACTORIES:
+            missing.append(f"{method} {path}: body {data.annotation}")
+    assert not missing, "\n".join(missing)
+
+
+async def _prepare(factory: Factory, owner: TenantCtx, route: Any, handler: Any) -> tuple[str, dict[str, Any] | None, Owned]:
+    owned = Owned(owner)
+    owned.keep(owner.tenant_id)
+    owned.keep(owner.slug)
+    owned.keep(owner.owner_email)
+    owned.keep(owner.owner_id)
+    path = route.path
+    for name in route.path_parameters:
+        value = await PATH_PARAMETER_FACTORIES[name](factory, owned)
+        path = re.sub(r"\{" + name + r"(:[^}]*)?\}", value, path)
+    body = None
+    data = handler.parsed_fn_signature.parameters.get("data")
+    if data is not None:
+        body = await BODY_FACTORIES[data.annotation](factory, owned)
+    return path, body, owned
+
+
+def _assert_no_leak(text: str, owned: Owned, label: str) -> None:
+    leaked = sorted(s for s in owned.secrets if s and s in text)
+    assert not leaked, f"{label} leaked tenant A's data {leaked}: {text[:500]}"
+
+
+TENANT_HTTP = [r for r in ROUTES if r[3].opt.get("access") == "tenant" and r[1] != "WEBSOCKET"]
+
+
+@pytest.mark.parametrize("item", TENANT_HTTP, ids=[_route_id(r) for r in TENANT_HTTP])
+async def test_tenant_route_refuses_another_tenant(item, factory: Factory):
+    """ASVS V8.2.2/V8.3.1: tenant B gets 403/404 on tenant A's objects and never sees A's data; A succeeds."""
+    path_template, method, route, handler = item
+    a = await factory.tenant()
+    b = await factory.tenant()
+    path, body, owned = await _prepare(factory, a, route, handler)
+
+    as_b = await factory.client.request(method, path, json=body, headers=b.headers)
+    # The problem's `instance` repeats the path B asked for: that is B's own input, not A's data.
+    _assert_no_leak(as_b.text.replace(path, ""), owned, f"{method} {path_template} as tenant B")
+    if route.path_parameters:
+        assert as_b.status_code in (403, 404), f"{method} {path_template} as B: {as_b.status_code} {as_b.text}"
+    else:
+        assert as_b.status_code < 500, as_b.text
+
+    as_a = await factory.client.request(method, path, json=body, headers=a.headers)
+    assert 200 <= as_a.status_code < 300, f"{method} {path_template} as A: {as_a.status_code} {as_a.text}"
+
+
+async def test_tenant_routes_require_credentials(factory: Factory):
+    """Every tenant route answers 401 to a caller with no credentials, before touching any object."""
+    for path_template, method, route, handler in TENANT_HTTP:
+        path = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path_template)
+        response = await factory.client.request(method, path)
+        assert response.status_code == 401, f"{method} {path_template}: {response.status_code}"
+        assert response.headers["content-type"].startswith("application/problem+json")
+
+
+PROVIDER_ROUTES = [r for r in ROUTES if r[3].opt.get("access") == "provider"]
+
+
+@pytest.mark.parametrize("item", PROVIDER_ROUTES, ids=[_route_id(r) for r in PROVIDER_ROUTES])
+async def test_provider_route_refuses_tenant_credentials(item, factory: Factory):
+    """Provider operations are out of reach of every tenant credential."""
+    path_template, method, route, handler = item
+    a = await factory.tenant()
+    path = re.sub(r"\{[^}]+\}", str(a.tenant_id), path_template)
+    response = await factory.client.request(method, path, json={"reason": "x"}, headers=a.headers)
+    assert response.status_code in (401, 403), f"{method} {path_template}: {response.status_code}"
+    key = await factory.api_key(a)
+    response = await factory.client.request(method, path, json={"reason": "x"}, headers={"X-API-Key": key["key"]})
+    assert response.status_code in (401, 403), f"{method} {path_template}: {response.status_code}"
+
+
+SWITCH_ROUTES = [r for r in ROUTES if r[3].opt.get("access") == "switch"]
+
+
+async def test_switch_routes_refuse_a_wrong_secret(factory: Factory):
+    """Only switch nodes presenting the shared secret reach the FreeSWITCH-facing routes."""
+    for path_template, method, _, _ in SWITCH_ROUTES:
+        path = re.sub(r"\{[^}]+\}", "x", path_template)
+        for headers in ({SWITCH_SECRET_HEADER: "wrong"}, {}):
+            response = await factory.client.request(method, path, headers=headers)
+            assert response.status_code in (401, 403), f"{method} {path_template}: {response.status_code}"
+
+
+TENANT_WS = [r for r in ROUTES if r[3].opt.get("access") == "tenant" and r[1] == "WEBSOCKET"]
+
+
+@pytest.mark.parametrize("item", TENANT_WS, ids=[_route_id(r) for r in TENANT_WS])
+async def test_tenant_websocket_is_scoped(item, factory: Factory, app: Litestar):
+    """A WebSocket opens only with credentials, and only ever speaks for the caller's own tenant and user."""
+    path_template, _, route, handler = item
+    a = await factory.tenant()
+    b = await factory.tenant()
+    path, _, owned = await _prepare(factory, a, route, handler)
+
+    async with websocket_connect(app, path) as socket:
+        first = await socket.receive_message()
+        assert first["type"] == "websocket.close", first
+
+    ticket_b = (await factory.client.post("/api/v1/auth/ws-ticket", headers=b.headers)).json()["ticket"]
+    async with websocket_connect(app, path, query=f"ticket={ticket_b}") as socket:
+        first = await socket.receive_message()
+        if route.path_parameters:
+            assert first["type"] == "websocket.close", first
+        else:
+            assert first["type"] == "websocket.accept", first
+            hello = await socket.receive_json()
+            _assert_no_leak(str(hello), owned, f"WS {path_template} as B")
+            assert hello["user_id"] == str(b.owner_id)
+
+    ticket_a = (await factory.client.post("/api/v1/auth/ws-ticket", headers=a.headers)).json()["ticket"]
+    async with websocket_connect(app, path, query=f"ticket={ticket_a}") as socket:
+        assert (await socket.receive_message())["type"] == "websocket.accept"
+        assert (await socket.receive_json())["user_id"] == str(a.owner_id)
+        await socket.send_json({"type": "ping"})
+        assert (await socket.receive_json()) == {"type": "pong"}
+
+
+def test_handlers_are_known_kinds():
+    """The walk understands every kind of handler the app has."""
+    for _, _, _, handler in ROUTES:
+        assert isinstance(handler, HTTPRouteHandler | WebsocketRouteHandler)
