@@ -59,8 +59,13 @@ def migrate(revision: str) -> None:
 @main.command()
 def demo() -> None:
     """Create demo data (idempotent) and print the logins."""
-    from backend.demo import create_demo_data
+    from dataclasses import replace
 
+    from backend.config import get_settings
+    from backend.demo import create_demo_data
+    from backend.lib.observability import configure_logging
+
+    configure_logging(replace(get_settings(), log_level="WARNING"))
     for line in asyncio.run(create_demo_data()):
         click.echo(line)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 from litestar import Litestar
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 
-from backend.lib.problems import PROBLEM_MEDIA_TYPE
+from backend.lib.problems import PROBLEM_MEDIA_TYPE, ProblemDocument
 
 _PROBLEM_STATUSES = {
     400: "Malformed request or failed validation (problem+json with field errors)",
@@ -47,14 +49,15 @@ def document_routes(app: Litestar, schema_path: str) -> None:
                 handler.opt.setdefault("access", "public")
                 continue
             rule = _describe(handler)
-            if rule not in (handler.description or ""):
-                handler.description = f"{handler.description or ''}\n\n{rule}".strip()
+            base = handler.description or inspect.cleandoc(getattr(handler.fn, "__doc__", None) or "")
+            if rule not in base:
+                handler.description = f"{base}\n\n{rule}".strip()
             responses = dict(handler.responses or {})
             access = handler.opt.get("access", "tenant")
             for status, text in _PROBLEM_STATUSES.items():
                 if access == "public" and status in {401, 403}:
                     continue
                 responses.setdefault(
-                    status, ResponseSpec(data_container=dict[str, object], description=text, media_type=PROBLEM_MEDIA_TYPE)
+                    status, ResponseSpec(data_container=ProblemDocument, description=text, media_type=PROBLEM_MEDIA_TYPE)
                 )
             handler.responses = responses

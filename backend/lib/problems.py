@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
@@ -21,6 +22,25 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "https://docs.contactcenter.test/problems/"
 
 log = structlog.get_logger(__name__)
+
+
+class FieldError(msgspec.Struct):
+    """One field that is wrong, and why."""
+
+    field: str
+    message: str
+
+
+class ProblemDocument(msgspec.Struct):
+    """The shape of every error body (RFC 9457), for the OpenAPI document."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
 
 
 class Problem(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -177,8 +177,8 @@ class AuditOut(msgspec.Struct):
     action: str
     target_type: str
     target_id: str | None
-    before: dict[str, object] | None
-    after: dict[str, object] | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
     ip: str | None
     request_id: str | None
 
@@ -189,4 +189,4 @@ class ProviderAuditOut(msgspec.Struct):
     provider_user_id: uuid.UUID | None
     action: str
     target_tenant_id: uuid.UUID | None
-    detail: dict[str, object]
+    detail: dict[str, Any]
