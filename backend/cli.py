@@ -38,8 +38,8 @@ def serve(host: str, port: int, workers: int, reload: bool) -> None:
 @main.command()
 def worker() -> None:
     """Run the background job worker (SAQ)."""
-    from backend.lib.observability import configure_logging
     from backend.config import get_settings
+    from backend.lib.observability import configure_logging
     from backend.worker import build_worker
 
     configure_logging(get_settings())

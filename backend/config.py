@@ -31,9 +31,7 @@ class Settings:
     debug: bool = field(default_factory=lambda: _env_bool("CC_DEBUG", False))
     """Litestar debug mode (tracebacks in responses); never in production."""
     database_url: str = field(
-        default_factory=lambda: _env(
-            "DATABASE_URL", "postgresql+asyncpg://cc_app:cc_app@127.0.0.1:55432/contactcenter"
-        )
+        default_factory=lambda: _env("DATABASE_URL", "postgresql+asyncpg://cc_app:cc_app@127.0.0.1:55432/contactcenter")
     )
     """The application role's DSN: owns nothing, cannot bypass row-level security."""
     database_owner_url: str = field(
@@ -58,9 +56,7 @@ class Settings:
     """Lifetime of a JWT access token (at most 15 minutes)."""
     session_idle_timeout_seconds: int = field(default_factory=lambda: _env_int("CC_SESSION_IDLE", 1800))
     """A session whose refresh token is not used for this long ends."""
-    session_absolute_timeout_seconds: int = field(
-        default_factory=lambda: _env_int("CC_SESSION_ABSOLUTE", 12 * 3600)
-    )
+    session_absolute_timeout_seconds: int = field(default_factory=lambda: _env_int("CC_SESSION_ABSOLUTE", 12 * 3600))
     """A session ends this long after login, however active."""
     email_token_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_EMAIL_TOKEN_TTL", 24 * 3600))
     """Lifetime of e-mail verification and invitation links."""
@@ -68,15 +64,11 @@ class Settings:
     """Lifetime of a password-reset link."""
     login_failures_per_account: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ACCOUNT", 10))
     """Failed logins allowed per account per window before 429."""
-    login_account_window_seconds: int = field(
-        default_factory=lambda: _env_int("CC_LOGIN_FAIL_ACCOUNT_WINDOW", 900)
-    )
+    login_account_window_seconds: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ACCOUNT_WINDOW", 900))
     """The per-account failure window."""
     login_failures_per_address: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ADDRESS", 30))
     """Failed logins allowed per client address per window before 429."""
-    login_address_window_seconds: int = field(
-        default_factory=lambda: _env_int("CC_LOGIN_FAIL_ADDRESS_WINDOW", 60)
-    )
+    login_address_window_seconds: int = field(default_factory=lambda: _env_int("CC_LOGIN_FAIL_ADDRESS_WINDOW", 60))
     """The per-address failure window."""
     password_min_length: int = field(default_factory=lambda: _env_int("CC_PASSWORD_MIN_LENGTH", 12))
     """Shortest accepted password (ASVS 5.0 V6.2.1 asks for 8 at least; we ask more)."""

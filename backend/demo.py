@@ -95,9 +95,8 @@ async def create_demo_data() -> list[str]:
                         credentials = await service.assign_seat(session, system, agent.id)
                     else:
                         credentials = await service.rotate_seat_credentials(session, system, seat_id)
-                    lines.append(
-                        f"  agent {email} / {DEMO_PASSWORD}  SIP {credentials.sip_uri} password {credentials.sip_password}"
-                    )
+                    sip = f"SIP {credentials.sip_uri} password {credentials.sip_password}"
+                    lines.append(f"  agent {email} / {DEMO_PASSWORD}  {sip}")
     finally:
         await engine.dispose()
     return lines

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 from saq import CronJob, Queue, Worker
+from saq.types import Context
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.config import get_settings
 from backend.db.engine import make_engine, make_sessionmaker
@@ -14,7 +14,14 @@ from backend.tenants.service import deliver_outbox
 log = structlog.get_logger("worker")
 
 
-async def deliver_mail(ctx: dict[str, Any]) -> int:
+class WorkerContext(Context, total=False):
+    """What every job receives: SAQ's context plus the worker's database access."""
+
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+
+async def deliver_mail(ctx: WorkerContext) -> int:
     """Send what waits in every tenant's mail outbox (in development: log it and mark it sent)."""
     sessionmaker = ctx["sessionmaker"]
     sent = await deliver_outbox(sessionmaker)
@@ -23,17 +30,17 @@ async def deliver_mail(ctx: dict[str, Any]) -> int:
     return sent
 
 
-async def _startup(ctx: dict[str, Any]) -> None:
+async def _startup(ctx: WorkerContext) -> None:
     settings = get_settings()
     ctx["engine"] = make_engine(settings)
     ctx["sessionmaker"] = make_sessionmaker(ctx["engine"])
 
 
-async def _shutdown(ctx: dict[str, Any]) -> None:
+async def _shutdown(ctx: WorkerContext) -> None:
     await ctx["engine"].dispose()
 
 
-def build_worker() -> Worker:
+def build_worker() -> Worker[WorkerContext]:
     """The SAQ worker with its jobs and schedules."""
     settings = get_settings()
     queue = Queue.from_url(settings.redis_url, name="contactcenter")

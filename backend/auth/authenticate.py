@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from datetime import datetime
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import select, text, update
@@ -88,9 +89,7 @@ class Authenticator:
             raise Unauthenticated("The access token is invalid or expired") from exc
         if claims.audience != "provider":
             raise Unauthenticated("Not a provider access token")
-        return Principal(
-            kind="provider", tenant_id=None, user_id=claims.subject, permissions=claims.permissions
-        )
+        return Principal(kind="provider", tenant_id=None, user_id=claims.subject, permissions=claims.permissions)
 
     async def api_key(self, key: str) -> Principal:
         """A tenant API key `cck_<prefix>_<secret>`: its scopes, capped by its creator's current rights."""
@@ -98,7 +97,7 @@ class Authenticator:
         if not prefix or not secret or len(key) > 200:
             raise Unauthenticated("The API key is malformed")
         cached = await self.redis.get(api_key_cache_key(prefix))
-        facts = json.loads(cached) if cached else await self._load_api_key(prefix)
+        facts: dict[str, Any] | None = json.loads(cached) if cached else await self._load_api_key(prefix)
         if facts is None or not same(facts["hash"], digest(secret)):
             raise Unauthenticated("The API key is invalid or revoked")
         if facts["expires_at"] and datetime.fromisoformat(facts["expires_at"]) <= utcnow():
@@ -120,16 +119,14 @@ class Authenticator:
             issued_at_ms=int(time.time() * 1000),
         )
 
-    async def _load_api_key(self, prefix: str) -> dict[str, object] | None:
+    async def _load_api_key(self, prefix: str) -> dict[str, Any] | None:
         async with self.sessionmaker() as session, session.begin():
             # The audited cross-tenant path: a SECURITY DEFINER function that returns only the tenant id.
             tenant_id = await session.scalar(text("SELECT xt_api_key_tenant(:p)"), {"p": prefix})
         if tenant_id is None:
             return None
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            key = await session.scalar(
-                select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
-            )
+            key = await session.scalar(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)))
             if key is None:
                 return None
             found = await tenants.user_permissions(session, key.created_by)
@@ -172,9 +169,7 @@ class Authenticator:
             "permissions": sorted(principal.permissions),
             "issued_at_ms": principal.issued_at_ms,
         }
-        await self.redis.set(
-            ws_ticket_key(ticket), json.dumps(payload), ex=self.settings.ws_ticket_ttl_seconds
-        )
+        await self.redis.set(ws_ticket_key(ticket), json.dumps(payload), ex=self.settings.ws_ticket_ttl_seconds)
         return ticket
 
     async def redeem_ws_ticket(self, ticket: str) -> Principal:
@@ -199,20 +194,12 @@ class Authenticator:
     async def recheck(self, principal: Principal) -> Principal:
         """Whether a long-lived connection's principal still stands; 401 if revoked since."""
         assert principal.tenant_id is not None and principal.user_id is not None
-        standing = await self.revocations.standing(
-            principal.tenant_id, principal.user_id, principal.session_id
-        )
-        if (
-            standing is None
-            or not standing.user_active
-            or principal.issued_at_ms <= standing.revoked_after_ms
-        ):
+        standing = await self.revocations.standing(principal.tenant_id, principal.user_id, principal.session_id)
+        if standing is None or not standing.user_active or principal.issued_at_ms <= standing.revoked_after_ms:
             raise Unauthenticated("The credentials have been revoked")
         if principal.api_key_id is not None:
             async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
-                revoked = await session.scalar(
-                    select(ApiKey.revoked_at).where(ApiKey.id == principal.api_key_id)
-                )
+                revoked = await session.scalar(select(ApiKey.revoked_at).where(ApiKey.id == principal.api_key_id))
             if revoked is not None:
                 raise Unauthenticated("The API key has been revoked")
         return Principal(

@@ -19,9 +19,9 @@ from backend.auth.schemas import (
     LoginRequest,
     MeOut,
     PasswordChange,
-    ProviderLoginRequest,
     PasswordResetConfirm,
     PasswordResetRequest,
+    ProviderLoginRequest,
     RefreshRequest,
     TokenPair,
     TokenRequest,
@@ -68,8 +68,10 @@ class AuthController(Controller):
         return await auth.refresh(data.refresh_token)
 
     @post(
-        "/logout", opt={**SELF, "allow_suspended": True, "allow_mfa_pending": True},
-        operation_id="logout", status_code=HTTP_204_NO_CONTENT,
+        "/logout",
+        opt={**SELF, "allow_suspended": True, "allow_mfa_pending": True},
+        operation_id="logout",
+        status_code=HTTP_204_NO_CONTENT,
     )
     async def logout(self, request: Request[Principal, Any, Any], auth: AuthService) -> None:
         """End this session everywhere: refresh and access tokens stop working now."""
@@ -92,19 +94,31 @@ class AuthController(Controller):
             tenant_id, user_id = await tenants.accept_invite(session, data.token, data.password, auth.settings)
         return (await auth.sign_in_user(tenant_id, user_id, "invite")).tokens
 
-    @post("/password-reset", access="public", operation_id="request_password_reset", status_code=HTTP_202_ACCEPTED)
+    @post(
+        "/password-reset",
+        access="public",
+        operation_id="request_password_reset",
+        status_code=HTTP_202_ACCEPTED,
+    )
     async def request_password_reset(self, data: PasswordResetRequest, auth: AuthService) -> dict[str, str]:
         """E-mail a reset link if the account exists; answers the same whether it does or not."""
         await auth.request_password_reset(data.workspace, data.email)
         return {"status": "If the account exists, a reset link is on its way"}
 
-    @post("/password-reset/confirm", access="public", operation_id="confirm_password_reset", status_code=HTTP_204_NO_CONTENT)
+    @post(
+        "/password-reset/confirm",
+        access="public",
+        operation_id="confirm_password_reset",
+        status_code=HTTP_204_NO_CONTENT,
+    )
     async def confirm_password_reset(self, data: PasswordResetConfirm, auth: AuthService) -> None:
         """Choose a new password with the mailed token; all sessions and keys of the user end."""
         await auth.confirm_password_reset(data.token, data.password)
 
     @post("/password", opt=SELF, operation_id="change_password", status_code=200)
-    async def change_password(self, request: Request[Principal, Any, Any], data: PasswordChange, auth: AuthService) -> TokenPair:
+    async def change_password(
+        self, request: Request[Principal, Any, Any], data: PasswordChange, auth: AuthService
+    ) -> TokenPair:
         """Change one's own password; other sessions end."""
         return (await auth.change_password(request.user, data.current_password, data.new_password)).tokens
 
@@ -114,7 +128,9 @@ class AuthController(Controller):
         return await auth.totp_enrol(request.user)
 
     @post("/totp/confirm", opt={**SELF, "allow_mfa_pending": True}, operation_id="totp_confirm", status_code=200)
-    async def totp_confirm(self, request: Request[Principal, Any, Any], data: TotpConfirm, auth: AuthService) -> TokenPair:
+    async def totp_confirm(
+        self, request: Request[Principal, Any, Any], data: TotpConfirm, auth: AuthService
+    ) -> TokenPair:
         """Finish enrolment with a first code; returns tokens with full rights."""
         return (await auth.totp_confirm(request.user, data.code)).tokens
 
@@ -146,14 +162,22 @@ class ApiKeyController(Controller):
 
     @post("/", permission="api_keys:write", operation_id="create_api_key")
     async def create_api_key(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, auth: AuthService, data: ApiKeyCreate
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        auth: AuthService,
+        data: ApiKeyCreate,
     ) -> ApiKeyCreated:
         """Create a key; the key appears in this response only."""
         return await auth.create_api_key(db_session, request.user, data)
 
     @delete("/{api_key_id:uuid}", permission="api_keys:write", operation_id="revoke_api_key")
     async def revoke_api_key(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, auth: AuthService, api_key_id: uuid.UUID
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        auth: AuthService,
+        api_key_id: uuid.UUID,
     ) -> None:
         """Revoke a key at once."""
         prefix = await auth.revoke_api_key(db_session, request.user, api_key_id)

@@ -30,9 +30,7 @@ def same(a: str, b: str) -> bool:
 
 def derive_key(secret_key: str, purpose: str, length: int = 32) -> bytes:
     """A key for one purpose, derived from the application secret (HKDF-SHA256)."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=purpose.encode()).derive(
-        secret_key.encode()
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=purpose.encode()).derive(secret_key.encode())
 
 
 class SecretBox:

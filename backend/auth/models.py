@@ -54,9 +54,7 @@ class ApiKey(TenantOwned, Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "prefix"),
         ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
-        ForeignKeyConstraint(
-            ["tenant_id", "created_by"], ["users.tenant_id", "users.id"], ondelete="CASCADE"
-        ),
+        ForeignKeyConstraint(["tenant_id", "created_by"], ["users.tenant_id", "users.id"], ondelete="CASCADE"),
     )
 
     name: Mapped[str] = mapped_column(String(120))

@@ -39,9 +39,7 @@ async def issue(
     now = utcnow()
     await session.execute(
         update(OneTimeToken)
-        .where(
-            OneTimeToken.user_id == user_id, OneTimeToken.purpose == purpose, OneTimeToken.used_at.is_(None)
-        )
+        .where(OneTimeToken.user_id == user_id, OneTimeToken.purpose == purpose, OneTimeToken.used_at.is_(None))
         .values(used_at=now)
     )
     secret = new_secret()

@@ -55,7 +55,7 @@ def check_password_policy(password: str, settings: Settings, *, context: tuple[s
     lowered = password.lower()
     if lowered in common_passwords():
         raise InvalidInput.field("password", "is on the list of common or breached passwords")
-    for word in context:
-        word = word.lower().strip()
+    for raw_word in context:
+        word = raw_word.lower().strip()
         if len(word) >= 4 and word in lowered and len(lowered) - len(word) < 6:
             raise InvalidInput.field("password", "is too close to your e-mail, name or workspace")

@@ -47,16 +47,12 @@ def _session_key(tenant_id: uuid.UUID, session_id: uuid.UUID) -> str:
 class Revocations:
     """Reads and writes the revocation state of tenants, users and sessions."""
 
-    def __init__(
-        self, redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], access_token_ttl: int
-    ) -> None:
+    def __init__(self, redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], access_token_ttl: int) -> None:
         self._redis = redis
         self._sessionmaker = sessionmaker
         self._session_ttl = access_token_ttl + 60
 
-    async def standing(
-        self, tenant_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID | None
-    ) -> Standing | None:
+    async def standing(self, tenant_id: uuid.UUID, user_id: uuid.UUID, session_id: uuid.UUID | None) -> Standing | None:
         """The caller's standing, or None when their session has ended. One Redis round trip when warm."""
         keys = [_tenant_status_key(tenant_id), _user_key(tenant_id, user_id)]
         if session_id is not None:
@@ -113,9 +109,7 @@ class Revocations:
         await self._redis.set(_session_key(tenant_id, session_id), "1", ex=self._session_ttl)
         await self._announce(tenant_id, user_id=user_id, session_id=session_id)
 
-    async def _announce(
-        self, tenant_id: uuid.UUID, *, user_id: uuid.UUID, session_id: uuid.UUID | None = None
-    ) -> None:
+    async def _announce(self, tenant_id: uuid.UUID, *, user_id: uuid.UUID, session_id: uuid.UUID | None = None) -> None:
         message = {
             "tenant_id": str(tenant_id),
             "user_id": str(user_id),

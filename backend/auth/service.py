@@ -45,8 +45,8 @@ from backend.lib.redis_keys import tenant_key
 from backend.tenants import audit
 from backend.tenants import service as tenants
 from backend.tenants.mail import queue_mail
-from backend.tenants.permissions import PERMISSIONS
 from backend.tenants.models import ProviderUser, User
+from backend.tenants.permissions import PERMISSIONS
 
 log = structlog.get_logger("auth")
 
@@ -148,9 +148,7 @@ class AuthService:
         totp = pyotp.TOTP(self.box.open(user.totp_secret))
         current = int(time.time()) // totp.interval
         for step in (current, current - 1, current + 1):
-            if (user.totp_last_step is None or step > user.totp_last_step) and same(
-                totp.generate_otp(step), code
-            ):
+            if (user.totp_last_step is None or step > user.totp_last_step) and same(totp.generate_otp(step), code):
                 user.totp_last_step = step
                 return True
         return False
@@ -183,9 +181,7 @@ class AuthService:
             mfa_pending=mfa_pending,
         )
         return SignedIn(
-            TokenPair(
-                access, "Bearer", ttl, f"{tenant_id.hex}.{refresh_secret}", mfa_enrolment_required=mfa_pending
-            ),
+            TokenPair(access, "Bearer", ttl, f"{tenant_id.hex}.{refresh_secret}", mfa_enrolment_required=mfa_pending),
             tenant_id,
             user_id,
         )
@@ -310,17 +306,13 @@ class AuthService:
                 target_type="session",
                 target_id=principal.session_id,
             )
-        await self.authenticator.revocations.end_session(
-            principal.tenant_id, principal.user_id, principal.session_id
-        )
+        await self.authenticator.revocations.end_session(principal.tenant_id, principal.user_id, principal.session_id)
 
     async def provider_login(self, data: ProviderLoginRequest, address: str) -> TokenPair:
         """Sign-in of a provider operator (no refresh token: short sessions for the most powerful accounts)."""
         await self.throttle.check(None, data.email, address)
         async with self.sessionmaker() as session, session.begin():
-            operator = await session.scalar(
-                select(ProviderUser).where(ProviderUser.email == data.email.strip())
-            )
+            operator = await session.scalar(select(ProviderUser).where(ProviderUser.email == data.email.strip()))
             ok = verify_password(operator.password_hash if operator else None, data.password)
         if operator is None or not ok or not operator.active:
             await self.throttle.failed(None, data.email, address)
@@ -449,9 +441,7 @@ class AuthService:
         async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
             tenant = await tenants.find_tenant(session, principal.tenant_id)
             mfa_pending = bool(tenant and tenant.require_mfa and not user.totp_enabled)
-            return await self._start_session(
-                session, principal.tenant_id, principal.user_id, mfa_pending=mfa_pending
-            )
+            return await self._start_session(session, principal.tenant_id, principal.user_id, mfa_pending=mfa_pending)
 
     async def _set_password(self, session: AsyncSession, user: User, password: str) -> RevokedCredentials:
         user.password_hash = hash_password(password)
@@ -540,9 +530,7 @@ class AuthService:
 
     # --- API keys -----------------------------------------------------------------------------
 
-    async def create_api_key(
-        self, session: AsyncSession, principal: Principal, data: ApiKeyCreate
-    ) -> ApiKeyCreated:
+    async def create_api_key(self, session: AsyncSession, principal: Principal, data: ApiKeyCreate) -> ApiKeyCreated:
         """A new key whose scopes are a subset of the creator's rights; shown once."""
         assert principal.tenant_id is not None and principal.user_id is not None
         if principal.kind != "user":
@@ -581,9 +569,7 @@ class AuthService:
         )
         return ApiKeyCreated(_api_key_out(key), f"{API_KEY_PREFIX}{prefix}_{secret}")
 
-    async def list_api_keys(
-        self, session: AsyncSession, page: PageRequest
-    ) -> tuple[list[ApiKeyOut], str | None]:
+    async def list_api_keys(self, session: AsyncSession, page: PageRequest) -> tuple[list[ApiKeyOut], str | None]:
         """The tenant's keys (never their secrets)."""
         rows, cursor = await paginate(
             session,

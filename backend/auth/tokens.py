@@ -82,9 +82,7 @@ class TokenSigner:
             claims["sid"] = str(session_id)
         if mfa_pending:
             claims["mfa_pending"] = True
-        return jwt.encode(
-            {"alg": "HS256", "typ": "JWT"}, claims, self._key, algorithms=_ALGORITHMS
-        ), self._ttl
+        return jwt.encode({"alg": "HS256", "typ": "JWT"}, claims, self._key, algorithms=_ALGORITHMS), self._ttl
 
     def verify(self, token: str) -> AccessClaims:
         """The claims of a valid token; `InvalidToken` for anything else (including `alg: none`)."""

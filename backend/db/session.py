@@ -36,11 +36,7 @@ async def provide_db_session(request: Request[Any, Any, Any]) -> AsyncIterator[A
     principal = request.scope.get("user")
     async with sessionmaker() as session:
         async with session.begin():
-            if (
-                isinstance(principal, Principal)
-                and principal.tenant_id is not None
-                and principal.kind != "provider"
-            ):
+            if isinstance(principal, Principal) and principal.tenant_id is not None and principal.kind != "provider":
                 await set_tenant(session, principal.tenant_id)
             yield session
         await run_after_commit(session)

@@ -33,7 +33,12 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
         failures.append({"field": "redis", "message": type(exc).__name__})
     if failures:
         return problem_response(
-            HTTP_503_SERVICE_UNAVAILABLE, "not-ready", "Not ready", "A dependency is unreachable", request=request, errors=failures
+            HTTP_503_SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            "A dependency is unreachable",
+            request=request,
+            errors=failures,
         )
     return Response({"status": "ready", "postgresql": "ok", "redis": "ok"})
 

@@ -58,6 +58,7 @@ def document_routes(app: Litestar, schema_path: str) -> None:
                 if access == "public" and status in {401, 403}:
                     continue
                 responses.setdefault(
-                    status, ResponseSpec(data_container=ProblemDocument, description=text, media_type=PROBLEM_MEDIA_TYPE)
+                    status,
+                    ResponseSpec(data_container=ProblemDocument, description=text, media_type=PROBLEM_MEDIA_TYPE),
                 )
             handler.responses = responses

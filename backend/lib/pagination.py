@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -26,7 +26,6 @@ from backend.config import get_settings
 from backend.lib.problems import InvalidInput
 
 T = TypeVar("T")
-Row = TypeVar("Row")
 
 
 class Page(msgspec.Struct, Generic[T]):
@@ -47,9 +46,7 @@ class PageRequest:
 
 def page_request(
     limit: int | None = Parameter(query="limit", default=None, ge=1, description="Items per page"),
-    cursor: str | None = Parameter(
-        query="cursor", default=None, max_length=500, description="From `next_cursor`"
-    ),
+    cursor: str | None = Parameter(query="cursor", default=None, max_length=500, description="From `next_cursor`"),
     sort: str | None = Parameter(
         query="sort", default=None, max_length=40, description="Field name; prefix `-` for descending"
     ),
@@ -82,13 +79,13 @@ def _decode(cursor: str, column: InstrumentedAttribute[Any]) -> tuple[Any, uuid.
 
 async def paginate(
     session: AsyncSession,
-    statement: Select[tuple[Row]],
+    statement: Select[Any],
     page: PageRequest,
     *,
     sortable: Mapping[str, InstrumentedAttribute[Any]],
     default_sort: str,
     id_column: InstrumentedAttribute[Any],
-) -> tuple[Sequence[Row], str | None]:
+) -> tuple[list[Any], str | None]:
     """Apply the sort, the cursor and the limit to `statement`; return rows and the next cursor."""
     sort = page.sort or default_sort
     descending = sort.startswith("-")

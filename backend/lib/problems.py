@@ -179,21 +179,17 @@ def _field_name(item: Mapping[str, Any]) -> str:
     return "body" if item.get("source") == "body" else str(item.get("source") or "request")
 
 
-def _validation_handler(
-    request: Request[Any, Any, Any], exc: ValidationException
-) -> Response[dict[str, Any]]:
+def _validation_handler(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     errors: list[dict[str, str]] = []
     if isinstance(exc.extra, list):
         for item in exc.extra:
             if isinstance(item, Mapping):
                 message = str(item.get("message", "invalid"))
-                errors.append({"field": _field_name(item), "message": message.split(" - at `")[0]})
+                errors.append({"field": _field_name(item), "message": message.split(" - at `", maxsplit=1)[0]})
     detail = exc.detail or "The request is not valid"
     if errors:
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return problem_response(
-        400, "validation", "Request validation failed", detail, request=request, errors=errors
-    )
+    return problem_response(400, "validation", "Request validation failed", detail, request=request, errors=errors)
 
 
 _HTTP_KINDS = {
@@ -224,9 +220,7 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
 def _integrity_handler(request: Request[Any, Any, Any], exc: IntegrityError) -> Response[dict[str, Any]]:
     constraint = getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None) or ""
     log.warning("integrity_error", constraint=constraint, path=request.url.path)
-    return problem_response(
-        409, "conflict", "Conflict", "The change conflicts with existing data", request=request
-    )
+    return problem_response(409, "conflict", "Conflict", "The change conflicts with existing data", request=request)
 
 
 def _unexpected_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -241,9 +235,9 @@ def _unexpected_handler(request: Request[Any, Any, Any], exc: Exception) -> Resp
 
 
 exception_handlers: ExceptionHandlersMap = {
-    Problem: _problem_handler,  # type: ignore[dict-item]
-    HTTPException: _http_handler,  # type: ignore[dict-item]
-    IntegrityError: _integrity_handler,  # type: ignore[dict-item]
+    Problem: _problem_handler,
+    HTTPException: _http_handler,
+    IntegrityError: _integrity_handler,
     Exception: _unexpected_handler,
 }
 

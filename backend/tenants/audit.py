@@ -51,6 +51,4 @@ async def record(
         request_id=request_id_var.get(),
     )
     session.add(entry)
-    log.info(
-        "audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id
-    )
+    log.info("audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id)

@@ -118,7 +118,11 @@ class UserController(Controller):
 
     @post("/invitations", permission="users:write", operation_id="invite_user")
     async def invite(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: InviteRequest, settings: Settings
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        data: InviteRequest,
+        settings: Settings,
     ) -> UserOut:
         """Invite someone by e-mail; they choose their password from the link."""
         return await service.invite_user(db_session, request.user, data, settings)
@@ -130,22 +134,40 @@ class UserController(Controller):
 
     @patch("/{user_id:uuid}", permission="users:write", operation_id="update_user")
     async def update_user(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID, data: UserUpdate
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        user_id: uuid.UUID,
+        data: UserUpdate,
     ) -> UserOut:
         """Rename a user or change their role (a role change signs them out everywhere)."""
         user, revoked = await service.update_user(db_session, request.user, user_id, data)
         _announce(request, db_session, revoked)
         return user
 
-    @post("/{user_id:uuid}/deactivate", permission="users:write", operation_id="deactivate_user", status_code=200)
-    async def deactivate(self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID) -> UserOut:
+    @post(
+        "/{user_id:uuid}/deactivate",
+        permission="users:write",
+        operation_id="deactivate_user",
+        status_code=200,
+    )
+    async def deactivate(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID
+    ) -> UserOut:
         """Deactivate a user: every token, key and open connection of theirs is revoked."""
         user, revoked = await service.set_user_active(db_session, request.user, user_id, active=False)
         _announce(request, db_session, revoked)
         return user
 
-    @post("/{user_id:uuid}/reactivate", permission="users:write", operation_id="reactivate_user", status_code=200)
-    async def reactivate(self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID) -> UserOut:
+    @post(
+        "/{user_id:uuid}/reactivate",
+        permission="users:write",
+        operation_id="reactivate_user",
+        status_code=200,
+    )
+    async def reactivate(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID
+    ) -> UserOut:
         """Let a deactivated user sign in again."""
         user, _ = await service.set_user_active(db_session, request.user, user_id, active=True)
         return user
@@ -169,7 +191,9 @@ class RoleController(Controller):
         return await service.list_roles(db_session)
 
     @post("/roles", permission="roles:write", operation_id="create_role")
-    async def create_role(self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: RoleCreate) -> RoleOut:
+    async def create_role(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: RoleCreate
+    ) -> RoleOut:
         """A custom role made of named permissions."""
         return await service.create_role(db_session, request.user, data)
 
@@ -180,7 +204,11 @@ class RoleController(Controller):
 
     @patch("/roles/{role_id:uuid}", permission="roles:write", operation_id="update_role")
     async def update_role(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, role_id: uuid.UUID, data: RoleUpdate
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        role_id: uuid.UUID,
+        data: RoleUpdate,
     ) -> RoleOut:
         """Change a custom role; its holders' tokens are revoked if its permissions change."""
         role, revoked = await service.update_role(db_session, request.user, role_id, data)
@@ -189,7 +217,9 @@ class RoleController(Controller):
         return role
 
     @delete("/roles/{role_id:uuid}", permission="roles:write", operation_id="delete_role")
-    async def delete_role(self, request: Request[Principal, Any, Any], db_session: AsyncSession, role_id: uuid.UUID) -> None:
+    async def delete_role(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, role_id: uuid.UUID
+    ) -> None:
         """Delete a custom role nobody holds."""
         await service.delete_role(db_session, request.user, role_id)
 
@@ -208,7 +238,9 @@ class TeamController(Controller):
         return Page(items, cursor)
 
     @post("/", permission="teams:write", operation_id="create_team")
-    async def create_team(self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: TeamCreate) -> TeamOut:
+    async def create_team(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: TeamCreate
+    ) -> TeamOut:
         """A new team."""
         return await service.create_team(db_session, request.user, data)
 
@@ -219,26 +251,45 @@ class TeamController(Controller):
 
     @patch("/{team_id:uuid}", permission="teams:write", operation_id="update_team")
     async def update_team(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, team_id: uuid.UUID, data: TeamUpdate
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        team_id: uuid.UUID,
+        data: TeamUpdate,
     ) -> TeamOut:
         """Rename a team."""
         return await service.update_team(db_session, request.user, team_id, data)
 
     @delete("/{team_id:uuid}", permission="teams:write", operation_id="delete_team")
-    async def delete_team(self, request: Request[Principal, Any, Any], db_session: AsyncSession, team_id: uuid.UUID) -> None:
+    async def delete_team(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, team_id: uuid.UUID
+    ) -> None:
         """Delete a team."""
         await service.delete_team(db_session, request.user, team_id)
 
     @put("/{team_id:uuid}/members/{user_id:uuid}", permission="teams:write", operation_id="add_team_member")
     async def add_member(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, team_id: uuid.UUID, user_id: uuid.UUID
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        team_id: uuid.UUID,
+        user_id: uuid.UUID,
     ) -> TeamOut:
         """Put a user in a team."""
         return await service.set_membership(db_session, request.user, team_id, user_id, member=True)
 
-    @delete("/{team_id:uuid}/members/{user_id:uuid}", permission="teams:write", operation_id="remove_team_member", status_code=200)
+    @delete(
+        "/{team_id:uuid}/members/{user_id:uuid}",
+        permission="teams:write",
+        operation_id="remove_team_member",
+        status_code=200,
+    )
     async def remove_member(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, team_id: uuid.UUID, user_id: uuid.UUID
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        team_id: uuid.UUID,
+        user_id: uuid.UUID,
     ) -> TeamOut:
         """Take a user out of a team."""
         return await service.set_membership(db_session, request.user, team_id, user_id, member=False)
@@ -252,7 +303,9 @@ class SeatController(Controller):
     opt = {"access": "tenant"}
 
     @get("/", permission="seats:read", operation_id="list_seats")
-    async def list_seats(self, request: Request[Principal, Any, Any], db_session: AsyncSession, page: PageRequest) -> Page[SeatOut]:
+    async def list_seats(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, page: PageRequest
+    ) -> Page[SeatOut]:
         """Seats in use."""
         assert request.user.tenant_id is not None
         items, cursor = await service.list_seats(db_session, request.user.tenant_id, page)
@@ -266,18 +319,29 @@ class SeatController(Controller):
         return await service.assign_seat(db_session, request.user, data.user_id)
 
     @get("/{seat_id:uuid}", permission="seats:read", operation_id="get_seat")
-    async def get_seat(self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID) -> SeatOut:
+    async def get_seat(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID
+    ) -> SeatOut:
         """One seat."""
         assert request.user.tenant_id is not None
         return await service.get_seat(db_session, request.user.tenant_id, seat_id)
 
-    @post("/{seat_id:uuid}/rotate-credentials", permission="seats:write", operation_id="rotate_seat_credentials", status_code=200)
-    async def rotate(self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID) -> SeatCredentials:
+    @post(
+        "/{seat_id:uuid}/rotate-credentials",
+        permission="seats:write",
+        operation_id="rotate_seat_credentials",
+        status_code=200,
+    )
+    async def rotate(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID
+    ) -> SeatCredentials:
         """A new SIP password; the old one stops working."""
         return await service.rotate_seat_credentials(db_session, request.user, seat_id)
 
     @delete("/{seat_id:uuid}", permission="seats:write", operation_id="release_seat")
-    async def release(self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID) -> None:
+    async def release(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, seat_id: uuid.UUID
+    ) -> None:
         """Free a seat."""
         await service.release_seat(db_session, request.user, seat_id)
 
@@ -299,7 +363,9 @@ class AuditController(Controller):
         target_id: str | None = Parameter(default=None, max_length=80),
     ) -> Page[AuditOut]:
         """Entries newest first (sort `at` or `-at`)."""
-        items, cursor = await service.list_audit(db_session, page, action=action, actor_id=actor_id, target_id=target_id)
+        items, cursor = await service.list_audit(
+            db_session, page, action=action, actor_id=actor_id, target_id=target_id
+        )
         return Page(items, cursor)
 
 
@@ -312,7 +378,11 @@ class OpsController(Controller):
 
     @get("/tenants", operation_id="ops_list_tenants")
     async def list_tenants(
-        self, db_session: AsyncSession, page: PageRequest, status: TenantStatus | None = None, q: str | None = Query
+        self,
+        db_session: AsyncSession,
+        page: PageRequest,
+        status: TenantStatus | None = None,
+        q: str | None = Query,
     ) -> Page[TenantOut]:
         """All tenants."""
         items, cursor = await service.list_tenants(db_session, page, status=status, q=q)
@@ -325,7 +395,11 @@ class OpsController(Controller):
 
     @post("/tenants/{tenant_id:uuid}/suspend", operation_id="ops_suspend_tenant", status_code=200)
     async def suspend(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, tenant_id: uuid.UUID, data: StatusChange
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        tenant_id: uuid.UUID,
+        data: StatusChange,
     ) -> TenantOut:
         """Suspend a tenant: its users and keys get 403 on everything but their tenant's status."""
         tenant = await service.set_tenant_status(db_session, request.user, tenant_id, "suspended", data.reason)
@@ -335,7 +409,11 @@ class OpsController(Controller):
 
     @post("/tenants/{tenant_id:uuid}/reactivate", operation_id="ops_reactivate_tenant", status_code=200)
     async def reactivate(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, tenant_id: uuid.UUID, data: StatusChange
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        tenant_id: uuid.UUID,
+        data: StatusChange,
     ) -> TenantOut:
         """Lift a suspension."""
         tenant = await service.set_tenant_status(db_session, request.user, tenant_id, "active", data.reason)
@@ -349,7 +427,9 @@ class OpsController(Controller):
         return await service.list_plans(db_session)
 
     @post("/plans", operation_id="ops_create_plan")
-    async def create_plan(self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: PlanCreate) -> PlanOut:
+    async def create_plan(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: PlanCreate
+    ) -> PlanOut:
         """A new plan."""
         return await service.create_plan(db_session, request.user, data)
 

@@ -1,4 +1,4 @@
-"""Outgoing e-mail. Mails are written to the outbox table in the sender's transaction; in development the outbox and the log are the mail server."""
+"""Outgoing e-mail, written to the outbox in the sender's transaction (in development: the outbox and the log)."""
 
 from __future__ import annotations
 

@@ -119,9 +119,7 @@ class RoleCreate(Strict):
 
 class RoleUpdate(Strict):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=60)] | msgspec.UnsetType = msgspec.UNSET
-    permissions: Annotated[list[PermissionName], msgspec.Meta(max_length=200)] | msgspec.UnsetType = (
-        msgspec.UNSET
-    )
+    permissions: Annotated[list[PermissionName], msgspec.Meta(max_length=200)] | msgspec.UnsetType = msgspec.UNSET
     description: Annotated[str, msgspec.Meta(max_length=300)] | msgspec.UnsetType = msgspec.UNSET
 
 

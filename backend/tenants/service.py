@@ -107,9 +107,7 @@ def plan_out(plan: Plan) -> PlanOut:
 async def create_builtin_roles(session: AsyncSession, tenant_id: uuid.UUID) -> dict[str, Role]:
     """The four built-in roles of a new tenant."""
     roles = {
-        name: Role(
-            tenant_id=tenant_id, name=name, description=description, builtin=True, permissions=sorted(perms)
-        )
+        name: Role(tenant_id=tenant_id, name=name, description=description, builtin=True, permissions=sorted(perms))
         for name, (description, perms) in BUILTIN_ROLES.items()
     }
     session.add_all(roles.values())
@@ -142,9 +140,7 @@ async def signup(session: AsyncSession, data: SignupRequest, settings: Settings)
     try:
         await session.flush()
     except IntegrityError as exc:  # a concurrent signup took the slug between our check and insert
-        raise Conflict(
-            "That workspace name is taken", errors=[{"field": "slug", "message": "is taken"}]
-        ) from exc
+        raise Conflict("That workspace name is taken", errors=[{"field": "slug", "message": "is taken"}]) from exc
     await set_tenant(session, tenant.id)
     roles = await create_builtin_roles(session, tenant.id)
     owner = User(
@@ -198,9 +194,7 @@ async def list_public_plans(session: AsyncSession) -> list[PlanOut]:
 async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> TenantOut:
     """The caller's tenant."""
     row = (
-        await session.execute(
-            select(Tenant, Plan).join(Plan, Plan.id == Tenant.plan_id).where(Tenant.id == tenant_id)
-        )
+        await session.execute(select(Tenant, Plan).join(Plan, Plan.id == Tenant.plan_id).where(Tenant.id == tenant_id))
     ).first()
     if row is None:
         raise NotFound("No such tenant")
@@ -261,9 +255,7 @@ async def _users_out(session: AsyncSession, users: Sequence[User]) -> list[UserO
     roles = {r.id: r.name for r in (await session.scalars(select(Role))).all()}
     teams: dict[uuid.UUID, list[uuid.UUID]] = {}
     for user_id, team_id in (
-        await session.execute(
-            select(TeamMember.user_id, TeamMember.team_id).where(TeamMember.user_id.in_(ids))
-        )
+        await session.execute(select(TeamMember.user_id, TeamMember.team_id).where(TeamMember.user_id.in_(ids)))
     ).all():
         teams.setdefault(user_id, []).append(team_id)
     seated = set((await session.scalars(select(Seat.user_id).where(Seat.user_id.in_(ids)))).all())
@@ -306,9 +298,7 @@ async def list_users(
     if role_id:
         statement = statement.where(User.role_id == role_id)
     if team_id:
-        statement = statement.where(
-            User.id.in_(select(TeamMember.user_id).where(TeamMember.team_id == team_id))
-        )
+        statement = statement.where(User.id.in_(select(TeamMember.user_id).where(TeamMember.team_id == team_id)))
     if q:
         pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         statement = statement.where((User.email.ilike(pattern)) | (User.name.ilike(pattern)))
@@ -328,14 +318,10 @@ async def _check_can_grant(session: AsyncSession, principal: Principal, role: Ro
         raise Forbidden("Only owners may make owners")
     missing = set(role.permissions) - principal.permissions
     if missing:
-        raise Forbidden(
-            "You cannot grant a role with permissions you do not hold", extra={"missing": sorted(missing)}
-        )
+        raise Forbidden("You cannot grant a role with permissions you do not hold", extra={"missing": sorted(missing)})
 
 
-async def invite_user(
-    session: AsyncSession, principal: Principal, data: InviteRequest, settings: Settings
-) -> UserOut:
+async def invite_user(session: AsyncSession, principal: Principal, data: InviteRequest, settings: Settings) -> UserOut:
     """Create an invited user and e-mail them a link to set their password."""
     assert principal.tenant_id is not None
     email = clean_email("email", data.email)
@@ -343,9 +329,7 @@ async def invite_user(
     role = await _role(session, data.role_id)
     await _check_can_grant(session, principal, role)
     if await session.scalar(select(User.id).where(User.email == email)) is not None:
-        raise Conflict(
-            "A user with that e-mail exists", errors=[{"field": "email", "message": "already used"}]
-        )
+        raise Conflict("A user with that e-mail exists", errors=[{"field": "email", "message": "already used"}])
     user = User(tenant_id=principal.tenant_id, email=email, name=name, status="invited", role_id=role.id)
     session.add(user)
     await session.flush()
@@ -479,14 +463,15 @@ async def update_user(
 
 async def set_user_active(
     session: AsyncSession, principal: Principal, user_id: uuid.UUID, active: bool
-) -> UserOut:
+) -> tuple[UserOut, RevokedCredentials | None]:
     """Deactivate (revoking every token and key) or reactivate a user. The last owner stays."""
     assert principal.tenant_id is not None
     user = await _user(session, user_id, lock=True)
     before = {"status": user.status}
+    revoked: RevokedCredentials | None = None
     if not active:
         if user.status == "disabled":
-            return await get_user(session, user.id)
+            return await get_user(session, user.id), None
         if await _is_owner(session, user):
             if not principal.can("owners:manage"):
                 raise Forbidden("Only owners may deactivate an owner")
@@ -658,9 +643,7 @@ async def update_role(
             role.permissions = permissions
             affected = list((await session.scalars(select(User.id).where(User.role_id == role.id))).all())
             if affected:
-                await session.execute(
-                    update(User).where(User.id.in_(affected)).values(tokens_revoked_at=utcnow())
-                )
+                await session.execute(update(User).where(User.id.in_(affected)).values(tokens_revoked_at=utcnow()))
                 revoked = [await revoke_user_credentials(session, principal.tenant_id, u) for u in affected]
     await session.flush()
     await audit.record(
@@ -762,9 +745,7 @@ async def create_team(session: AsyncSession, principal: Principal, data: TeamCre
     return await _team_out(session, team)
 
 
-async def update_team(
-    session: AsyncSession, principal: Principal, team_id: uuid.UUID, data: TeamUpdate
-) -> TeamOut:
+async def update_team(session: AsyncSession, principal: Principal, team_id: uuid.UUID, data: TeamUpdate) -> TeamOut:
     """Rename or re-describe a team."""
     assert principal.tenant_id is not None
     team = await _team(session, team_id, lock=True)
@@ -772,9 +753,7 @@ async def update_team(
     if data.name is not msgspec.UNSET:
         name = clean_text("name", data.name, max_length=120)
         if name != team.name and await session.scalar(select(Team.id).where(Team.name == name)) is not None:
-            raise Conflict(
-                "A team with that name exists", errors=[{"field": "name", "message": "already used"}]
-            )
+            raise Conflict("A team with that name exists", errors=[{"field": "name", "message": "already used"}])
         team.name = name
     if data.description is not msgspec.UNSET:
         team.description = clean_text("description", data.description, max_length=300, allow_empty=True)
@@ -836,9 +815,7 @@ async def set_membership(
 
 async def user_team_ids(session: AsyncSession, user_id: uuid.UUID) -> list[uuid.UUID]:
     """The teams a user belongs to (used by routing, the customer store and reports)."""
-    return list(
-        (await session.scalars(select(TeamMember.team_id).where(TeamMember.user_id == user_id))).all()
-    )
+    return list((await session.scalars(select(TeamMember.team_id).where(TeamMember.user_id == user_id))).all())
 
 
 # --- seats -----------------------------------------------------------------------------------------
@@ -855,9 +832,7 @@ def _sip_password() -> str:
 
 
 def _seat_out(seat: Seat, domain: str) -> SeatOut:
-    return SeatOut(
-        seat.id, seat.user_id, seat.sip_username, domain, seat.created_at, seat.credentials_rotated_at
-    )
+    return SeatOut(seat.id, seat.user_id, seat.sip_username, domain, seat.created_at, seat.credentials_rotated_at)
 
 
 async def _sip_domain(session: AsyncSession, tenant_id: uuid.UUID) -> str:
@@ -906,9 +881,7 @@ async def assign_seat(session: AsyncSession, principal: Principal, user_id: uuid
     if user.status == "disabled":
         raise InvalidInput.field("user_id", "is deactivated")
     if await session.scalar(select(Seat.id).where(Seat.user_id == user_id)) is not None:
-        raise Conflict(
-            "That user already has a seat", errors=[{"field": "user_id", "message": "already seated"}]
-        )
+        raise Conflict("That user already has a seat", errors=[{"field": "user_id", "message": "already seated"}])
     cap = await session.scalar(
         select(Plan.seat_cap).join(Tenant, Tenant.plan_id == Plan.id).where(Tenant.id == tenant_id)
     )
@@ -945,9 +918,7 @@ async def assign_seat(session: AsyncSession, principal: Principal, user_id: uuid
     return SeatCredentials(_seat_out(seat, domain), password, f"sip:{seat.sip_username}@{domain}")
 
 
-async def rotate_seat_credentials(
-    session: AsyncSession, principal: Principal, seat_id: uuid.UUID
-) -> SeatCredentials:
+async def rotate_seat_credentials(session: AsyncSession, principal: Principal, seat_id: uuid.UUID) -> SeatCredentials:
     """A new SIP password for the seat; the old one stops working."""
     tenant_id = principal.tenant_id
     assert tenant_id is not None
@@ -1122,9 +1093,7 @@ async def create_plan(session: AsyncSession, principal: Principal, data: PlanCre
     return plan_out(plan)
 
 
-async def list_provider_audit(
-    session: AsyncSession, page: PageRequest
-) -> tuple[list[ProviderAuditOut], str | None]:
+async def list_provider_audit(session: AsyncSession, page: PageRequest) -> tuple[list[ProviderAuditOut], str | None]:
     """What provider operators did, newest first."""
     rows, cursor = await paginate(
         session,
@@ -1135,8 +1104,7 @@ async def list_provider_audit(
         id_column=ProviderAuditEntry.id,
     )
     return [
-        ProviderAuditOut(e.id, e.created_at, e.provider_user_id, e.action, e.target_tenant_id, e.detail)
-        for e in rows
+        ProviderAuditOut(e.id, e.created_at, e.provider_user_id, e.action, e.target_tenant_id, e.detail) for e in rows
     ], cursor
 
 
@@ -1149,7 +1117,10 @@ async def deliver_outbox(sessionmaker: async_sessionmaker[AsyncSession], batch: 
         async with tenant_transaction(sessionmaker, tenant_id) as session:
             mails = (
                 await session.scalars(
-                    select(OutboxMail).where(OutboxMail.sent_at.is_(None)).limit(batch).with_for_update(skip_locked=True)
+                    select(OutboxMail)
+                    .where(OutboxMail.sent_at.is_(None))
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
                 )
             ).all()
             for mail in mails:
