@@ -58,7 +58,7 @@ start_postgres() {
   chown postgres:postgres "$dir" "$run"
   if [ ! -f "$data/PG_VERSION" ]; then
     log "initialising PostgreSQL in $data"
-    runuser -u postgres -- "$PG_VERSION_DIR/initdb" -D "$data" -U postgres --auth-local=trust \
+    runuser -u postgres -- env -C / "$PG_VERSION_DIR/initdb" -D "$data" -U postgres --auth-local=trust \
       --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
     cat >>"$data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
@@ -70,9 +70,9 @@ fsync = on
 synchronous_commit = on
 CONF
   fi
-  if ! runuser -u postgres -- "$PG_VERSION_DIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+  if ! runuser -u postgres -- env -C / "$PG_VERSION_DIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     log "starting PostgreSQL on 127.0.0.1:$port"
-    runuser -u postgres -- "$PG_VERSION_DIR/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start >/dev/null
+    runuser -u postgres -- env -C / "$PG_VERSION_DIR/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -t 60 start >/dev/null
   fi
   # Two roles: the owner runs migrations; the application role owns nothing
   # and cannot bypass row-level security.
@@ -91,7 +91,7 @@ SQL
 
 psql_super() {
   local run="$1" port="$2" db="$3"; shift 3
-  runuser -u postgres -- psql -v ON_ERROR_STOP=1 -q -h "$run" -p "$port" -d "$db" "$@"
+  runuser -u postgres -- env -C / psql -v ON_ERROR_STOP=1 -q -h "$run" -p "$port" -d "$db" "$@"
 }
 
 ensure_database() {
@@ -111,9 +111,9 @@ SQL
 
 stop_postgres() {
   local dir="$1"
-  if [ -f "$dir/pgdata/PG_VERSION" ] && runuser -u postgres -- "$PG_VERSION_DIR/pg_ctl" -D "$dir/pgdata" status >/dev/null 2>&1; then
+  if [ -f "$dir/pgdata/PG_VERSION" ] && runuser -u postgres -- env -C / "$PG_VERSION_DIR/pg_ctl" -D "$dir/pgdata" status >/dev/null 2>&1; then
     log "stopping PostgreSQL ($dir)"
-    runuser -u postgres -- "$PG_VERSION_DIR/pg_ctl" -D "$dir/pgdata" -m fast -w stop >/dev/null || true
+    runuser -u postgres -- env -C / "$PG_VERSION_DIR/pg_ctl" -D "$dir/pgdata" -m fast -w stop >/dev/null || true
   fi
 }
 

@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from litestar import Litestar
 import httpx
+from litestar import Litestar
 
 from backend.auth.principal import Principal
 from backend.db.engine import tenant_transaction
@@ -44,7 +44,9 @@ class TenantCtx:
 
     def system(self) -> Principal:
         """An all-permissions principal of this tenant, for calling services directly."""
-        return Principal(kind="user", tenant_id=self.tenant_id, user_id=self.owner_id, permissions=frozenset(PERMISSIONS))
+        return Principal(
+            kind="user", tenant_id=self.tenant_id, user_id=self.owner_id, permissions=frozenset(PERMISSIONS)
+        )
 
 
 class Factory:
@@ -93,7 +95,13 @@ class Factory:
         email = f"{unique('u')}@{ctx.slug}.test"
         async with tenant_transaction(self.sessionmaker, ctx.tenant_id) as session:
             user = await service.create_user(
-                session, tenant_id=ctx.tenant_id, email=email, name="Some User", role_name=role, password=PASSWORD, verified=True
+                session,
+                tenant_id=ctx.tenant_id,
+                email=email,
+                name="Some User",
+                role_name=role,
+                password=PASSWORD,
+                verified=True,
             )
         out: dict[str, Any] = {"id": user.id, "email": email}
         if login:

@@ -195,7 +195,9 @@ def test_every_parameter_and_body_has_a_factory():
     assert not missing, "\n".join(missing)
 
 
-async def _prepare(factory: Factory, owner: TenantCtx, route: Any, handler: Any) -> tuple[str, dict[str, Any] | None, Owned]:
+async def _prepare(
+    factory: Factory, owner: TenantCtx, route: Any, handler: Any
+) -> tuple[str, dict[str, Any] | None, Owned]:
     owned = Owned(owner)
     owned.keep(owner.tenant_id)
     owned.keep(owner.slug)

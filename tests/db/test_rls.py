@@ -74,7 +74,9 @@ async def test_cannot_update_or_delete_another_tenants_rows(factory, sessionmake
     a = await factory.tenant(login=False)
     b = await factory.tenant(login=False)
     async with tenant_transaction(sessionmaker, a.tenant_id) as session:
-        updated = await session.execute(text("UPDATE users SET name = 'pwned' WHERE tenant_id = :b"), {"b": b.tenant_id})
+        updated = await session.execute(
+            text("UPDATE users SET name = 'pwned' WHERE tenant_id = :b"), {"b": b.tenant_id}
+        )
         deleted = await session.execute(text("DELETE FROM roles WHERE tenant_id = :b"), {"b": b.tenant_id})
     assert updated.rowcount == 0  # type: ignore[attr-defined]
     assert deleted.rowcount == 0  # type: ignore[attr-defined]
