@@ -28,7 +28,15 @@ from backend.lib.observability import OverloadMiddleware, RequestContextMiddlewa
 from backend.lib.openapi import document_routes
 from backend.lib.pagination import page_request
 from backend.lib.problems import exception_handlers
-from backend.routing.controllers import agent_socket
+from backend.routing.controllers import (
+    AgentProfileController,
+    BusinessHoursController,
+    PauseReasonController,
+    QueueController,
+    SkillController,
+    WrapUpCodeController,
+    agent_socket,
+)
 from backend.routing.hub import AgentHub
 from backend.tenants.controllers import (
     AuditController,
@@ -57,6 +65,12 @@ ROUTE_HANDLERS: list[Any] = [
     AuditController,
     OpsController,
     agent_socket,
+    SkillController,
+    BusinessHoursController,
+    QueueController,
+    AgentProfileController,
+    WrapUpCodeController,
+    PauseReasonController,
 ]
 
 

@@ -151,3 +151,34 @@ class Factory:
         assert response.status_code == 200, response.text
         token: str = response.json()["access_token"]
         return token
+
+    async def skill(self, ctx: TenantCtx) -> uuid.UUID:
+        """A routing skill of the tenant."""
+        response = await self.client.post("/api/v1/routing/skills", json={"name": unique("skill")}, headers=ctx.headers)
+        assert response.status_code == 201, response.text
+        return uuid.UUID(response.json()["id"])
+
+    async def business_hours(self, ctx: TenantCtx) -> uuid.UUID:
+        """Weekday 09:00-18:00 business hours in the tenant's time zone."""
+        weekly = [{"day": day, "start": "09:00", "end": "18:00"} for day in range(5)]
+        response = await self.client.post(
+            "/api/v1/routing/business-hours", json={"name": unique("hours"), "weekly": weekly}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        return uuid.UUID(response.json()["id"])
+
+    async def queue(self, ctx: TenantCtx, **settings: Any) -> uuid.UUID:
+        """A queue of the tenant."""
+        response = await self.client.post(
+            "/api/v1/routing/queues", json={"name": unique("queue"), **settings}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        return uuid.UUID(response.json()["id"])
+
+    async def code(self, ctx: TenantCtx, catalogue: str) -> uuid.UUID:
+        """A wrap-up code (`wrap-up-codes`) or pause reason (`pause-reasons`)."""
+        response = await self.client.post(
+            f"/api/v1/routing/{catalogue}", json={"code": unique("c"), "label": "Some label"}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        return uuid.UUID(response.json()["id"])

@@ -27,6 +27,7 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 
 from backend.auth import schemas as auth_schemas
 from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
+from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
 from tests.factories import PASSWORD, Factory, TenantCtx, unique
 from tests.support.asgi_websocket import websocket_connect
@@ -76,12 +77,37 @@ async def _api_key(f: Factory, owned: Owned) -> str:
     return owned.keep(created["api_key"]["id"])
 
 
+async def _skill(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.skill(owned.ctx))
+
+
+async def _hours(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.business_hours(owned.ctx))
+
+
+async def _queue(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.queue(owned.ctx))
+
+
+async def _wrap_up_code(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.code(owned.ctx, "wrap-up-codes"))
+
+
+async def _pause_reason(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.code(owned.ctx, "pause-reasons"))
+
+
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "user_id": _user,
     "team_id": _team,
     "role_id": _role,
     "seat_id": _seat,
     "api_key_id": _api_key,
+    "skill_id": _skill,
+    "business_hours_id": _hours,
+    "queue_id": _queue,
+    "wrap_up_code_id": _wrap_up_code,
+    "pause_reason_id": _pause_reason,
 }
 
 
@@ -123,6 +149,30 @@ async def _constant(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+async def _queue_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    """A queue that points at A's skill, hours and another queue of A's: B must not be able to use them."""
+    return {
+        "name": unique("queue"),
+        "strategy": "best_skill",
+        "business_hours_id": await _hours(f, owned),
+        "overflow_action": {"type": "queue", "queue_id": await _queue(f, owned)},
+        "skills": [{"skill_id": await _skill(f, owned), "steps": [{"after_seconds": 0, "min_level": 5}]}],
+    }
+
+
+async def _agent_profile_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    return {"capacity": {"voice": 1, "webchat": 2}, "skills": [{"skill_id": await _skill(f, owned), "level": 7}]}
+
+
+async def _hours_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    return {
+        "name": unique("hours"),
+        "weekly": [{"day": 0, "start": "08:00", "end": "12:00"}, {"day": 0, "start": "13:00", "end": "17:00"}],
+        "holidays": [{"date": "2026-12-25", "name": "Christmas"}],
+        "exceptions": [{"date": "2026-12-24", "ranges": [{"start": "08:00", "end": "12:00"}]}],
+    }
+
+
 BODY_FACTORIES: dict[type, BodyFactory] = {
     tenant_schemas.TenantUpdate: lambda f, o: _constant({"name": "Renamed Company"}),
     tenant_schemas.InviteRequest: _invite,
@@ -138,6 +188,13 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     ),
     auth_schemas.TotpConfirm: _totp_confirm,
     auth_schemas.TotpDisable: _totp_disable,
+    routing_schemas.SkillIn: lambda f, o: _constant({"name": unique("skill")}),
+    routing_schemas.SkillPatch: lambda f, o: _constant({"description": "changed"}),
+    routing_schemas.BusinessHoursIn: _hours_body,
+    routing_schemas.QueueIn: _queue_body,
+    routing_schemas.AgentProfileIn: _agent_profile_body,
+    routing_schemas.CodeIn: lambda f, o: _constant({"code": unique("c"), "label": "Label"}),
+    routing_schemas.CodePatch: lambda f, o: _constant({"label": "Changed", "active": False}),
 }
 
 

@@ -2,8 +2,9 @@
 
 from backend.auth import models as auth_models
 from backend.db.base import Base
+from backend.routing import models as routing_models
 from backend.tenants import models as tenant_models
 
 metadata = Base.metadata
 
-__all__ = ["auth_models", "metadata", "tenant_models"]
+__all__ = ["auth_models", "metadata", "routing_models", "tenant_models"]

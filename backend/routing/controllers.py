@@ -1,13 +1,34 @@
-"""Routes of the routing domain: the agent WebSocket."""
+"""Routes of the routing domain: the agent WebSocket and the routing configuration."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
-from litestar import WebSocket, websocket
+from litestar import Controller, Request, WebSocket, delete, get, patch, post, put, websocket
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
+from backend.lib.pagination import Page, PageRequest
+from backend.lib.problems import InvalidInput
+from backend.routing import service
 from backend.routing.hub import AgentHub
+from backend.routing.schemas import (
+    AgentProfileIn,
+    AgentProfileOut,
+    BusinessHoursIn,
+    BusinessHoursOut,
+    CodeIn,
+    CodeOut,
+    CodePatch,
+    HoursStatus,
+    QueueIn,
+    QueueOut,
+    SkillIn,
+    SkillOut,
+    SkillPatch,
+)
 
 
 @websocket("/api/v1/agent/ws", opt={"access": "tenant", "permission": "self"}, name="agent_ws")
@@ -19,3 +40,249 @@ async def agent_socket(socket: WebSocket[Principal, Any, Any]) -> None:
     hub: AgentHub = socket.app.state.hub
     await socket.accept()
     await hub.serve(socket, socket.user)
+
+
+class SkillController(Controller):
+    """Skills agents hold and queues require."""
+
+    path = "/api/v1/routing/skills"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_skills")
+    async def list_skills(self, db_session: AsyncSession, page: PageRequest) -> Page[SkillOut]:
+        """Skills; sort by name or created_at."""
+        items, cursor = await service.list_skills(db_session, page)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_skill")
+    async def create_skill(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: SkillIn
+    ) -> SkillOut:
+        """A new skill."""
+        return await service.create_skill(db_session, request.user, data)
+
+    @get("/{skill_id:uuid}", permission="queues:read", operation_id="get_skill")
+    async def get_skill(self, db_session: AsyncSession, skill_id: uuid.UUID) -> SkillOut:
+        """One skill."""
+        return await service.get_skill(db_session, skill_id)
+
+    @patch("/{skill_id:uuid}", permission="queues:write", operation_id="update_skill")
+    async def update_skill(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, skill_id: uuid.UUID, data: SkillPatch
+    ) -> SkillOut:
+        """Rename a skill."""
+        return await service.update_skill(db_session, request.user, skill_id, data)
+
+    @delete("/{skill_id:uuid}", permission="queues:write", operation_id="delete_skill")
+    async def delete_skill(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, skill_id: uuid.UUID
+    ) -> None:
+        """Delete a skill no queue requires."""
+        await service.delete_skill(db_session, request.user, skill_id)
+
+
+class BusinessHoursController(Controller):
+    """Opening hours with holidays and exceptions, in a time zone."""
+
+    path = "/api/v1/routing/business-hours"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_business_hours")
+    async def list_hours(self, db_session: AsyncSession, page: PageRequest) -> Page[BusinessHoursOut]:
+        """Business hours, by name."""
+        items, cursor = await service.list_business_hours(db_session, page)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_business_hours")
+    async def create_hours(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: BusinessHoursIn
+    ) -> BusinessHoursOut:
+        """New business hours; the tenant's time zone unless `time_zone` is given."""
+        return await service.create_business_hours(db_session, request.user, data)
+
+    @get("/{business_hours_id:uuid}", permission="queues:read", operation_id="get_business_hours")
+    async def get_hours(self, db_session: AsyncSession, business_hours_id: uuid.UUID) -> BusinessHoursOut:
+        """One set of business hours."""
+        return await service.get_business_hours(db_session, business_hours_id)
+
+    @put("/{business_hours_id:uuid}", permission="queues:write", operation_id="replace_business_hours")
+    async def replace_hours(
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        business_hours_id: uuid.UUID,
+        data: BusinessHoursIn,
+    ) -> BusinessHoursOut:
+        """Replace business hours as a whole."""
+        return await service.replace_business_hours(db_session, request.user, business_hours_id, data)
+
+    @delete("/{business_hours_id:uuid}", permission="queues:write", operation_id="delete_business_hours")
+    async def delete_hours(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, business_hours_id: uuid.UUID
+    ) -> None:
+        """Delete business hours no queue uses."""
+        await service.delete_business_hours(db_session, request.user, business_hours_id)
+
+    @get("/{business_hours_id:uuid}/status", permission="queues:read", operation_id="business_hours_status")
+    async def status(
+        self, db_session: AsyncSession, business_hours_id: uuid.UUID, at: datetime | None = None
+    ) -> HoursStatus:
+        """Open or closed at `at` (default now), and the next opening."""
+        moment = at or datetime.now(UTC)
+        if moment.tzinfo is None:
+            raise InvalidInput.field("at", "must carry a UTC offset, e.g. 2026-03-29T01:30:00Z")
+        return await service.business_hours_status(db_session, business_hours_id, moment)
+
+
+class QueueController(Controller):
+    """Queues and their routing rules."""
+
+    path = "/api/v1/routing/queues"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_queues")
+    async def list_queues(self, db_session: AsyncSession, page: PageRequest) -> Page[QueueOut]:
+        """Queues; sort by name, priority or created_at."""
+        items, cursor = await service.list_queues(db_session, page)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_queue")
+    async def create_queue(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: QueueIn
+    ) -> QueueOut:
+        """A new queue."""
+        return await service.create_queue(db_session, request.user, data)
+
+    @get("/{queue_id:uuid}", permission="queues:read", operation_id="get_queue")
+    async def get_queue(self, db_session: AsyncSession, queue_id: uuid.UUID) -> QueueOut:
+        """One queue."""
+        return await service.get_queue(db_session, queue_id)
+
+    @put("/{queue_id:uuid}", permission="queues:write", operation_id="replace_queue")
+    async def replace_queue(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, queue_id: uuid.UUID, data: QueueIn
+    ) -> QueueOut:
+        """Replace a queue's settings as a whole."""
+        return await service.replace_queue(db_session, request.user, queue_id, data)
+
+    @delete("/{queue_id:uuid}", permission="queues:write", operation_id="delete_queue")
+    async def delete_queue(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, queue_id: uuid.UUID
+    ) -> None:
+        """Delete a queue nothing overflows into."""
+        await service.delete_queue(db_session, request.user, queue_id)
+
+
+class AgentProfileController(Controller):
+    """Agents' capacity per channel and skill levels."""
+
+    path = "/api/v1/routing/agents"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/{user_id:uuid}", permission="queues:read", operation_id="get_agent_profile")
+    async def get_profile(self, db_session: AsyncSession, user_id: uuid.UUID) -> AgentProfileOut:
+        """An agent's routing profile."""
+        return await service.get_agent_profile(db_session, user_id)
+
+    @put("/{user_id:uuid}", permission="queues:write", operation_id="put_agent_profile")
+    async def put_profile(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID, data: AgentProfileIn
+    ) -> AgentProfileOut:
+        """Set an agent's capacity and skills."""
+        return await service.put_agent_profile(db_session, request.user, user_id, data)
+
+
+class WrapUpCodeController(Controller):
+    """Wrap-up (disposition) codes agents record after an interaction."""
+
+    path = "/api/v1/routing/wrap-up-codes"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_wrap_up_codes")
+    async def list_codes(
+        self, db_session: AsyncSession, page: PageRequest, active: bool | None = None
+    ) -> Page[CodeOut]:
+        """Codes, optionally only active or inactive ones."""
+        items, cursor = await service.wrap_up_codes.list(db_session, page, active)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_wrap_up_code")
+    async def create_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: CodeIn
+    ) -> CodeOut:
+        """A new code."""
+        return await service.wrap_up_codes.create(db_session, request.user, data)
+
+    @get("/{wrap_up_code_id:uuid}", permission="queues:read", operation_id="get_wrap_up_code")
+    async def get_code(self, db_session: AsyncSession, wrap_up_code_id: uuid.UUID) -> CodeOut:
+        """One code."""
+        return await service.wrap_up_codes.get(db_session, wrap_up_code_id)
+
+    @patch("/{wrap_up_code_id:uuid}", permission="queues:write", operation_id="update_wrap_up_code")
+    async def update_code(
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        wrap_up_code_id: uuid.UUID,
+        data: CodePatch,
+    ) -> CodeOut:
+        """Relabel or (de)activate a code."""
+        return await service.wrap_up_codes.update(db_session, request.user, wrap_up_code_id, data)
+
+    @delete("/{wrap_up_code_id:uuid}", permission="queues:write", operation_id="delete_wrap_up_code")
+    async def delete_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, wrap_up_code_id: uuid.UUID
+    ) -> None:
+        """Delete a code."""
+        await service.wrap_up_codes.delete(db_session, request.user, wrap_up_code_id)
+
+
+class PauseReasonController(Controller):
+    """Reasons an agent can give for being away."""
+
+    path = "/api/v1/routing/pause-reasons"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_pause_reasons")
+    async def list_codes(
+        self, db_session: AsyncSession, page: PageRequest, active: bool | None = None
+    ) -> Page[CodeOut]:
+        """Codes, optionally only active or inactive ones."""
+        items, cursor = await service.pause_reasons.list(db_session, page, active)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_pause_reason")
+    async def create_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: CodeIn
+    ) -> CodeOut:
+        """A new code."""
+        return await service.pause_reasons.create(db_session, request.user, data)
+
+    @get("/{pause_reason_id:uuid}", permission="queues:read", operation_id="get_pause_reason")
+    async def get_code(self, db_session: AsyncSession, pause_reason_id: uuid.UUID) -> CodeOut:
+        """One code."""
+        return await service.pause_reasons.get(db_session, pause_reason_id)
+
+    @patch("/{pause_reason_id:uuid}", permission="queues:write", operation_id="update_pause_reason")
+    async def update_code(
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        pause_reason_id: uuid.UUID,
+        data: CodePatch,
+    ) -> CodeOut:
+        """Relabel or (de)activate a code."""
+        return await service.pause_reasons.update(db_session, request.user, pause_reason_id, data)
+
+    @delete("/{pause_reason_id:uuid}", permission="queues:write", operation_id="delete_pause_reason")
+    async def delete_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, pause_reason_id: uuid.UUID
+    ) -> None:
+        """Delete a code."""
+        await service.pause_reasons.delete(db_session, request.user, pause_reason_id)

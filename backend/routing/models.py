@@ -1,0 +1,151 @@
+"""Tables of the routing domain's configuration: skills, queues, agent profiles, hours, codes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Boolean, CheckConstraint, ForeignKeyConstraint, Integer, SmallInteger, String, UniqueConstraint
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from backend.db.base import Base, TenantOwned
+
+
+class Skill(TenantOwned, Base):
+    """Something an agent can do, at a level from 1 to 10 (a language, a product, a tier)."""
+
+    __tablename__ = "skills"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+    )
+
+    name: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str] = mapped_column(String(300), default="")
+
+
+class BusinessHours(TenantOwned, Base):
+    """Weekly opening ranges, holidays and one-off exceptions, in a time zone."""
+
+    __tablename__ = "business_hours"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+    )
+
+    name: Mapped[str] = mapped_column(String(120))
+    time_zone: Mapped[str] = mapped_column(String(64))
+    weekly: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    """[{"day": 0-6 (Monday=0), "start": "HH:MM", "end": "HH:MM"}], end may be "24:00"."""
+    holidays: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    """[{"date": "YYYY-MM-DD", "name": "..."}]: closed all day."""
+    exceptions: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    """[{"date": "YYYY-MM-DD", "ranges": [{"start", "end"}]}]: that day's hours instead of the weekly ones."""
+
+
+class Queue(TenantOwned, Base):
+    """Where interactions wait for an agent, and the rules they wait by."""
+
+    __tablename__ = "queues"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        CheckConstraint(
+            "strategy IN ('longest_idle','round_robin','fewest_interactions','best_skill','ring_all')",
+            name="strategy",
+        ),
+        CheckConstraint("priority BETWEEN 0 AND 100", name="priority"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "business_hours_id"], ["business_hours.tenant_id", "business_hours.id"]),
+    )
+
+    name: Mapped[str] = mapped_column(String(120))
+    strategy: Mapped[str] = mapped_column(String(24), default="longest_idle")
+    priority: Mapped[int] = mapped_column(SmallInteger, default=50)
+    max_wait_seconds: Mapped[int] = mapped_column(Integer, default=600)
+    offer_timeout_seconds: Mapped[int] = mapped_column(Integer, default=20)
+    wrap_up_seconds: Mapped[int] = mapped_column(Integer, default=30)
+    service_level_percent: Mapped[int] = mapped_column(SmallInteger, default=80)
+    service_level_seconds: Mapped[int] = mapped_column(Integer, default=20)
+    business_hours_id: Mapped[uuid.UUID | None] = mapped_column()
+    overflow_action: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    closed_action: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    no_agents_action: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    announcements: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    """{"position": bool, "estimated_wait": bool, "interval_seconds": int}."""
+
+
+class QueueSkill(Base):
+    """A skill a queue requires, with the minimum level relaxing in steps as the wait grows."""
+
+    __tablename__ = "queue_skills"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "queue_id"], ["queues.tenant_id", "queues.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "skill_id"], ["skills.tenant_id", "skills.id"], ondelete="CASCADE"),
+    )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    queue_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    skill_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    steps: Mapped[list[dict[str, int]]] = mapped_column(JSONB)
+    """[{"after_seconds": 0, "min_level": 7}, {"after_seconds": 30, "min_level": 3}], ascending."""
+
+
+class AgentProfile(Base):
+    """An agent's routing profile: capacity per channel. One per user."""
+
+    __tablename__ = "agent_profiles"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"], ondelete="CASCADE"),
+    )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    capacity: Mapped[dict[str, int]] = mapped_column(JSONB)
+    """{"voice": 1, "webchat": 3, "wechat": 3, "callback": 1}."""
+
+
+class AgentSkill(Base):
+    """An agent's level (1 to 10) in one skill."""
+
+    __tablename__ = "agent_skills"
+    __table_args__ = (
+        CheckConstraint("level BETWEEN 1 AND 10", name="level"),
+        ForeignKeyConstraint(
+            ["tenant_id", "user_id"], ["agent_profiles.tenant_id", "agent_profiles.user_id"], ondelete="CASCADE"
+        ),
+        ForeignKeyConstraint(["tenant_id", "skill_id"], ["skills.tenant_id", "skills.id"], ondelete="CASCADE"),
+    )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    skill_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger)
+
+
+class WrapUpCode(TenantOwned, Base):
+    """A disposition an agent records after an interaction."""
+
+    __tablename__ = "wrap_up_codes"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "code"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+    )
+
+    code: Mapped[str] = mapped_column(String(40))
+    label: Mapped[str] = mapped_column(String(120))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class PauseReason(TenantOwned, Base):
+    """Why an agent is away (`away:<code>`)."""
+
+    __tablename__ = "pause_reasons"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "code"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+    )
+
+    code: Mapped[str] = mapped_column(String(40))
+    label: Mapped[str] = mapped_column(String(120))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -1,0 +1,182 @@
+"""Request and response types of the routing domain's configuration."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from backend.tenants.schemas import Strict
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
+Description = Annotated[str, msgspec.Meta(max_length=300)]
+Code = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
+Clock = Annotated[str, msgspec.Meta(pattern=r"^\d\d:\d\d$")]
+IsoDate = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d\d-\d\d$")]
+Level = Annotated[int, msgspec.Meta(ge=1, le=10)]
+Seconds = Annotated[int, msgspec.Meta(ge=0, le=86_400)]
+Strategy = Literal["longest_idle", "round_robin", "fewest_interactions", "best_skill", "ring_all"]
+Channel = Literal["voice", "webchat", "wechat", "callback", "email", "sms"]
+
+
+class SkillIn(Strict):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=80)]
+    description: Description = ""
+
+
+class SkillPatch(Strict):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=80)] | msgspec.UnsetType = msgspec.UNSET
+    description: Description | msgspec.UnsetType = msgspec.UNSET
+
+
+class SkillOut(msgspec.Struct):
+    id: uuid.UUID
+    name: str
+    description: str
+    created_at: datetime
+
+
+class WeeklyRange(Strict):
+    day: Annotated[int, msgspec.Meta(ge=0, le=6, description="Monday is 0")]
+    start: Clock
+    end: Clock
+
+
+class Holiday(Strict):
+    date: IsoDate
+    name: Annotated[str, msgspec.Meta(max_length=120)] = ""
+
+
+class ClockRange(Strict):
+    start: Clock
+    end: Clock
+
+
+class HoursException(Strict):
+    """A day with hours of its own (empty `ranges`: closed)."""
+
+    date: IsoDate
+    ranges: Annotated[list[ClockRange], msgspec.Meta(max_length=12)] = []
+
+
+class BusinessHoursIn(Strict):
+    name: Name
+    time_zone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    weekly: Annotated[list[WeeklyRange], msgspec.Meta(max_length=84)] = []
+    holidays: Annotated[list[Holiday], msgspec.Meta(max_length=366)] = []
+    exceptions: Annotated[list[HoursException], msgspec.Meta(max_length=366)] = []
+
+
+class BusinessHoursOut(msgspec.Struct):
+    id: uuid.UUID
+    name: str
+    time_zone: str
+    weekly: list[WeeklyRange]
+    holidays: list[Holiday]
+    exceptions: list[HoursException]
+    created_at: datetime
+
+
+class HoursStatus(msgspec.Struct):
+    open: bool
+    at: datetime
+    next_opening: datetime | None
+
+
+class QueueAction(Strict):
+    """What happens to an interaction: another queue, voicemail, a callback offer, hang-up, or nothing."""
+
+    type: Literal["none", "queue", "voicemail", "callback", "hangup"]
+    queue_id: uuid.UUID | None = None
+    message: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+class SkillStep(Strict):
+    after_seconds: Seconds
+    min_level: Level
+
+
+class SkillRequirement(Strict):
+    skill_id: uuid.UUID
+    steps: Annotated[list[SkillStep], msgspec.Meta(min_length=1, max_length=10)]
+
+
+class Announcements(Strict):
+    position: bool = True
+    estimated_wait: bool = True
+    interval_seconds: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 60
+
+
+class QueueIn(Strict):
+    name: Name
+    strategy: Strategy = "longest_idle"
+    priority: Annotated[int, msgspec.Meta(ge=0, le=100)] = 50
+    max_wait_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 600
+    offer_timeout_seconds: Annotated[int, msgspec.Meta(ge=5, le=600)] = 20
+    wrap_up_seconds: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 30
+    service_level_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 80
+    service_level_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 20
+    business_hours_id: uuid.UUID | None = None
+    overflow_action: QueueAction = msgspec.field(default_factory=lambda: QueueAction(type="none"))
+    closed_action: QueueAction = msgspec.field(default_factory=lambda: QueueAction(type="hangup"))
+    no_agents_action: QueueAction = msgspec.field(default_factory=lambda: QueueAction(type="none"))
+    announcements: Announcements = msgspec.field(default_factory=Announcements)
+    skills: Annotated[list[SkillRequirement], msgspec.Meta(max_length=20)] = []
+
+
+class QueueOut(msgspec.Struct):
+    id: uuid.UUID
+    name: str
+    strategy: str
+    priority: int
+    max_wait_seconds: int
+    offer_timeout_seconds: int
+    wrap_up_seconds: int
+    service_level_percent: int
+    service_level_seconds: int
+    business_hours_id: uuid.UUID | None
+    overflow_action: QueueAction
+    closed_action: QueueAction
+    no_agents_action: QueueAction
+    announcements: Announcements
+    skills: list[SkillRequirement]
+    created_at: datetime
+
+
+class AgentSkillLevel(Strict):
+    skill_id: uuid.UUID
+    level: Level
+
+
+class AgentProfileIn(Strict):
+    capacity: dict[Channel, Annotated[int, msgspec.Meta(ge=0, le=50)]] = msgspec.field(
+        default_factory=lambda: {"voice": 1, "webchat": 3, "wechat": 3}
+    )
+    skills: Annotated[list[AgentSkillLevel], msgspec.Meta(max_length=100)] = []
+
+
+class AgentProfileOut(msgspec.Struct):
+    user_id: uuid.UUID
+    capacity: dict[str, int]
+    skills: list[AgentSkillLevel]
+
+
+class CodeIn(Strict):
+    code: Code
+    label: Name
+    active: bool = True
+
+
+class CodePatch(Strict):
+    label: Name | msgspec.UnsetType = msgspec.UNSET
+    active: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class CodeOut(msgspec.Struct):
+    id: uuid.UUID
+    code: str
+    label: str
+    active: bool
+    created_at: datetime

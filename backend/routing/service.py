@@ -1,0 +1,682 @@
+"""Routing configuration: skills, business hours, queues, agent profiles, wrap-up codes and pause reasons.
+
+All writes are validated here (422 naming the field, 404 for ids of other
+tenants, which row-level security makes invisible) and audited in the same
+transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.auth.principal import Principal
+from backend.lib.pagination import PageRequest, paginate
+from backend.lib.problems import Conflict, InvalidInput, NotFound
+from backend.lib.validation import clean_text, clean_time_zone
+from backend.routing.hours import Schedule
+from backend.routing.models import (
+    AgentProfile,
+    AgentSkill,
+    BusinessHours,
+    PauseReason,
+    Queue,
+    QueueSkill,
+    Skill,
+    WrapUpCode,
+)
+from backend.routing.schemas import (
+    AgentProfileIn,
+    AgentProfileOut,
+    AgentSkillLevel,
+    Announcements,
+    BusinessHoursIn,
+    BusinessHoursOut,
+    CodeIn,
+    CodeOut,
+    CodePatch,
+    Holiday,
+    HoursException,
+    HoursStatus,
+    QueueAction,
+    QueueIn,
+    QueueOut,
+    SkillIn,
+    SkillOut,
+    SkillPatch,
+    SkillRequirement,
+    WeeklyRange,
+)
+from backend.tenants import audit
+from backend.tenants import service as tenants
+
+
+def _actor(principal: Principal) -> dict[str, Any]:
+    assert principal.tenant_id is not None
+    return {"tenant_id": principal.tenant_id, "actor_type": principal.actor_type, "actor_id": principal.actor_id}
+
+
+def _plain(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+# --- skills -------------------------------------------------------------------------------------
+
+
+def _skill_out(skill: Skill) -> SkillOut:
+    return SkillOut(skill.id, skill.name, skill.description, skill.created_at)
+
+
+async def _skill(session: AsyncSession, skill_id: uuid.UUID, *, lock: bool = False) -> Skill:
+    statement = select(Skill).where(Skill.id == skill_id)
+    skill = await session.scalar(statement.with_for_update() if lock else statement)
+    if skill is None:
+        raise NotFound("No such skill")
+    return skill
+
+
+async def list_skills(session: AsyncSession, page: PageRequest) -> tuple[list[SkillOut], str | None]:
+    """Skills, by name."""
+    rows, cursor = await paginate(
+        session,
+        select(Skill),
+        page,
+        sortable={"name": Skill.name, "created_at": Skill.created_at},
+        default_sort="name",
+        id_column=Skill.id,
+    )
+    return [_skill_out(s) for s in rows], cursor
+
+
+async def get_skill(session: AsyncSession, skill_id: uuid.UUID) -> SkillOut:
+    """One skill."""
+    return _skill_out(await _skill(session, skill_id))
+
+
+async def create_skill(session: AsyncSession, principal: Principal, data: SkillIn) -> SkillOut:
+    """A new skill."""
+    assert principal.tenant_id is not None
+    name = clean_text("name", data.name, max_length=80)
+    if await session.scalar(select(Skill.id).where(Skill.name == name)) is not None:
+        raise Conflict("A skill with that name exists", errors=[{"field": "name", "message": "already used"}])
+    skill = Skill(
+        tenant_id=principal.tenant_id,
+        name=name,
+        description=clean_text("description", data.description, max_length=300, allow_empty=True),
+    )
+    session.add(skill)
+    await session.flush()
+    await audit.record(
+        session,
+        action="skill.create",
+        target_type="skill",
+        target_id=skill.id,
+        after={"name": name},
+        **_actor(principal),
+    )
+    return _skill_out(skill)
+
+
+async def update_skill(session: AsyncSession, principal: Principal, skill_id: uuid.UUID, data: SkillPatch) -> SkillOut:
+    """Rename or re-describe a skill."""
+    skill = await _skill(session, skill_id, lock=True)
+    before = {"name": skill.name, "description": skill.description}
+    if data.name is not msgspec.UNSET:
+        name = clean_text("name", data.name, max_length=80)
+        if name != skill.name and await session.scalar(select(Skill.id).where(Skill.name == name)) is not None:
+            raise Conflict("A skill with that name exists", errors=[{"field": "name", "message": "already used"}])
+        skill.name = name
+    if data.description is not msgspec.UNSET:
+        skill.description = clean_text("description", data.description, max_length=300, allow_empty=True)
+    await audit.record(
+        session,
+        action="skill.update",
+        target_type="skill",
+        target_id=skill.id,
+        before=before,
+        after={"name": skill.name, "description": skill.description},
+        **_actor(principal),
+    )
+    return _skill_out(skill)
+
+
+async def delete_skill(session: AsyncSession, principal: Principal, skill_id: uuid.UUID) -> None:
+    """Delete a skill no queue requires (agents' levels in it go with it)."""
+    skill = await _skill(session, skill_id, lock=True)
+    if await session.scalar(select(QueueSkill.queue_id).where(QueueSkill.skill_id == skill_id).limit(1)) is not None:
+        raise Conflict("Queues still require this skill; remove it from them first")
+    await session.delete(skill)
+    await audit.record(
+        session,
+        action="skill.delete",
+        target_type="skill",
+        target_id=skill_id,
+        before={"name": skill.name},
+        **_actor(principal),
+    )
+
+
+# --- business hours -----------------------------------------------------------------------------
+
+
+def _hours_out(hours: BusinessHours) -> BusinessHoursOut:
+    return BusinessHoursOut(
+        id=hours.id,
+        name=hours.name,
+        time_zone=hours.time_zone,
+        weekly=msgspec.convert(hours.weekly, list[WeeklyRange]),
+        holidays=msgspec.convert(hours.holidays, list[Holiday]),
+        exceptions=msgspec.convert(hours.exceptions, list[HoursException]),
+        created_at=hours.created_at,
+    )
+
+
+def schedule_of(hours: BusinessHours) -> Schedule:
+    """The evaluable schedule of stored hours."""
+    return Schedule.build(hours.time_zone, hours.weekly, hours.holidays, hours.exceptions)
+
+
+async def _hours(session: AsyncSession, hours_id: uuid.UUID, *, lock: bool = False) -> BusinessHours:
+    statement = select(BusinessHours).where(BusinessHours.id == hours_id)
+    hours = await session.scalar(statement.with_for_update() if lock else statement)
+    if hours is None:
+        raise NotFound("No such business hours")
+    return hours
+
+
+async def _validated_hours(session: AsyncSession, principal: Principal, data: BusinessHoursIn) -> dict[str, Any]:
+    assert principal.tenant_id is not None
+    if data.time_zone is None:
+        time_zone = (await tenants.get_tenant(session, principal.tenant_id)).time_zone
+    else:
+        time_zone = clean_time_zone("time_zone", data.time_zone)
+    values = {
+        "name": clean_text("name", data.name, max_length=120),
+        "time_zone": time_zone,
+        "weekly": _plain(data.weekly),
+        "holidays": _plain(data.holidays),
+        "exceptions": _plain(data.exceptions),
+    }
+    Schedule.build(time_zone, values["weekly"], values["holidays"], values["exceptions"])
+    return values
+
+
+async def list_business_hours(session: AsyncSession, page: PageRequest) -> tuple[list[BusinessHoursOut], str | None]:
+    """Business hours, by name."""
+    rows, cursor = await paginate(
+        session,
+        select(BusinessHours),
+        page,
+        sortable={"name": BusinessHours.name},
+        default_sort="name",
+        id_column=BusinessHours.id,
+    )
+    return [_hours_out(h) for h in rows], cursor
+
+
+async def get_business_hours(session: AsyncSession, hours_id: uuid.UUID) -> BusinessHoursOut:
+    """One set of business hours."""
+    return _hours_out(await _hours(session, hours_id))
+
+
+async def create_business_hours(session: AsyncSession, principal: Principal, data: BusinessHoursIn) -> BusinessHoursOut:
+    """New business hours (weekly ranges, holidays, exceptions); the tenant's time zone unless one is named."""
+    assert principal.tenant_id is not None
+    values = await _validated_hours(session, principal, data)
+    if await session.scalar(select(BusinessHours.id).where(BusinessHours.name == values["name"])) is not None:
+        raise Conflict("Business hours with that name exist", errors=[{"field": "name", "message": "already used"}])
+    hours = BusinessHours(tenant_id=principal.tenant_id, **values)
+    session.add(hours)
+    await session.flush()
+    await audit.record(
+        session,
+        action="business_hours.create",
+        target_type="business_hours",
+        target_id=hours.id,
+        after=values,
+        **_actor(principal),
+    )
+    return _hours_out(hours)
+
+
+async def replace_business_hours(
+    session: AsyncSession, principal: Principal, hours_id: uuid.UUID, data: BusinessHoursIn
+) -> BusinessHoursOut:
+    """Replace business hours as a whole."""
+    hours = await _hours(session, hours_id, lock=True)
+    values = await _validated_hours(session, principal, data)
+    if (
+        values["name"] != hours.name
+        and await session.scalar(select(BusinessHours.id).where(BusinessHours.name == values["name"])) is not None
+    ):
+        raise Conflict("Business hours with that name exist", errors=[{"field": "name", "message": "already used"}])
+    before = {
+        "name": hours.name,
+        "time_zone": hours.time_zone,
+        "weekly": hours.weekly,
+        "holidays": hours.holidays,
+        "exceptions": hours.exceptions,
+    }
+    for key, value in values.items():
+        setattr(hours, key, value)
+    await audit.record(
+        session,
+        action="business_hours.update",
+        target_type="business_hours",
+        target_id=hours.id,
+        before=before,
+        after=values,
+        **_actor(principal),
+    )
+    return _hours_out(hours)
+
+
+async def delete_business_hours(session: AsyncSession, principal: Principal, hours_id: uuid.UUID) -> None:
+    """Delete business hours no queue uses."""
+    hours = await _hours(session, hours_id, lock=True)
+    if await session.scalar(select(Queue.id).where(Queue.business_hours_id == hours_id).limit(1)) is not None:
+        raise Conflict("Queues still use these hours; change them first")
+    await session.delete(hours)
+    await audit.record(
+        session,
+        action="business_hours.delete",
+        target_type="business_hours",
+        target_id=hours_id,
+        before={"name": hours.name},
+        **_actor(principal),
+    )
+
+
+async def business_hours_status(session: AsyncSession, hours_id: uuid.UUID, at: datetime) -> HoursStatus:
+    """Whether the hours are open at an instant, and when they next open."""
+    schedule = schedule_of(await _hours(session, hours_id))
+    return HoursStatus(open=schedule.is_open(at), at=at, next_opening=schedule.next_opening(at))
+
+
+# --- queues -------------------------------------------------------------------------------------
+
+
+ACTION_FIELDS = ("overflow_action", "closed_action", "no_agents_action")
+
+
+def _queue_out(queue: Queue, requirements: Sequence[QueueSkill]) -> QueueOut:
+    return QueueOut(
+        id=queue.id,
+        name=queue.name,
+        strategy=queue.strategy,
+        priority=queue.priority,
+        max_wait_seconds=queue.max_wait_seconds,
+        offer_timeout_seconds=queue.offer_timeout_seconds,
+        wrap_up_seconds=queue.wrap_up_seconds,
+        service_level_percent=queue.service_level_percent,
+        service_level_seconds=queue.service_level_seconds,
+        business_hours_id=queue.business_hours_id,
+        overflow_action=msgspec.convert(queue.overflow_action, QueueAction),
+        closed_action=msgspec.convert(queue.closed_action, QueueAction),
+        no_agents_action=msgspec.convert(queue.no_agents_action, QueueAction),
+        announcements=msgspec.convert(queue.announcements, Announcements),
+        skills=[msgspec.convert({"skill_id": r.skill_id, "steps": r.steps}, SkillRequirement) for r in requirements],
+        created_at=queue.created_at,
+    )
+
+
+async def _queue(session: AsyncSession, queue_id: uuid.UUID, *, lock: bool = False) -> Queue:
+    statement = select(Queue).where(Queue.id == queue_id)
+    queue = await session.scalar(statement.with_for_update() if lock else statement)
+    if queue is None:
+        raise NotFound("No such queue")
+    return queue
+
+
+async def _requirements(session: AsyncSession, queue_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[QueueSkill]]:
+    found: dict[uuid.UUID, list[QueueSkill]] = {q: [] for q in queue_ids}
+    for requirement in (await session.scalars(select(QueueSkill).where(QueueSkill.queue_id.in_(queue_ids)))).all():
+        found[requirement.queue_id].append(requirement)
+    return found
+
+
+def _check_action(field: str, action: QueueAction, queue_id: uuid.UUID | None) -> None:
+    if action.type == "queue":
+        if action.queue_id is None:
+            raise InvalidInput.field(f"{field}.queue_id", "is required when type is queue")
+        if action.queue_id == queue_id:
+            raise InvalidInput.field(f"{field}.queue_id", "cannot be the queue itself")
+    elif action.queue_id is not None:
+        raise InvalidInput.field(f"{field}.queue_id", "is only allowed when type is queue")
+    if action.message is not None:
+        clean_text(f"{field}.message", action.message, max_length=500)
+
+
+async def _check_no_cycle(session: AsyncSession, queue_id: uuid.UUID, data: QueueIn) -> None:
+    """Moving interactions between queues must end somewhere: refuse a chain that returns to its start."""
+    edges: dict[uuid.UUID, set[uuid.UUID]] = {}
+    for other_id, *actions in (
+        await session.execute(select(Queue.id, Queue.overflow_action, Queue.closed_action, Queue.no_agents_action))
+    ).all():
+        edges[other_id] = {uuid.UUID(a["queue_id"]) for a in actions if a.get("type") == "queue" and a.get("queue_id")}
+    edges[queue_id] = {
+        a.queue_id
+        for a in (data.overflow_action, data.closed_action, data.no_agents_action)
+        if a.type == "queue" and a.queue_id is not None
+    }
+    for field in ACTION_FIELDS:
+        target = getattr(data, field).queue_id
+        if target is not None and target not in edges:
+            raise InvalidInput.field(f"{field}.queue_id", "is not a queue of this tenant")
+    seen: set[uuid.UUID] = set()
+    frontier = list(edges[queue_id])
+    while frontier:
+        current = frontier.pop()
+        if current == queue_id:
+            raise InvalidInput.field("overflow_action", "the queue's actions lead back to itself (a cycle)")
+        if current not in seen:
+            seen.add(current)
+            frontier.extend(edges.get(current, ()))
+
+
+async def _validated_queue(session: AsyncSession, queue_id: uuid.UUID, data: QueueIn) -> dict[str, Any]:
+    for field in ACTION_FIELDS:
+        _check_action(field, getattr(data, field), queue_id)
+    await _check_no_cycle(session, queue_id, data)
+    if (
+        data.business_hours_id is not None
+        and await session.scalar(select(BusinessHours.id).where(BusinessHours.id == data.business_hours_id)) is None
+    ):
+        raise InvalidInput.field("business_hours_id", "is not business hours of this tenant")
+    seen: set[uuid.UUID] = set()
+    for index, requirement in enumerate(data.skills):
+        if requirement.skill_id in seen:
+            raise InvalidInput.field(f"skills[{index}].skill_id", "appears twice")
+        seen.add(requirement.skill_id)
+        if await session.scalar(select(Skill.id).where(Skill.id == requirement.skill_id)) is None:
+            raise InvalidInput.field(f"skills[{index}].skill_id", "is not a skill of this tenant")
+        afters = [step.after_seconds for step in requirement.steps]
+        levels = [step.min_level for step in requirement.steps]
+        if afters[0] != 0 or afters != sorted(set(afters)):
+            raise InvalidInput.field(f"skills[{index}].steps", "must start at after_seconds 0 and rise strictly")
+        if levels != sorted(levels, reverse=True):
+            raise InvalidInput.field(f"skills[{index}].steps", "a requirement may only relax (min_level must not rise)")
+    values = {
+        "name": clean_text("name", data.name, max_length=120),
+        "strategy": data.strategy,
+        "priority": data.priority,
+        "max_wait_seconds": data.max_wait_seconds,
+        "offer_timeout_seconds": data.offer_timeout_seconds,
+        "wrap_up_seconds": data.wrap_up_seconds,
+        "service_level_percent": data.service_level_percent,
+        "service_level_seconds": data.service_level_seconds,
+        "business_hours_id": data.business_hours_id,
+        "announcements": _plain(data.announcements),
+    }
+    for field in ACTION_FIELDS:
+        values[field] = _plain(getattr(data, field))
+    return values
+
+
+async def _save_requirements(session: AsyncSession, tenant_id: uuid.UUID, queue_id: uuid.UUID, data: QueueIn) -> None:
+    await session.execute(delete(QueueSkill).where(QueueSkill.queue_id == queue_id))
+    for requirement in data.skills:
+        session.add(
+            QueueSkill(
+                tenant_id=tenant_id, queue_id=queue_id, skill_id=requirement.skill_id, steps=_plain(requirement.steps)
+            )
+        )
+    await session.flush()
+
+
+async def list_queues(session: AsyncSession, page: PageRequest) -> tuple[list[QueueOut], str | None]:
+    """Queues, by name."""
+    rows, cursor = await paginate(
+        session,
+        select(Queue),
+        page,
+        sortable={"name": Queue.name, "created_at": Queue.created_at, "priority": Queue.priority},
+        default_sort="name",
+        id_column=Queue.id,
+    )
+    requirements = await _requirements(session, [q.id for q in rows])
+    return [_queue_out(q, requirements[q.id]) for q in rows], cursor
+
+
+async def get_queue(session: AsyncSession, queue_id: uuid.UUID) -> QueueOut:
+    """One queue with its skill requirements."""
+    queue = await _queue(session, queue_id)
+    return _queue_out(queue, (await _requirements(session, [queue.id]))[queue.id])
+
+
+async def create_queue(session: AsyncSession, principal: Principal, data: QueueIn) -> QueueOut:
+    """A new queue."""
+    assert principal.tenant_id is not None
+    queue_id = uuid.uuid4()
+    values = await _validated_queue(session, queue_id, data)
+    if await session.scalar(select(Queue.id).where(Queue.name == values["name"])) is not None:
+        raise Conflict("A queue with that name exists", errors=[{"field": "name", "message": "already used"}])
+    queue = Queue(tenant_id=principal.tenant_id, id=queue_id, **values)
+    session.add(queue)
+    await session.flush()
+    await _save_requirements(session, principal.tenant_id, queue.id, data)
+    out = await get_queue(session, queue.id)
+    await audit.record(
+        session, action="queue.create", target_type="queue", target_id=queue.id, after=_plain(out), **_actor(principal)
+    )
+    return out
+
+
+async def replace_queue(session: AsyncSession, principal: Principal, queue_id: uuid.UUID, data: QueueIn) -> QueueOut:
+    """Replace a queue's settings as a whole."""
+    assert principal.tenant_id is not None
+    queue = await _queue(session, queue_id, lock=True)
+    before = _plain(await get_queue(session, queue_id))
+    values = await _validated_queue(session, queue_id, data)
+    if (
+        values["name"] != queue.name
+        and await session.scalar(select(Queue.id).where(Queue.name == values["name"])) is not None
+    ):
+        raise Conflict("A queue with that name exists", errors=[{"field": "name", "message": "already used"}])
+    for key, value in values.items():
+        setattr(queue, key, value)
+    await session.flush()
+    await _save_requirements(session, principal.tenant_id, queue_id, data)
+    out = await get_queue(session, queue_id)
+    await audit.record(
+        session,
+        action="queue.update",
+        target_type="queue",
+        target_id=queue_id,
+        before=before,
+        after=_plain(out),
+        **_actor(principal),
+    )
+    return out
+
+
+async def delete_queue(session: AsyncSession, principal: Principal, queue_id: uuid.UUID) -> None:
+    """Delete a queue no other queue sends interactions to."""
+    queue = await _queue(session, queue_id, lock=True)
+    for name, *actions in (
+        await session.execute(
+            select(Queue.name, Queue.overflow_action, Queue.closed_action, Queue.no_agents_action).where(
+                Queue.id != queue_id
+            )
+        )
+    ).all():
+        if any(a.get("type") == "queue" and a.get("queue_id") == str(queue_id) for a in actions):
+            raise Conflict(f"Queue {name!r} sends interactions to this queue; change it first")
+    await session.delete(queue)
+    await audit.record(
+        session,
+        action="queue.delete",
+        target_type="queue",
+        target_id=queue_id,
+        before={"name": queue.name},
+        **_actor(principal),
+    )
+
+
+# --- agent profiles -----------------------------------------------------------------------------
+
+
+async def get_agent_profile(session: AsyncSession, user_id: uuid.UUID) -> AgentProfileOut:
+    """An agent's capacity and skills (defaults if never set)."""
+    await tenants.get_user(session, user_id)  # 404 for users of other tenants
+    profile = await session.get(AgentProfile, (await _tenant_of_user(session, user_id), user_id))
+    skills = (await session.scalars(select(AgentSkill).where(AgentSkill.user_id == user_id))).all()
+    capacity = profile.capacity if profile else msgspec.to_builtins(AgentProfileIn().capacity)
+    return AgentProfileOut(
+        user_id, capacity, [AgentSkillLevel(s.skill_id, s.level) for s in sorted(skills, key=lambda s: str(s.skill_id))]
+    )
+
+
+async def _tenant_of_user(session: AsyncSession, user_id: uuid.UUID) -> uuid.UUID:
+    user = await tenants.user_permissions(session, user_id)
+    if user is None:
+        raise NotFound("No such user")
+    return user[0].tenant_id
+
+
+async def put_agent_profile(
+    session: AsyncSession, principal: Principal, user_id: uuid.UUID, data: AgentProfileIn
+) -> AgentProfileOut:
+    """Set an agent's capacity per channel and skill levels."""
+    assert principal.tenant_id is not None
+    before = _plain(await get_agent_profile(session, user_id))
+    seen: set[uuid.UUID] = set()
+    for index, item in enumerate(data.skills):
+        if item.skill_id in seen:
+            raise InvalidInput.field(f"skills[{index}].skill_id", "appears twice")
+        seen.add(item.skill_id)
+        if await session.scalar(select(Skill.id).where(Skill.id == item.skill_id)) is None:
+            raise InvalidInput.field(f"skills[{index}].skill_id", "is not a skill of this tenant")
+    profile = await session.get(AgentProfile, (principal.tenant_id, user_id), with_for_update=True)
+    if profile is None:
+        profile = AgentProfile(
+            tenant_id=principal.tenant_id, user_id=user_id, capacity={str(k): v for k, v in data.capacity.items()}
+        )
+        session.add(profile)
+    else:
+        profile.capacity = {str(k): v for k, v in data.capacity.items()}
+    await session.flush()
+    await session.execute(delete(AgentSkill).where(AgentSkill.user_id == user_id))
+    for item in data.skills:
+        session.add(
+            AgentSkill(tenant_id=principal.tenant_id, user_id=user_id, skill_id=item.skill_id, level=item.level)
+        )
+    await session.flush()
+    out = await get_agent_profile(session, user_id)
+    await audit.record(
+        session,
+        action="agent_profile.update",
+        target_type="user",
+        target_id=user_id,
+        before=before,
+        after=_plain(out),
+        **_actor(principal),
+    )
+    return out
+
+
+# --- wrap-up codes and pause reasons ------------------------------------------------------------
+
+
+class CodeCatalogue:
+    """A tenant's list of short codes with labels: wrap-up (disposition) codes or pause reasons."""
+
+    def __init__(self, model: type[WrapUpCode] | type[PauseReason], kind: str) -> None:
+        self.model = model
+        self.kind = kind
+
+    def _out(self, row: WrapUpCode | PauseReason) -> CodeOut:
+        return CodeOut(row.id, row.code, row.label, row.active, row.created_at)
+
+    async def _row(self, session: AsyncSession, row_id: uuid.UUID, *, lock: bool = False) -> WrapUpCode | PauseReason:
+        statement = select(self.model).where(self.model.id == row_id)
+        row: WrapUpCode | PauseReason | None = await session.scalar(statement.with_for_update() if lock else statement)
+        if row is None:
+            raise NotFound(f"No such {self.kind.replace('_', ' ')}")
+        return row
+
+    async def list(
+        self, session: AsyncSession, page: PageRequest, active: bool | None
+    ) -> tuple[list[CodeOut], str | None]:
+        """Codes, by code."""
+        statement = select(self.model)
+        if active is not None:
+            statement = statement.where(self.model.active.is_(active))
+        rows, cursor = await paginate(
+            session,
+            statement,
+            page,
+            sortable={"code": self.model.code, "label": self.model.label},
+            default_sort="code",
+            id_column=self.model.id,
+        )
+        return [self._out(r) for r in rows], cursor
+
+    async def get(self, session: AsyncSession, row_id: uuid.UUID) -> CodeOut:
+        """One code."""
+        return self._out(await self._row(session, row_id))
+
+    async def create(self, session: AsyncSession, principal: Principal, data: CodeIn) -> CodeOut:
+        """A new code."""
+        assert principal.tenant_id is not None
+        if await session.scalar(select(self.model.id).where(self.model.code == data.code)) is not None:
+            raise Conflict("That code exists", errors=[{"field": "code", "message": "already used"}])
+        row = self.model(
+            tenant_id=principal.tenant_id,
+            code=data.code,
+            label=clean_text("label", data.label, max_length=120),
+            active=data.active,
+        )
+        session.add(row)
+        await session.flush()
+        await audit.record(
+            session,
+            action=f"{self.kind}.create",
+            target_type=self.kind,
+            target_id=row.id,
+            after={"code": row.code, "label": row.label},
+            **_actor(principal),
+        )
+        return self._out(row)
+
+    async def update(self, session: AsyncSession, principal: Principal, row_id: uuid.UUID, data: CodePatch) -> CodeOut:
+        """Relabel or (de)activate a code; codes are never renamed, reports refer to them."""
+        row = await self._row(session, row_id, lock=True)
+        before = {"label": row.label, "active": row.active}
+        if data.label is not msgspec.UNSET:
+            row.label = clean_text("label", data.label, max_length=120)
+        if data.active is not msgspec.UNSET:
+            row.active = data.active
+        await audit.record(
+            session,
+            action=f"{self.kind}.update",
+            target_type=self.kind,
+            target_id=row.id,
+            before=before,
+            after={"label": row.label, "active": row.active},
+            **_actor(principal),
+        )
+        return self._out(row)
+
+    async def delete(self, session: AsyncSession, principal: Principal, row_id: uuid.UUID) -> None:
+        """Delete a code (deactivate it instead once it has been used)."""
+        row = await self._row(session, row_id, lock=True)
+        await session.delete(row)
+        await audit.record(
+            session,
+            action=f"{self.kind}.delete",
+            target_type=self.kind,
+            target_id=row_id,
+            before={"code": row.code},
+            **_actor(principal),
+        )
+
+
+wrap_up_codes = CodeCatalogue(WrapUpCode, "wrap_up_code")
+pause_reasons = CodeCatalogue(PauseReason, "pause_reason")
