@@ -30,6 +30,7 @@ from backend.lib.pagination import page_request
 from backend.lib.problems import exception_handlers
 from backend.routing.controllers import (
     AgentProfileController,
+    AgentStateController,
     BusinessHoursController,
     PauseReasonController,
     QueueController,
@@ -38,6 +39,7 @@ from backend.routing.controllers import (
     agent_socket,
 )
 from backend.routing.hub import AgentHub
+from backend.routing.realtime import register as register_routing_messages
 from backend.tenants.controllers import (
     AuditController,
     OpsController,
@@ -71,6 +73,7 @@ ROUTE_HANDLERS: list[Any] = [
     AgentProfileController,
     WrapUpCodeController,
     PauseReasonController,
+    AgentStateController,
 ]
 
 
@@ -85,7 +88,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     revocations = Revocations(redis, sessionmaker, settings.access_token_ttl_seconds)
     authenticator = Authenticator(settings, signer, revocations, redis, sessionmaker)
     auth_service = AuthService(sessionmaker, authenticator, LoginThrottle(redis, settings), settings)
-    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
+    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
+    register_routing_messages(hub, sessionmaker)
 
     async def start_hub() -> None:
         await hub.start()

@@ -80,6 +80,10 @@ class Settings:
     """Requests one process serves at once; beyond it the API answers 429 with Retry-After."""
     revocation_recheck_seconds: int = field(default_factory=lambda: _env_int("CC_REVOCATION_RECHECK", 30))
     """How often an open WebSocket re-checks its credentials, in case a revocation message was missed."""
+    agent_disconnect_grace_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_AGENT_DISCONNECT_GRACE", "30"))
+    )
+    """An available agent whose last workspace connection has been gone this long becomes away."""
     ws_ticket_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_WS_TICKET_TTL", 30))
     """Lifetime of a single-use WebSocket ticket."""
     api_key_touch_interval_seconds: int = field(default_factory=lambda: _env_int("CC_API_KEY_TOUCH", 60))

@@ -73,6 +73,8 @@ def database_name() -> Iterator[str]:
     os.environ["CC_LOG_JSON"] = "0"
     os.environ["CC_LOG_LEVEL"] = "WARNING"
     os.environ.setdefault("CC_DB_POOL_SIZE", "30")
+    # Deadlines shortened by settings, never waited out.
+    os.environ.setdefault("CC_AGENT_DISCONNECT_GRACE", "0.5")
     from backend.config import get_settings
     from backend.db.migrate import upgrade
 

@@ -182,3 +182,10 @@ class Factory:
         )
         assert response.status_code == 201, response.text
         return uuid.UUID(response.json()["id"])
+
+    async def seated_agent(self, ctx: TenantCtx) -> dict[str, Any]:
+        """A signed-in agent holding a seat, ready to go available."""
+        agent = await self.user(ctx, login=True)
+        response = await self.client.post("/api/v1/seats", json={"user_id": str(agent["id"])}, headers=ctx.headers)
+        assert response.status_code == 201, response.text
+        return agent

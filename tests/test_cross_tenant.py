@@ -195,6 +195,7 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.AgentProfileIn: _agent_profile_body,
     routing_schemas.CodeIn: lambda f, o: _constant({"code": unique("c"), "label": "Label"}),
     routing_schemas.CodePatch: lambda f, o: _constant({"label": "Changed", "active": False}),
+    routing_schemas.AgentStateChange: lambda f, o: _constant({"state": "offline"}),
 }
 
 

@@ -17,6 +17,9 @@ from backend.routing.hub import AgentHub
 from backend.routing.schemas import (
     AgentProfileIn,
     AgentProfileOut,
+    AgentStateChange,
+    AgentStateOut,
+    AgentStatePeriodOut,
     BusinessHoursIn,
     BusinessHoursOut,
     CodeIn,
@@ -286,3 +289,41 @@ class PauseReasonController(Controller):
     ) -> None:
         """Delete a code."""
         await service.pause_reasons.delete(db_session, request.user, pause_reason_id)
+
+
+class AgentStateController(Controller):
+    """Agents' states: their own through `me`, anyone's for supervisors."""
+
+    path = "/api/v1/routing"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/me/state", permission="agent:workspace", operation_id="get_my_state")
+    async def my_state(self, request: Request[Principal, Any, Any], db_session: AsyncSession) -> AgentStateOut:
+        """The caller's own state."""
+        assert request.user.tenant_id is not None
+        assert request.user.user_id is not None
+        return await service.get_agent_state(db_session, request.user.tenant_id, request.user.user_id)
+
+    @put("/me/state", permission="agent:workspace", operation_id="set_my_state")
+    async def set_my_state(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: AgentStateChange
+    ) -> AgentStateOut:
+        """Go available, away (with a pause reason) or offline; busy and wrap-up are routing's to set."""
+        return await service.set_own_state(db_session, request.user, data)
+
+    @get("/agents/{user_id:uuid}/state", permission="queues:read", operation_id="get_agent_state")
+    async def agent_state(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID
+    ) -> AgentStateOut:
+        """An agent's current state."""
+        assert request.user.tenant_id is not None
+        return await service.get_agent_state(db_session, request.user.tenant_id, user_id)
+
+    @get("/agents/{user_id:uuid}/state-history", permission="reports:read", operation_id="agent_state_history")
+    async def history(
+        self, db_session: AsyncSession, user_id: uuid.UUID, page: PageRequest
+    ) -> Page[AgentStatePeriodOut]:
+        """Time in each state, newest first."""
+        items, cursor = await service.agent_state_history(db_session, user_id, page)
+        return Page(items, cursor)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -22,10 +23,13 @@ from redis.asyncio import Redis
 
 from backend.auth.authenticate import Authenticator
 from backend.auth.principal import Principal
-from backend.lib.problems import Unauthenticated
-from backend.lib.redis_keys import REVOCATION_CHANNEL
+from backend.lib.problems import Problem, Unauthenticated
+from backend.lib.redis_keys import REVOCATION_CHANNEL, tenant_key
 
 log = structlog.get_logger("hub")
+
+MessageHandler = Callable[[Principal, dict[str, Any]], Awaitable[dict[str, Any]]]
+DisconnectHandler = Callable[[Principal], Awaitable[None]]
 
 CLOSE_REVOKED = 4401
 """WebSocket close code sent when the connection's credentials were revoked."""
@@ -34,12 +38,26 @@ CLOSE_REVOKED = 4401
 class AgentHub:
     """This process's open agent connections, by tenant and user."""
 
-    def __init__(self, authenticator: Authenticator, redis: Redis, recheck_seconds: int) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        redis: Redis,
+        recheck_seconds: int,
+        disconnect_grace_seconds: float = 30.0,
+    ) -> None:
         self._authenticator = authenticator
         self._redis = redis
         self._recheck_seconds = recheck_seconds
+        self._disconnect_grace_seconds = disconnect_grace_seconds
+        self._handlers: dict[str, MessageHandler] = {}
+        self._on_last_disconnect: DisconnectHandler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sockets: dict[tuple[uuid.UUID, uuid.UUID], dict[WebSocket[Any, Any, Any], Principal]] = defaultdict(dict)
         self._listener: asyncio.Task[None] | None = None
+
+    def on_last_disconnect(self, handler: DisconnectHandler) -> None:
+        """Call `handler` when a user's last connection has been gone for the grace period."""
+        self._on_last_disconnect = handler
 
     async def start(self) -> None:
         """Begin listening for revocations."""
@@ -53,6 +71,8 @@ class AgentHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        for task in list(self._tasks):
+            task.cancel()
         for sockets in list(self._sockets.values()):
             for socket in list(sockets):
                 with contextlib.suppress(Exception):
@@ -89,31 +109,96 @@ class AgentHub:
             await socket.send_json({"type": "revoked"})
             await socket.close(code=CLOSE_REVOKED, reason="credentials revoked")
 
+    def on(self, message_type: str, handler: MessageHandler) -> None:
+        """Route client messages of one `type` to a handler whose answer (if any) is sent back."""
+        self._handlers[message_type] = handler
+
     async def serve(self, socket: WebSocket[Any, Any, Any], principal: Principal) -> None:
         """Hold one agent connection open until it closes or its credentials are revoked."""
-        assert principal.tenant_id is not None and principal.user_id is not None
+        assert principal.tenant_id is not None
+        assert principal.user_id is not None
         key = (principal.tenant_id, principal.user_id)
         self._sockets[key][socket] = principal
+        await self._presence(principal, +1)
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self._recheck_seconds
         try:
             await socket.send_json({"type": "hello", "user_id": str(principal.user_id)})
             while True:
                 try:
-                    message = await asyncio.wait_for(socket.receive_json(), timeout=self._recheck_seconds)
+                    message = await asyncio.wait_for(socket.receive_json(), timeout=max(0.0, next_check - loop.time()))
                 except TimeoutError:
+                    message = None
+                # Re-check on schedule even when the client keeps talking.
+                if loop.time() >= next_check:
                     try:
                         await self._authenticator.recheck(principal)
                     except Unauthenticated:
                         await self._close_revoked(socket)
                         return
-                    continue
-                if isinstance(message, dict) and message.get("type") == "ping":
-                    await socket.send_json({"type": "pong"})
+                    next_check = loop.time() + self._recheck_seconds
+                if message is not None:
+                    await socket.send_json(await self._dispatch(principal, message))
         except (WebSocketDisconnect, RuntimeError):
             return
         finally:
             self._sockets[key].pop(socket, None)
             if not self._sockets[key]:
                 self._sockets.pop(key, None)
+            await self._presence(principal, -1)
+
+    async def _dispatch(self, principal: Principal, message: Any) -> dict[str, Any]:
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return {"type": "error", "detail": "messages are JSON objects with a string `type`"}
+        kind = message["type"]
+        if kind == "ping":
+            return {"type": "pong"}
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return {"type": "error", "detail": f"unknown message type {kind!r}"}
+        try:
+            return await handler(principal, message)
+        except Problem as problem:
+            return {
+                "type": "error",
+                "request": kind,
+                "status": problem.status,
+                "detail": problem.detail,
+                "errors": problem.errors,
+            }
+
+    async def _presence(self, principal: Principal, delta: int) -> None:
+        """Count the user's open connections across all processes; the last one closing starts the grace period."""
+        assert principal.tenant_id is not None
+        assert principal.user_id is not None
+        key = tenant_key(principal.tenant_id, "presence", str(principal.user_id))
+        with contextlib.suppress(Exception):
+            count = await self._redis.incrby(key, delta)
+            if count <= 0:
+                await self._redis.delete(key)
+                if self._on_last_disconnect is not None:
+                    self._spawn(self._after_grace(principal))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_grace(self, principal: Principal) -> None:
+        assert principal.tenant_id is not None
+        assert principal.user_id is not None
+        await asyncio.sleep(self._disconnect_grace_seconds)
+        key = tenant_key(principal.tenant_id, "presence", str(principal.user_id))
+        if int(await self._redis.get(key) or 0) > 0 or self._on_last_disconnect is None:
+            return  # came back in time, here or on another process
+        try:
+            await self._on_last_disconnect(principal)
+        except Exception:
+            log.warning("disconnect_handler_failed", user_id=str(principal.user_id), exc_info=True)
+
+    def connected(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        """Whether the user has a connection open in this process."""
+        return bool(self._sockets.get((tenant_id, user_id)))
 
     async def send_to_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID, payload: dict[str, Any]) -> int:
         """Push a message to every connection of one user in this process; returns how many got it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Boolean, CheckConstraint, ForeignKeyConstraint, Integer, SmallInteger, String, UniqueConstraint
@@ -149,3 +150,36 @@ class PauseReason(TenantOwned, Base):
     code: Mapped[str] = mapped_column(String(40))
     label: Mapped[str] = mapped_column(String(120))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class AgentState(Base):
+    """An agent's current state: the durable copy routing rebuilds Redis from."""
+
+    __tablename__ = "agent_states"
+    __table_args__ = (
+        CheckConstraint("state IN ('offline','available','away','busy','wrap_up')", name="state"),
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"], ondelete="CASCADE"),
+    )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    since: Mapped[datetime] = mapped_column()
+    voice_registered: Mapped[bool] = mapped_column(Boolean, default=False)
+    """The agent's softphone is registered: they can take voice (reported by the voice channel)."""
+
+
+class AgentStatePeriod(TenantOwned, Base):
+    """One stretch of time an agent spent in a state: the source of time-in-state reports."""
+
+    __tablename__ = "agent_state_periods"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"], ondelete="CASCADE"),
+    )
+
+    user_id: Mapped[uuid.UUID] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()

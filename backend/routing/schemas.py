@@ -180,3 +180,30 @@ class CodeOut(msgspec.Struct):
     label: str
     active: bool
     created_at: datetime
+
+
+AgentStateName = Literal["offline", "available", "away", "busy", "wrap_up"]
+
+
+class AgentStateChange(Strict):
+    """What an agent sets by hand: available, away (with a pause reason code) or offline."""
+
+    state: AgentStateName
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=40)] | None = None
+
+
+class AgentStateOut(msgspec.Struct):
+    user_id: uuid.UUID
+    state: str
+    reason: str | None
+    since: datetime
+    voice_registered: bool
+    voice_ready: bool
+
+
+class AgentStatePeriodOut(msgspec.Struct):
+    state: str
+    reason: str | None
+    started_at: datetime
+    ended_at: datetime | None
+    seconds: float | None

@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
+from backend.db.base import utcnow
 from backend.lib.pagination import PageRequest, paginate
 from backend.lib.problems import Conflict, InvalidInput, NotFound
 from backend.lib.validation import clean_text, clean_time_zone
@@ -24,6 +25,8 @@ from backend.routing.hours import Schedule
 from backend.routing.models import (
     AgentProfile,
     AgentSkill,
+    AgentState,
+    AgentStatePeriod,
     BusinessHours,
     PauseReason,
     Queue,
@@ -35,6 +38,9 @@ from backend.routing.schemas import (
     AgentProfileIn,
     AgentProfileOut,
     AgentSkillLevel,
+    AgentStateChange,
+    AgentStateOut,
+    AgentStatePeriodOut,
     Announcements,
     BusinessHoursIn,
     BusinessHoursOut,
@@ -680,3 +686,143 @@ class CodeCatalogue:
 
 wrap_up_codes = CodeCatalogue(WrapUpCode, "wrap_up_code")
 pause_reasons = CodeCatalogue(PauseReason, "pause_reason")
+
+
+# --- agent states -------------------------------------------------------------------------------
+
+MANUAL_TARGETS = {"available", "away", "offline"}
+# Which states an agent may leave by hand, for each target. busy and wrap_up are set by routing.
+MANUAL_FROM = {
+    "available": {"offline", "away", "wrap_up", "available"},
+    "away": {"available", "wrap_up", "away"},
+    "offline": {"available", "away", "wrap_up", "offline"},
+}
+SYSTEM_REASONS = {"disconnected", "offer_timeout"}
+
+
+def _state_out(row: AgentState) -> AgentStateOut:
+    return AgentStateOut(
+        user_id=row.user_id,
+        state=row.state,
+        reason=row.reason,
+        since=row.since,
+        voice_registered=row.voice_registered,
+        voice_ready=row.state == "available" and row.voice_registered,
+    )
+
+
+async def _agent_state(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool) -> AgentState:
+    row = await session.get(AgentState, (tenant_id, user_id), with_for_update=lock)
+    if row is None:
+        row = AgentState(tenant_id=tenant_id, user_id=user_id, state="offline", reason=None, since=utcnow())
+        session.add(row)
+        await session.flush()
+    return row
+
+
+async def get_agent_state(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> AgentStateOut:
+    """An agent's current state (offline if never set)."""
+    await tenants.get_user(session, user_id)  # 404 for other tenants' users
+    return _state_out(await _agent_state(session, tenant_id, user_id, lock=False))
+
+
+async def _transition(
+    session: AsyncSession, row: AgentState, state: str, reason: str | None, actor: dict[str, Any]
+) -> AgentStateOut:
+    if (row.state, row.reason) == (state, reason):
+        return _state_out(row)
+    now = utcnow()
+    before = {"state": row.state, "reason": row.reason}
+    await session.execute(
+        update(AgentStatePeriod)
+        .where(AgentStatePeriod.user_id == row.user_id, AgentStatePeriod.ended_at.is_(None))
+        .values(ended_at=now)
+    )
+    session.add(
+        AgentStatePeriod(tenant_id=row.tenant_id, user_id=row.user_id, state=state, reason=reason, started_at=now)
+    )
+    row.state, row.reason, row.since = state, reason, now
+    await session.flush()
+    await audit.record(
+        session,
+        action="agent_state.change",
+        target_type="user",
+        target_id=row.user_id,
+        before=before,
+        after={"state": state, "reason": reason},
+        **actor,
+    )
+    return _state_out(row)
+
+
+async def set_own_state(session: AsyncSession, principal: Principal, data: AgentStateChange) -> AgentStateOut:
+    """An agent changes their own state; only available, away (with a reason) and offline are theirs to set."""
+    assert principal.tenant_id is not None
+    assert principal.user_id is not None
+    if data.state not in MANUAL_TARGETS:
+        raise InvalidInput.field("state", f"{data.state} is set by routing, not by hand")
+    reason = None
+    if data.state == "away":
+        if data.reason is None:
+            raise InvalidInput.field("reason", "is required when away (a pause reason code)")
+        active = await session.scalar(
+            select(PauseReason.id).where(PauseReason.code == data.reason, PauseReason.active.is_(True))
+        )
+        if active is None:
+            raise InvalidInput.field("reason", "is not an active pause reason of this tenant")
+        reason = data.reason
+    elif data.reason is not None:
+        raise InvalidInput.field("reason", "is only given when away")
+    if data.state == "available" and not await tenants.has_seat(session, principal.user_id):
+        raise Conflict("You need a seat (an agent licence) to take work; ask an administrator", kind="no-seat")
+    row = await _agent_state(session, principal.tenant_id, principal.user_id, lock=True)
+    if row.state not in MANUAL_FROM[data.state]:
+        raise Conflict(f"Cannot go {data.state} while {row.state}", kind="state-transition")
+    return await _transition(session, row, data.state, reason, _actor(principal))
+
+
+async def set_system_state(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, state: str, reason: str | None = None
+) -> AgentStateOut:
+    """Routing's own transitions (busy, wrap_up, away on disconnect or missed offer); audited as the system."""
+    row = await _agent_state(session, tenant_id, user_id, lock=True)
+    if state == "away" and reason not in SYSTEM_REASONS and reason is not None:
+        raise InvalidInput.field("reason", "unknown system reason")
+    return await _transition(
+        session, row, state, reason, {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
+    )
+
+
+async def set_voice_registration(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, registered: bool
+) -> AgentStateOut:
+    """The voice channel reports whether the agent's softphone is registered."""
+    row = await _agent_state(session, tenant_id, user_id, lock=True)
+    row.voice_registered = registered
+    await session.flush()
+    return _state_out(row)
+
+
+async def agent_state_history(
+    session: AsyncSession, user_id: uuid.UUID, page: PageRequest
+) -> tuple[list[AgentStatePeriodOut], str | None]:
+    """The agent's time in each state, newest first."""
+    await tenants.get_user(session, user_id)
+    rows, cursor = await paginate(
+        session,
+        select(AgentStatePeriod).where(AgentStatePeriod.user_id == user_id),
+        page,
+        sortable={"started_at": AgentStatePeriod.started_at},
+        default_sort="-started_at",
+        id_column=AgentStatePeriod.id,
+    )
+    return [
+        AgentStatePeriodOut(
+            r.state,
+            r.reason,
+            r.started_at,
+            r.ended_at,
+            (r.ended_at - r.started_at).total_seconds() if r.ended_at else None,
+        )
+        for r in rows
+    ], cursor

@@ -1127,3 +1127,8 @@ async def deliver_outbox(sessionmaker: async_sessionmaker[AsyncSession], batch: 
                 mail.sent_at = utcnow()
             sent += len(mails)
     return sent
+
+
+async def has_seat(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """Whether the user holds a seat (an agent licence): routing offers work only to seated agents."""
+    return await session.scalar(select(Seat.id).where(Seat.user_id == user_id)) is not None

@@ -1,0 +1,46 @@
+"""What the agent WebSocket understands of routing: state changes, and going away when the workspace drops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.auth.principal import Principal
+from backend.db.engine import tenant_transaction
+from backend.lib.problems import Forbidden, InvalidInput
+from backend.routing import service
+from backend.routing.hub import AgentHub
+from backend.routing.schemas import AgentStateChange
+
+log = structlog.get_logger("routing.realtime")
+
+
+def register(hub: AgentHub, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+    """Teach the hub routing's messages."""
+
+    async def set_state(principal: Principal, message: dict[str, Any]) -> dict[str, Any]:
+        if not principal.can("agent:workspace"):
+            raise Forbidden("Requires permission agent:workspace")
+        try:
+            change = msgspec.convert({k: v for k, v in message.items() if k != "type"}, AgentStateChange)
+        except msgspec.ValidationError as exc:
+            raise InvalidInput(str(exc)) from exc
+        assert principal.tenant_id is not None
+        async with tenant_transaction(sessionmaker, principal.tenant_id) as session:
+            state = await service.set_own_state(session, principal, change)
+        return {"type": "state", **msgspec.to_builtins(state)}
+
+    async def went_away(principal: Principal) -> None:
+        assert principal.tenant_id is not None
+        assert principal.user_id is not None
+        async with tenant_transaction(sessionmaker, principal.tenant_id) as session:
+            current = await service.get_agent_state(session, principal.tenant_id, principal.user_id)
+            if current.state == "available":
+                await service.set_system_state(session, principal.tenant_id, principal.user_id, "away", "disconnected")
+                log.info("agent_disconnected_away", user_id=str(principal.user_id))
+
+    hub.on("set_state", set_state)
+    hub.on_last_disconnect(went_away)
