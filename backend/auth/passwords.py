@@ -16,6 +16,7 @@ from backend.lib.problems import InvalidInput
 # OWASP's argon2id baseline: 19 MiB, 2 iterations, 1 lane.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
 _COMMON_PASSWORDS = Path(__file__).with_name("common_passwords.txt.gz")
+_PADDING = "0123456789!@#$%^&*()_-+=.,?~ "
 # Verified when the account does not exist, so that timing does not reveal which e-mails exist.
 _DUMMY_HASH = _hasher.hash("not-a-real-password-just-for-timing")
 
@@ -55,6 +56,10 @@ def check_password_policy(password: str, settings: Settings, *, context: tuple[s
     lowered = password.lower()
     if lowered in common_passwords():
         raise InvalidInput.field("password", "is on the list of common or breached passwords")
+    # "iloveyou1234", "dragon!!!!": a listed password padded with digits or symbols is no stronger.
+    stem = lowered.rstrip(_PADDING)
+    if stem != lowered and len(stem) >= 4 and stem in common_passwords():
+        raise InvalidInput.field("password", "is a common password with characters added at the end")
     for raw_word in context:
         word = raw_word.lower().strip()
         if len(word) >= 4 and word in lowered and len(lowered) - len(word) < 6:
