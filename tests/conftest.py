@@ -132,3 +132,9 @@ def sessionmaker(app: Litestar) -> async_sessionmaker[AsyncSession]:
 def factory(app: Litestar, client: httpx.AsyncClient) -> Factory:
     """Builds tenants, users, teams, seats and tokens through the real services and routes."""
     return Factory(app, client)
+
+
+@pytest.fixture(scope="session")
+def settings_obj(app: Litestar):
+    """The settings the application was built with."""
+    return app.state.settings
