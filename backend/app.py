@@ -18,6 +18,8 @@ from backend.auth.guards import access_guard
 from backend.auth.middleware import AuthenticationMiddleware
 from backend.auth.revocation import Revocations
 from backend.auth.service import AuthService
+from backend.auth.sso import SsoService
+from backend.auth.sso_controllers import SsoConfigController, SsoLoginController
 from backend.auth.throttle import LoginThrottle
 from backend.auth.tokens import TokenSigner
 from backend.config import Settings, get_settings
@@ -58,6 +60,8 @@ ROUTE_HANDLERS: list[Any] = [
     AuthController,
     ProviderAuthController,
     ApiKeyController,
+    SsoConfigController,
+    SsoLoginController,
     SignupController,
     TenantController,
     UserController,
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     revocations = Revocations(redis, sessionmaker, settings.access_token_ttl_seconds)
     authenticator = Authenticator(settings, signer, revocations, redis, sessionmaker)
     auth_service = AuthService(sessionmaker, authenticator, LoginThrottle(redis, settings), settings)
+    sso_service = SsoService(settings, redis, sessionmaker, auth_service)
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
     register_routing_messages(hub, sessionmaker)
 
@@ -109,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "redis": redis,
                 "authenticator": authenticator,
                 "auth_service": auth_service,
+                "sso_service": sso_service,
                 "hub": hub,
             }
         ),

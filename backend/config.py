@@ -84,6 +84,12 @@ class Settings:
         default_factory=lambda: float(os.environ.get("CC_AGENT_DISCONNECT_GRACE", "30"))
     )
     """An available agent whose last workspace connection has been gone this long becomes away."""
+    sso_http_timeout_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_SSO_HTTP_TIMEOUT", "5")))
+    """Timeout of each request to a tenant's identity provider."""
+    sso_metadata_cache_seconds: int = field(default_factory=lambda: _env_int("CC_SSO_METADATA_CACHE", 300))
+    """How long an IdP's discovery document and keys are cached."""
+    sso_state_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_SSO_STATE_TTL", 600))
+    """How long a started single sign-on may take to come back."""
     ws_ticket_ttl_seconds: int = field(default_factory=lambda: _env_int("CC_WS_TICKET_TTL", 30))
     """Lifetime of a single-use WebSocket ticket."""
     api_key_touch_interval_seconds: int = field(default_factory=lambda: _env_int("CC_API_KEY_TOUCH", 60))

@@ -196,6 +196,9 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.CodeIn: lambda f, o: _constant({"code": unique("c"), "label": "Label"}),
     routing_schemas.CodePatch: lambda f, o: _constant({"label": "Changed", "active": False}),
     routing_schemas.AgentStateChange: lambda f, o: _constant({"state": "offline"}),
+    auth_schemas.SsoConfigIn: lambda f, o: _constant(
+        {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
+    ),
 }
 
 

@@ -125,3 +125,26 @@ class ApiKeyCreated(msgspec.Struct):
 class WsTicket(msgspec.Struct):
     ticket: str
     expires_in: int
+
+
+class SsoConfigIn(Strict):
+    issuer: Annotated[str, msgspec.Meta(min_length=8, max_length=500)]
+    client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
+    client_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    enabled: bool = True
+    auto_provision: bool = False
+
+
+class SsoConfigOut(msgspec.Struct):
+    """The client secret is write-only."""
+
+    issuer: str
+    client_id: str
+    enabled: bool
+    auto_provision: bool
+    updated_at: datetime
+
+
+class SsoStatus(msgspec.Struct):
+    configured: bool
+    config: SsoConfigOut | None
