@@ -80,3 +80,7 @@ def create_provider_user(email: str, name: str, password: str) -> None:
 
     asyncio.run(ensure_provider_user(email, name, password))
     click.echo(f"provider operator {email} ready")
+
+
+if __name__ == "__main__":
+    main()
