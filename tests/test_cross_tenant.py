@@ -40,6 +40,7 @@ class Owned:
     """Objects made for tenant A for one call, and every string that would betray them."""
 
     ctx: TenantCtx
+    route_path: str = ""
     params: dict[str, str] = field(default_factory=dict)
     secrets: set[str] = field(default_factory=set)
 
@@ -89,12 +90,9 @@ async def _queue(f: Factory, owned: Owned) -> str:
     return owned.keep(await f.queue(owned.ctx))
 
 
-async def _wrap_up_code(f: Factory, owned: Owned) -> str:
-    return owned.keep(await f.code(owned.ctx, "wrap-up-codes"))
-
-
-async def _pause_reason(f: Factory, owned: Owned) -> str:
-    return owned.keep(await f.code(owned.ctx, "pause-reasons"))
+async def _code(f: Factory, owned: Owned) -> str:
+    catalogue = "pause-reasons" if "/pause-reasons/" in owned.route_path else "wrap-up-codes"
+    return owned.keep(await f.code(owned.ctx, catalogue))
 
 
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
@@ -106,8 +104,7 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "skill_id": _skill,
     "business_hours_id": _hours,
     "queue_id": _queue,
-    "wrap_up_code_id": _wrap_up_code,
-    "pause_reason_id": _pause_reason,
+    "code_id": _code,
 }
 
 
@@ -259,7 +256,7 @@ def test_every_parameter_and_body_has_a_factory():
 async def _prepare(
     factory: Factory, owner: TenantCtx, route: Any, handler: Any
 ) -> tuple[str, dict[str, Any] | None, Owned]:
-    owned = Owned(owner)
+    owned = Owned(owner, route_path=route.path)
     owned.keep(owner.tenant_id)
     owned.keep(owner.slug)
     owned.keep(owner.owner_email)

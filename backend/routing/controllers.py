@@ -199,96 +199,60 @@ class AgentProfileController(Controller):
         return await service.put_agent_profile(db_session, request.user, user_id, data)
 
 
-class WrapUpCodeController(Controller):
+class _CodeCatalogueController(Controller):
+    """Routes of a code catalogue; wrap-up codes and pause reasons behave the same."""
+
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+    catalogue: service.CodeCatalogue
+
+    @get("/", permission="queues:read")
+    async def list_codes(
+        self, db_session: AsyncSession, page: PageRequest, active: bool | None = None
+    ) -> Page[CodeOut]:
+        """Codes, optionally only active or inactive ones."""
+        items, cursor = await self.catalogue.list(db_session, page, active)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write")
+    async def create_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: CodeIn
+    ) -> CodeOut:
+        """A new code."""
+        return await self.catalogue.create(db_session, request.user, data)
+
+    @get("/{code_id:uuid}", permission="queues:read")
+    async def get_code(self, db_session: AsyncSession, code_id: uuid.UUID) -> CodeOut:
+        """One code."""
+        return await self.catalogue.get(db_session, code_id)
+
+    @patch("/{code_id:uuid}", permission="queues:write")
+    async def update_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, code_id: uuid.UUID, data: CodePatch
+    ) -> CodeOut:
+        """Relabel or (de)activate a code."""
+        return await self.catalogue.update(db_session, request.user, code_id, data)
+
+    @delete("/{code_id:uuid}", permission="queues:write")
+    async def delete_code(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, code_id: uuid.UUID
+    ) -> None:
+        """Delete a code."""
+        await self.catalogue.delete(db_session, request.user, code_id)
+
+
+class WrapUpCodeController(_CodeCatalogueController):
     """Wrap-up (disposition) codes agents record after an interaction."""
 
     path = "/api/v1/routing/wrap-up-codes"
-    tags = ["routing"]
-    opt = {"access": "tenant"}
-
-    @get("/", permission="queues:read", operation_id="list_wrap_up_codes")
-    async def list_codes(
-        self, db_session: AsyncSession, page: PageRequest, active: bool | None = None
-    ) -> Page[CodeOut]:
-        """Codes, optionally only active or inactive ones."""
-        items, cursor = await service.wrap_up_codes.list(db_session, page, active)
-        return Page(items, cursor)
-
-    @post("/", permission="queues:write", operation_id="create_wrap_up_code")
-    async def create_code(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: CodeIn
-    ) -> CodeOut:
-        """A new code."""
-        return await service.wrap_up_codes.create(db_session, request.user, data)
-
-    @get("/{wrap_up_code_id:uuid}", permission="queues:read", operation_id="get_wrap_up_code")
-    async def get_code(self, db_session: AsyncSession, wrap_up_code_id: uuid.UUID) -> CodeOut:
-        """One code."""
-        return await service.wrap_up_codes.get(db_session, wrap_up_code_id)
-
-    @patch("/{wrap_up_code_id:uuid}", permission="queues:write", operation_id="update_wrap_up_code")
-    async def update_code(
-        self,
-        request: Request[Principal, Any, Any],
-        db_session: AsyncSession,
-        wrap_up_code_id: uuid.UUID,
-        data: CodePatch,
-    ) -> CodeOut:
-        """Relabel or (de)activate a code."""
-        return await service.wrap_up_codes.update(db_session, request.user, wrap_up_code_id, data)
-
-    @delete("/{wrap_up_code_id:uuid}", permission="queues:write", operation_id="delete_wrap_up_code")
-    async def delete_code(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, wrap_up_code_id: uuid.UUID
-    ) -> None:
-        """Delete a code."""
-        await service.wrap_up_codes.delete(db_session, request.user, wrap_up_code_id)
+    catalogue = service.wrap_up_codes
 
 
-class PauseReasonController(Controller):
+class PauseReasonController(_CodeCatalogueController):
     """Reasons an agent can give for being away."""
 
     path = "/api/v1/routing/pause-reasons"
-    tags = ["routing"]
-    opt = {"access": "tenant"}
-
-    @get("/", permission="queues:read", operation_id="list_pause_reasons")
-    async def list_codes(
-        self, db_session: AsyncSession, page: PageRequest, active: bool | None = None
-    ) -> Page[CodeOut]:
-        """Codes, optionally only active or inactive ones."""
-        items, cursor = await service.pause_reasons.list(db_session, page, active)
-        return Page(items, cursor)
-
-    @post("/", permission="queues:write", operation_id="create_pause_reason")
-    async def create_code(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: CodeIn
-    ) -> CodeOut:
-        """A new code."""
-        return await service.pause_reasons.create(db_session, request.user, data)
-
-    @get("/{pause_reason_id:uuid}", permission="queues:read", operation_id="get_pause_reason")
-    async def get_code(self, db_session: AsyncSession, pause_reason_id: uuid.UUID) -> CodeOut:
-        """One code."""
-        return await service.pause_reasons.get(db_session, pause_reason_id)
-
-    @patch("/{pause_reason_id:uuid}", permission="queues:write", operation_id="update_pause_reason")
-    async def update_code(
-        self,
-        request: Request[Principal, Any, Any],
-        db_session: AsyncSession,
-        pause_reason_id: uuid.UUID,
-        data: CodePatch,
-    ) -> CodeOut:
-        """Relabel or (de)activate a code."""
-        return await service.pause_reasons.update(db_session, request.user, pause_reason_id, data)
-
-    @delete("/{pause_reason_id:uuid}", permission="queues:write", operation_id="delete_pause_reason")
-    async def delete_code(
-        self, request: Request[Principal, Any, Any], db_session: AsyncSession, pause_reason_id: uuid.UUID
-    ) -> None:
-        """Delete a code."""
-        await service.pause_reasons.delete(db_session, request.user, pause_reason_id)
+    catalogue = service.pause_reasons
 
 
 class AgentStateController(Controller):
