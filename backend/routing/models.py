@@ -183,3 +183,72 @@ class AgentStatePeriod(TenantOwned, Base):
     reason: Mapped[str | None] = mapped_column(String(40))
     started_at: Mapped[datetime] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
+
+
+INTERACTION_EVENTS = (
+    "created",
+    "ivr_step",
+    "queued",
+    "offered",
+    "offer_accepted",
+    "offer_rejected",
+    "offer_timed_out",
+    "connected",
+    "held",
+    "resumed",
+    "transferred",
+    "overflowed",
+    "callback_requested",
+    "abandoned",
+    "ended",
+    "wrap_up_done",
+)
+CHANNELS = ("voice", "webchat", "wechat", "callback", "email", "sms")
+
+
+class Interaction(TenantOwned, Base):
+    """One customer contact on any channel, from creation to its end: the unit routing moves."""
+
+    __tablename__ = "interactions"
+    __table_args__ = (
+        CheckConstraint(f"channel IN {CHANNELS!r}", name="channel"),
+        CheckConstraint("state IN ('new','queued','offered','connected','wrap_up','ended')", name="state"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "queue_id"], ["queues.tenant_id", "queues.id"]),
+    )
+
+    channel: Mapped[str] = mapped_column(String(16))
+    queue_id: Mapped[uuid.UUID | None] = mapped_column()
+    customer_ref: Mapped[str | None] = mapped_column(String(120))
+    """The customer's id in the customer store (linked by that capability), or the channel's own address."""
+    team_id: Mapped[uuid.UUID | None] = mapped_column()
+    priority: Mapped[int] = mapped_column(SmallInteger, default=50)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    agent_id: Mapped[uuid.UUID | None] = mapped_column()
+    outcome: Mapped[str | None] = mapped_column(String(24))
+    """How it ended: handled, abandoned, overflowed, callback, closed, no_agents, cancelled."""
+    queued_at: Mapped[datetime | None] = mapped_column()
+    connected_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class InteractionEvent(Base):
+    """One step of an interaction's timeline; reports and billing read these."""
+
+    __tablename__ = "interaction_events"
+    __table_args__ = (
+        CheckConstraint(f"name IN {INTERACTION_EVENTS!r}", name="name"),
+        ForeignKeyConstraint(
+            ["tenant_id", "interaction_id"], ["interactions.tenant_id", "interactions.id"], ondelete="CASCADE"
+        ),
+    )
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    interaction_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(24))
+    at: Mapped[datetime] = mapped_column()
+    agent_id: Mapped[uuid.UUID | None] = mapped_column()
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)

@@ -1,0 +1,191 @@
+"""The matcher's atomic steps on the real Redis: strategies, skills, capacity, places, and concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import pytest
+
+from backend.routing.matcher import AgentRouting, Matcher, WaitingInteraction
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_800_000_000_000
+
+
+@pytest.fixture
+def matcher(redis):
+    return Matcher(redis, priority_step_ms=10_000)
+
+
+def item(queue, *, enq=NOW, priority=50, channel="voice", strategy="longest_idle", req=(), timeout=20_000):
+    return WaitingInteraction(uuid.uuid4(), queue, channel, priority, enq, timeout, strategy, req)
+
+
+def agent(*, idle=NOW - 1000, capacity=None, skills=None, available=True):
+    return AgentRouting(uuid.uuid4(), available, capacity or {"voice": 1, "webchat": 2}, skills or {}, idle)
+
+
+async def test_longest_idle_agent_gets_the_offer_and_never_two(matcher):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    fresh, idle_long = agent(idle=NOW - 1_000), agent(idle=NOW - 60_000)
+    for a in (fresh, idle_long):
+        await matcher.set_agent(tenant, a)
+    first = item(queue)
+    await matcher.enqueue(tenant, first)
+    assert await matcher.offer_interaction(tenant, first, NOW) == idle_long.user_id
+    assert await matcher.offer_interaction(tenant, first, NOW) is None  # already offered: not twice
+    second = item(queue)
+    await matcher.enqueue(tenant, second)
+    # idle_long has no voice capacity left; fresh gets the second one.
+    assert await matcher.offer_interaction(tenant, second, NOW) == fresh.user_id
+    third = item(queue)
+    await matcher.enqueue(tenant, third)
+    assert await matcher.offer_interaction(tenant, third, NOW) is None
+    assert await matcher.waiting(tenant, queue) == [third.interaction_id]
+
+
+async def test_skills_relax_over_wait_time(matcher):
+    tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    junior = agent(skills={skill: 4})
+    await matcher.set_agent(tenant, junior)
+    call = item(queue, req=((skill, ((0, 7), (30, 3))),))
+    await matcher.enqueue(tenant, call)
+    assert await matcher.offer_interaction(tenant, call, NOW + 10_000) is None  # needs 7 for 30 s
+    assert await matcher.offer_interaction(tenant, call, NOW + 31_000) == junior.user_id  # then 3 will do
+
+
+async def test_agent_without_the_skill_is_never_offered(matcher):
+    tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    await matcher.set_agent(tenant, agent(skills={}))
+    call = item(queue, req=((skill, ((0, 1),)),))
+    await matcher.enqueue(tenant, call)
+    assert await matcher.offer_interaction(tenant, call, NOW + 999_000) is None
+
+
+async def test_best_skill_round_robin_and_fewest(matcher):
+    tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    strong, weak = agent(skills={skill: 9}, idle=NOW), agent(skills={skill: 2}, idle=NOW - 99_000)
+    for a in (strong, weak):
+        await matcher.set_agent(tenant, a)
+    call = item(queue, strategy="best_skill", req=((skill, ((0, 1),)),))
+    await matcher.enqueue(tenant, call)
+    assert await matcher.offer_interaction(tenant, call, NOW) == strong.user_id
+    assert await matcher.accept(tenant, call.interaction_id, strong.user_id, NOW + 1) == "ok"
+    chat = item(queue, channel="webchat", strategy="fewest_interactions")
+    await matcher.enqueue(tenant, chat)
+    assert await matcher.offer_interaction(tenant, chat, NOW) == weak.user_id  # strong handled one already
+
+
+async def test_offer_accept_reject_and_timeout_keep_the_old_place(matcher):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    a = agent()
+    await matcher.set_agent(tenant, a)
+    older, newer = item(queue, enq=NOW - 5_000), item(queue, enq=NOW)
+    await matcher.enqueue(tenant, older)
+    await matcher.enqueue(tenant, newer)
+    assert await matcher.offer_interaction(tenant, older, NOW) == a.user_id
+    assert await matcher.waiting(tenant, queue) == [newer.interaction_id]
+    assert await matcher.reject(tenant, older.interaction_id, a.user_id) == "ok"
+    assert await matcher.waiting(tenant, queue) == [older.interaction_id, newer.interaction_id]
+    assert await matcher.load(tenant, a.user_id) == {"voice": 0}
+    assert await matcher.offer_agent(tenant, a.user_id, NOW) == older.interaction_id
+    expired = await matcher.expire_offers(tenant, NOW + 20_001)
+    assert expired == [(older.interaction_id, a.user_id)]
+    assert await matcher.waiting(tenant, queue) == [older.interaction_id, newer.interaction_id]
+    assert await matcher.offer_agent(tenant, a.user_id, NOW + 21_000) == older.interaction_id
+    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 50_000) == "expired"
+    assert await matcher.accept(tenant, older.interaction_id, uuid.uuid4(), NOW + 21_001) == "not_yours"
+    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_001) == "ok"
+    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_002) == "not_offered"
+    assert await matcher.finish(tenant, older.interaction_id) == a.user_id
+    assert await matcher.load(tenant, a.user_id) == {"voice": 0}
+
+
+async def test_priority_ages(matcher):
+    """A higher priority starts ahead by 10 s a point; something waiting long enough still comes first."""
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    old_low = item(queue, enq=NOW - 200_000, priority=10)
+    new_high = item(queue, enq=NOW, priority=20)
+    newer_high = item(queue, enq=NOW + 1, priority=30)
+    for it in (new_high, old_low, newer_high):
+        await matcher.enqueue(tenant, it)
+    assert await matcher.waiting(tenant, queue) == [
+        old_low.interaction_id,
+        newer_high.interaction_id,
+        new_high.interaction_id,
+    ]
+    assert await matcher.position(tenant, queue, new_high.interaction_id) == 3
+
+
+async def test_tenants_do_not_see_each_other(matcher):
+    a_tenant, b_tenant, queue = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    a_agent = agent()
+    await matcher.set_agent(a_tenant, a_agent)
+    call = item(queue)
+    await matcher.enqueue(b_tenant, call)
+    assert await matcher.offer_interaction(b_tenant, call, NOW) is None
+    assert await matcher.offer_agent(a_tenant, a_agent.user_id, NOW) is None
+
+
+async def test_concurrent_matchers_never_double_assign_or_overrun(redis):
+    """Several matchers (separate connections) race over one tenant: invariants hold after every step."""
+    from redis.asyncio import Redis
+
+    clients = [
+        Redis.from_url(redis.connection_pool.connection_kwargs and _url(redis), decode_responses=True) for _ in range(4)
+    ]
+    matchers = [Matcher(c) for c in clients]
+    tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    agents = [agent(capacity={"voice": 1, "webchat": 3}, skills={skill: random.randint(1, 10)}) for _ in range(15)]
+    for a in agents:
+        await matchers[0].set_agent(tenant, a)
+    items = [
+        item(
+            queue,
+            enq=NOW + i,
+            channel=random.choice(["voice", "webchat"]),
+            req=((skill, ((0, random.randint(1, 10)),)),) if i % 3 == 0 else (),
+        )
+        for i in range(300)
+    ]
+    offers: dict[uuid.UUID, uuid.UUID] = {}
+    rng = random.Random(7)
+
+    async def worker(m: Matcher, chunk: list[WaitingInteraction]) -> None:
+        for it in chunk:
+            await m.enqueue(tenant, it)
+            got = await m.offer_interaction(tenant, it, NOW + 1_000)
+            if got is not None:
+                assert it.interaction_id not in offers
+                offers[it.interaction_id] = got
+            for a in rng.sample(agents, 3):
+                offered = await m.offer_agent(tenant, a.user_id, NOW + 1_000)
+                if offered is not None:
+                    assert offered not in offers
+                    offers[offered] = a.user_id
+            if offers and rng.random() < 0.5:
+                # Forget the offer before Redis does: once the step is done another worker may re-offer it.
+                iid = rng.choice(list(offers))
+                owner = offers.pop(iid)
+                if rng.random() < 0.5:
+                    assert await m.reject(tenant, iid, owner) == "ok"
+                else:
+                    assert await m.finish(tenant, iid) == owner
+
+    await asyncio.gather(*(worker(matchers[i % 4], items[i::4]) for i in range(4)))
+    for a in agents:
+        load = await matchers[0].load(tenant, a.user_id)
+        assert load.get("voice", 0) <= 1
+        assert load.get("webchat", 0) <= 3
+        mine = [i for i, owner in offers.items() if owner == a.user_id]
+        assert sum(load.values()) == len(mine)
+    for c in clients:
+        await c.aclose()
+
+
+def _url(redis) -> str:
+    kwargs = redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
