@@ -34,13 +34,16 @@ from backend.routing.controllers import (
     AgentProfileController,
     AgentStateController,
     BusinessHoursController,
+    InteractionController,
     PauseReasonController,
     QueueController,
     SkillController,
     WrapUpCodeController,
     agent_socket,
 )
+from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
+from backend.routing.matcher import Matcher
 from backend.routing.realtime import register as register_routing_messages
 from backend.tenants.controllers import (
     AuditController,
@@ -78,6 +81,7 @@ ROUTE_HANDLERS: list[Any] = [
     WrapUpCodeController,
     PauseReasonController,
     AgentStateController,
+    InteractionController,
 ]
 
 
@@ -94,7 +98,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     auth_service = AuthService(sessionmaker, authenticator, LoginThrottle(redis, settings), settings)
     sso_service = SsoService(settings, redis, sessionmaker, auth_service)
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
-    register_routing_messages(hub, sessionmaker)
+    routing = RoutingEngine(sessionmaker, Matcher(redis), hub)
+    register_routing_messages(hub, sessionmaker, routing)
 
     async def start_hub() -> None:
         await hub.start()
@@ -116,6 +121,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "auth_service": auth_service,
                 "sso_service": sso_service,
                 "hub": hub,
+                "routing": routing,
             }
         ),
         dependencies={

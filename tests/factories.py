@@ -189,3 +189,20 @@ class Factory:
         response = await self.client.post("/api/v1/seats", json={"user_id": str(agent["id"])}, headers=ctx.headers)
         assert response.status_code == 201, response.text
         return agent
+
+    async def offered_interaction(self, ctx: TenantCtx, channel: str = "webchat") -> uuid.UUID:
+        """An interaction offered to the tenant's owner (seated and available)."""
+        if not ctx.extra.get("owner_available"):
+            seat = await self.client.post("/api/v1/seats", json={"user_id": str(ctx.owner_id)}, headers=ctx.headers)
+            assert seat.status_code in (201, 409), seat.text
+            state = await self.client.put("/api/v1/routing/me/state", json={"state": "available"}, headers=ctx.headers)
+            assert state.status_code == 200, state.text
+            ctx.extra["owner_available"] = True
+        queue = await self.queue(ctx)
+        response = await self.client.post(
+            "/api/v1/interactions", json={"channel": channel, "queue_id": str(queue)}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["state"] == "offered", body
+        return uuid.UUID(body["id"])

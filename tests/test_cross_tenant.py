@@ -95,6 +95,10 @@ async def _code(f: Factory, owned: Owned) -> str:
     return owned.keep(await f.code(owned.ctx, catalogue))
 
 
+async def _interaction(f: Factory, owned: Owned) -> str:
+    return owned.keep(await f.offered_interaction(owned.ctx))
+
+
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "user_id": _user,
     "team_id": _team,
@@ -105,6 +109,7 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "business_hours_id": _hours,
     "queue_id": _queue,
     "code_id": _code,
+    "interaction_id": _interaction,
 }
 
 
@@ -157,6 +162,10 @@ async def _queue_body(f: Factory, owned: Owned) -> dict[str, Any]:
     }
 
 
+async def _queue_ref(f: Factory, owned: Owned) -> dict[str, Any]:
+    return {"channel": "webchat", "queue_id": await _queue(f, owned)}
+
+
 async def _agent_profile_body(f: Factory, owned: Owned) -> dict[str, Any]:
     return {"capacity": {"voice": 1, "webchat": 2}, "skills": [{"skill_id": await _skill(f, owned), "level": 7}]}
 
@@ -193,6 +202,8 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.CodeIn: lambda f, o: _constant({"code": unique("c"), "label": "Label"}),
     routing_schemas.CodePatch: lambda f, o: _constant({"label": "Changed", "active": False}),
     routing_schemas.AgentStateChange: lambda f, o: _constant({"state": "offline"}),
+    routing_schemas.InteractionCreate: _queue_ref,
+    routing_schemas.InteractionEnd: lambda f, o: _constant({"outcome": "handled"}),
     auth_schemas.SsoConfigIn: lambda f, o: _constant(
         {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
     ),

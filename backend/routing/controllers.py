@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from litestar import Controller, Request, WebSocket, delete, get, patch, post, put, websocket
+from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
+from backend.db.session import after_commit
 from backend.lib.pagination import Page, PageRequest
 from backend.lib.problems import InvalidInput
-from backend.routing import service
+from backend.routing import interactions, service
+from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
 from backend.routing.schemas import (
     AgentProfileIn,
@@ -26,6 +29,9 @@ from backend.routing.schemas import (
     CodeOut,
     CodePatch,
     HoursStatus,
+    InteractionCreate,
+    InteractionEnd,
+    InteractionOut,
     QueueIn,
     QueueOut,
     SkillIn,
@@ -43,6 +49,80 @@ async def agent_socket(socket: WebSocket[Principal, Any, Any]) -> None:
     hub: AgentHub = socket.app.state.hub
     await socket.accept()
     await hub.serve(socket, socket.user)
+
+
+InteractionState = Literal["new", "queued", "offered", "connected", "wrap_up", "ended"]
+
+
+def _engine(request: Request[Any, Any, Any]) -> RoutingEngine:
+    engine: RoutingEngine = request.app.state.routing
+    return engine
+
+
+def _sync_after_commit(request: Request[Principal, Any, Any], session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Once the change is durable, bring the matcher's view of the agent up to date."""
+    tenant_id = request.user.tenant_id
+    assert tenant_id is not None
+    engine = _engine(request)
+    after_commit(session, lambda: engine.sync_agent(tenant_id, user_id))
+
+
+class InteractionController(Controller):
+    """Interactions of every channel: created, offered, accepted, ended; each with its timeline."""
+
+    path = "/api/v1/interactions"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @post("/", permission="queues:write", operation_id="create_interaction")
+    async def create(self, request: Request[Principal, Any, Any], data: InteractionCreate) -> InteractionOut:
+        """Create and queue an interaction (channels do this through the routing service)."""
+        assert request.user.tenant_id is not None
+        return await _engine(request).create(request.user.tenant_id, data)
+
+    @get("/", permission="queues:read", operation_id="list_interactions")
+    async def list_interactions(
+        self,
+        db_session: AsyncSession,
+        page: PageRequest,
+        interaction_state: InteractionState | None = Parameter(query="state", default=None),
+        queue_id: uuid.UUID | None = None,
+        agent_id: uuid.UUID | None = None,
+    ) -> Page[InteractionOut]:
+        """Interactions, newest first; filter by state, queue or agent."""
+        items, cursor = await interactions.listing(
+            db_session, page, state=interaction_state, queue_id=queue_id, agent_id=agent_id
+        )
+        return Page(items, cursor)
+
+    @get("/{interaction_id:uuid}", permission="queues:read", operation_id="get_interaction")
+    async def get_interaction(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, interaction_id: uuid.UUID
+    ) -> InteractionOut:
+        """One interaction with its timeline and, while it waits, its place in the queue."""
+        assert request.user.tenant_id is not None
+        found, timeline = await interactions.get(db_session, interaction_id)
+        position = None
+        if found.state == "queued" and found.queue_id is not None:
+            position = await _engine(request).matcher.position(request.user.tenant_id, found.queue_id, found.id)
+        return interactions.out(found, position=position, timeline=timeline)
+
+    @post("/{interaction_id:uuid}/accept", permission="agent:workspace", operation_id="accept_offer", status_code=200)
+    async def accept(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> InteractionOut:
+        """Take an offer made to you."""
+        return await _engine(request).accept(request.user, interaction_id)
+
+    @post("/{interaction_id:uuid}/reject", permission="agent:workspace", operation_id="reject_offer", status_code=204)
+    async def reject(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> None:
+        """Decline an offer made to you; it goes back to its place in the queue."""
+        await _engine(request).reject(request.user, interaction_id)
+
+    @post("/{interaction_id:uuid}/end", permission="agent:workspace", operation_id="end_interaction", status_code=200)
+    async def end(
+        self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: InteractionEnd
+    ) -> InteractionOut:
+        """End an interaction you handle (supervisors may end any)."""
+        return await _engine(request).end(request.user, interaction_id, data.outcome)
 
 
 class SkillController(Controller):
@@ -196,7 +276,9 @@ class AgentProfileController(Controller):
         self, request: Request[Principal, Any, Any], db_session: AsyncSession, user_id: uuid.UUID, data: AgentProfileIn
     ) -> AgentProfileOut:
         """Set an agent's capacity and skills."""
-        return await service.put_agent_profile(db_session, request.user, user_id, data)
+        profile = await service.put_agent_profile(db_session, request.user, user_id, data)
+        _sync_after_commit(request, db_session, user_id)
+        return profile
 
 
 class _CodeCatalogueController(Controller):
@@ -274,7 +356,9 @@ class AgentStateController(Controller):
         self, request: Request[Principal, Any, Any], db_session: AsyncSession, data: AgentStateChange
     ) -> AgentStateOut:
         """Go available, away (with a pause reason) or offline; busy and wrap-up are routing's to set."""
-        return await service.set_own_state(db_session, request.user, data)
+        state = await service.set_own_state(db_session, request.user, data)
+        _sync_after_commit(request, db_session, state.user_id)
+        return state
 
     @get("/agents/{user_id:uuid}/state", permission="queues:read", operation_id="get_agent_state")
     async def agent_state(

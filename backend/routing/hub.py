@@ -24,12 +24,15 @@ from redis.asyncio import Redis
 from backend.auth.authenticate import Authenticator
 from backend.auth.principal import Principal
 from backend.lib.problems import Problem, Unauthenticated
-from backend.lib.redis_keys import REVOCATION_CHANNEL, tenant_key
+from backend.lib.redis_keys import REVOCATION_CHANNEL, global_key, tenant_key
 
 log = structlog.get_logger("hub")
 
 MessageHandler = Callable[[Principal, dict[str, Any]], Awaitable[dict[str, Any]]]
 DisconnectHandler = Callable[[Principal], Awaitable[None]]
+
+DELIVERY_CHANNEL = global_key("hub", "deliver")
+"""Pub/sub channel carrying messages for agents' connections, whichever process holds them."""
 
 CLOSE_REVOKED = 4401
 """WebSocket close code sent when the connection's credentials were revoked."""
@@ -87,10 +90,17 @@ class AgentHub:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(REVOCATION_CHANNEL)
+                await pubsub.subscribe(REVOCATION_CHANNEL, DELIVERY_CHANNEL)
                 async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        await self._on_revocation(json.loads(message["data"]))
+                    if message.get("type") != "message":
+                        continue
+                    data = json.loads(message["data"])
+                    if message.get("channel") == DELIVERY_CHANNEL:
+                        await self.send_to_user(
+                            uuid.UUID(data["tenant_id"]), uuid.UUID(data["user_id"]), data["payload"]
+                        )
+                    else:
+                        await self._on_revocation(data)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis went away: keep trying; periodic re-checks cover the gap.
@@ -199,6 +209,11 @@ class AgentHub:
     def connected(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> bool:
         """Whether the user has a connection open in this process."""
         return bool(self._sockets.get((tenant_id, user_id)))
+
+    async def publish(self, tenant_id: uuid.UUID, user_id: uuid.UUID, payload: dict[str, Any]) -> None:
+        """Deliver a message to the user's connections in every process (Redis pub/sub fan-out)."""
+        message = {"tenant_id": str(tenant_id), "user_id": str(user_id), "payload": payload}
+        await self._redis.publish(DELIVERY_CHANNEL, json.dumps(message, default=str))
 
     async def send_to_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID, payload: dict[str, Any]) -> int:
         """Push a message to every connection of one user in this process; returns how many got it."""

@@ -215,6 +215,21 @@ return agent
 )
 
 
+# ARGV: iid, queue, channel, rank, enq, agent. Records an interaction already with an agent (recovery); idempotent.
+_RESTORE_CONNECTED = (
+    _COMMON
+    + r"""
+local iid, queue, channel, rank, enq, agent = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local ikey = P .. 'i:' .. iid
+if redis.call('HGET', ikey, 'state') == 'connected' then return 0 end
+redis.call('ZREM', P .. 'q:' .. queue, iid)
+redis.call('HSET', ikey, 'q', queue, 'ch', channel, 'rank', rank, 'enq', enq, 'state', 'connected', 'agent', agent)
+redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
+return 1
+"""
+)
+
+
 @dataclass(frozen=True, slots=True)
 class WaitingInteraction:
     """What the matcher needs to know about an interaction to queue it."""
@@ -254,6 +269,7 @@ class Matcher:
         self._reject = redis.register_script(_REJECT)
         self._expire = redis.register_script(_EXPIRE)
         self._finish = redis.register_script(_FINISH)
+        self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
 
     @staticmethod
     def prefix(tenant_id: uuid.UUID) -> str:
@@ -337,6 +353,20 @@ class Matcher:
         """Take an interaction out of routing (ended or abandoned); returns the agent it freed, if any."""
         agent = await self._finish(keys=[self.prefix(tenant_id)], args=[str(interaction_id)])
         return uuid.UUID(agent) if agent else None
+
+    async def restore_connected(self, tenant_id: uuid.UUID, item: WaitingInteraction, agent_id: uuid.UUID) -> None:
+        """Record (after a Redis loss) that an interaction is with an agent, using their capacity."""
+        await self._restore_connected(
+            keys=[self.prefix(tenant_id)],
+            args=[
+                str(item.interaction_id),
+                str(item.queue_id),
+                item.channel,
+                self.rank(item.enqueued_ms, item.priority),
+                item.enqueued_ms,
+                str(agent_id),
+            ],
+        )
 
     async def waiting(self, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> list[uuid.UUID]:
         """The queue's waiting interactions, first first."""

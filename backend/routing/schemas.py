@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -207,3 +207,44 @@ class AgentStatePeriodOut(msgspec.Struct):
     started_at: datetime
     ended_at: datetime | None
     seconds: float | None
+
+
+class InteractionCreate(Strict):
+    """A new contact to route. Channels create these through the routing service; this route serves integrations."""
+
+    channel: Channel
+    queue_id: uuid.UUID
+    customer_ref: Annotated[str, msgspec.Meta(max_length=120)] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    attributes: Annotated[dict[str, str], msgspec.Meta(max_length=50)] = msgspec.field(default_factory=dict)
+
+
+class InteractionEventOut(msgspec.Struct):
+    seq: int
+    name: str
+    at: datetime
+    agent_id: uuid.UUID | None
+    data: dict[str, Any]
+
+
+class InteractionOut(msgspec.Struct):
+    id: uuid.UUID
+    channel: str
+    queue_id: uuid.UUID | None
+    customer_ref: str | None
+    priority: int
+    attributes: dict[str, Any]
+    state: str
+    agent_id: uuid.UUID | None
+    outcome: str | None
+    created_at: datetime
+    queued_at: datetime | None
+    connected_at: datetime | None
+    ended_at: datetime | None
+    position: int | None = None
+    timeline: list[InteractionEventOut] | None = None
+
+
+class InteractionEnd(Strict):
+    outcome: Literal["handled", "abandoned", "cancelled"] = "handled"
+    wrap_up_code: Annotated[str, msgspec.Meta(max_length=40)] | None = None

@@ -1,0 +1,321 @@
+"""The routing engine: interactions move between PostgreSQL (the truth), the matcher (Redis) and agents (the hub).
+
+Order of work for every step: the durable change first (interaction row and
+timeline event in one transaction), then the matcher, then the notification.
+A crash between two steps leaves PostgreSQL ahead of Redis, and `rebuild`
+brings Redis back from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.auth.principal import Principal
+from backend.db.base import utcnow
+from backend.db.engine import tenant_transaction
+from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
+from backend.routing import interactions, service
+from backend.routing.hub import AgentHub
+from backend.routing.matcher import AgentRouting, Matcher, WaitingInteraction
+from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
+from backend.routing.schemas import InteractionCreate, InteractionOut
+
+log = structlog.get_logger("routing")
+
+DEFAULT_CAPACITY = {"voice": 1, "webchat": 3, "wechat": 3}
+ACCEPTING_STATES = ("available", "busy")
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch: the matcher's clock."""
+    return int(time.time() * 1000)
+
+
+def capacity_channel(channel: str) -> str:
+    """Which capacity an interaction uses: a callback is a voice call."""
+    return "voice" if channel in ("voice", "callback") else channel
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRules:
+    """The parts of a queue's settings the engine acts on."""
+
+    queue: Queue
+    requirements: list[tuple[str, list[tuple[int, int]]]]
+
+
+class RoutingEngine:
+    """Creates, offers, connects and ends interactions; keeps agents' routing state in step."""
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        matcher: Matcher,
+        hub: AgentHub,
+        *,
+        away_on_missed_offer: bool = True,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.matcher = matcher
+        self.hub = hub
+        self.away_on_missed_offer = away_on_missed_offer
+
+    # --- queue rules --------------------------------------------------------------------------
+
+    @staticmethod
+    async def _rules(session: AsyncSession, queue_id: uuid.UUID) -> QueueRules:
+        queue = await session.scalar(select(Queue).where(Queue.id == queue_id))
+        if queue is None:
+            raise InvalidInput.field("queue_id", "is not a queue of this tenant")
+        requirements = [
+            (str(r.skill_id), [(int(step["after_seconds"]), int(step["min_level"])) for step in r.steps])
+            for r in (await session.scalars(select(QueueSkill).where(QueueSkill.queue_id == queue_id))).all()
+        ]
+        return QueueRules(queue, requirements)
+
+    def _waiting(self, interaction: Interaction, rules: QueueRules) -> WaitingInteraction:
+        assert interaction.queued_at is not None
+        assert interaction.queue_id is not None
+        return WaitingInteraction(
+            interaction_id=interaction.id,
+            queue_id=interaction.queue_id,
+            channel=capacity_channel(interaction.channel),
+            priority=interaction.priority,
+            enqueued_ms=int(interaction.queued_at.timestamp() * 1000),
+            offer_timeout_ms=rules.queue.offer_timeout_seconds * 1000,
+            strategy=rules.queue.strategy,
+            requirements=rules.requirements,
+        )
+
+    @staticmethod
+    async def _open_now(session: AsyncSession, queue: Queue, at: datetime) -> bool:
+        if queue.business_hours_id is None:
+            return True
+        hours = await session.scalar(select(BusinessHours).where(BusinessHours.id == queue.business_hours_id))
+        return hours is None or service.schedule_of(hours).is_open(at)
+
+    # --- interactions -------------------------------------------------------------------------
+
+    async def create(self, tenant_id: uuid.UUID, data: InteractionCreate) -> InteractionOut:
+        """Create an interaction durably and queue it (or apply the queue's closed action)."""
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            rules = await self._rules(session, data.queue_id)
+            now = utcnow()
+            interaction = Interaction(
+                tenant_id=tenant_id,
+                channel=data.channel,
+                queue_id=data.queue_id,
+                customer_ref=data.customer_ref,
+                priority=data.priority if data.priority is not None else rules.queue.priority,
+                attributes=dict(data.attributes),
+                state="new",
+                created_at=now,
+            )
+            session.add(interaction)
+            await session.flush()
+            await interactions.record(session, interaction, "created", channel=data.channel)
+            if not await self._open_now(session, rules.queue, now):
+                await self._end(session, interaction, "closed", action=rules.queue.closed_action)
+                return interactions.out(interaction)
+            interaction.state = "queued"
+            interaction.queued_at = now
+            await interactions.record(session, interaction, "queued", queue_id=data.queue_id)
+            waiting = self._waiting(interaction, rules)
+        await self.matcher.enqueue(tenant_id, waiting)
+        await self._offer(tenant_id, waiting)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction.id)
+            position = await self.matcher.position(tenant_id, data.queue_id, interaction.id)
+            return interactions.out(found, position=position)
+
+    async def _offer(self, tenant_id: uuid.UUID, waiting: WaitingInteraction) -> uuid.UUID | None:
+        agent = await self.matcher.offer_interaction(tenant_id, waiting, now_ms())
+        if agent is not None:
+            await self._offered(tenant_id, waiting.interaction_id, agent, waiting.offer_timeout_ms)
+        return agent
+
+    async def _offered(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, timeout_ms: int
+    ) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            interaction.state = "offered"
+            interaction.agent_id = agent
+            await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
+            payload = {"type": "offer", "interaction": _plain(interactions.out(interaction)), "timeout_ms": timeout_ms}
+        await self.hub.publish(tenant_id, agent, payload)
+
+    async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
+        """The agent takes an offer: it is connected (for a chat; voice connects when the agent leg answers)."""
+        tenant_id, agent = _who(principal)
+        result = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
+        if result != "ok":
+            await self._explain_refusal(tenant_id, interaction_id, result)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            interaction.state = "connected"
+            interaction.connected_at = utcnow()
+            await interactions.record(session, interaction, "offer_accepted", agent_id=agent)
+            await interactions.record(session, interaction, "connected", agent_id=agent)
+            state = await service.get_agent_state(session, tenant_id, agent)
+            if state.state == "available":
+                await service.set_system_state(session, tenant_id, agent, "busy")
+            return interactions.out(interaction)
+
+    async def _explain_refusal(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, reason: str) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            await interactions.get(session, interaction_id)  # 404 for other tenants' ids
+        if reason == "not_yours":
+            raise Forbidden("This interaction was offered to someone else", kind="not-your-offer")
+        if reason == "expired":
+            raise Conflict("The offer timed out and went back to the queue", kind="offer-expired")
+        raise Conflict("This interaction has no open offer", kind="no-offer")
+
+    async def reject(self, principal: Principal, interaction_id: uuid.UUID) -> None:
+        """The agent declines: the interaction goes back to its old place and is offered again."""
+        tenant_id, agent = _who(principal)
+        result = await self.matcher.reject(tenant_id, interaction_id, agent)
+        if result != "ok":
+            await self._explain_refusal(tenant_id, interaction_id, result)
+        await self._returned(tenant_id, interaction_id, agent, "offer_rejected")
+
+    async def _returned(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, event: str) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            interaction.state = "queued"
+            interaction.agent_id = None
+            await interactions.record(session, interaction, event, agent_id=agent)
+            assert interaction.queue_id is not None
+            waiting = self._waiting(interaction, await self._rules(session, interaction.queue_id))
+        await self._offer(tenant_id, waiting)
+
+    async def end(self, principal: Principal, interaction_id: uuid.UUID, outcome: str = "handled") -> InteractionOut:
+        """End an interaction (the agent finishes, the customer leaves); the agent goes to wrap-up."""
+        tenant_id, actor = _who(principal)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state in ("ended", "wrap_up"):
+                raise Conflict("The interaction has already ended", kind="already-ended")
+            if interaction.agent_id is not None and interaction.agent_id != actor and not principal.can("queues:write"):
+                raise Forbidden("Only the agent handling it, or a supervisor, may end this interaction")
+            agent = interaction.agent_id if interaction.state == "connected" else None
+            final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
+            await self._end(session, interaction, final)
+            wrap_up = 0
+            if agent is not None and interaction.queue_id is not None:
+                queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
+                wrap_up = queue.wrap_up_seconds if queue else 0
+            result = interactions.out(interaction)
+        await self.matcher.finish(tenant_id, interaction_id)
+        if agent is not None:
+            await self._after_interaction(tenant_id, agent, wrap_up)
+        return result
+
+    async def _end(self, session: AsyncSession, interaction: Interaction, outcome: str, **data: Any) -> None:
+        interaction.state = "ended"
+        interaction.outcome = outcome
+        interaction.ended_at = utcnow()
+        if outcome == "abandoned":
+            waited = (interaction.ended_at - interaction.queued_at).total_seconds() if interaction.queued_at else 0.0
+            await interactions.record(session, interaction, "abandoned", waited_seconds=round(waited, 3))
+        await interactions.record(session, interaction, "ended", agent_id=interaction.agent_id, outcome=outcome, **data)
+
+    async def _after_interaction(self, tenant_id: uuid.UUID, agent: uuid.UUID, wrap_up_seconds: int) -> None:
+        load = await self.matcher.load(tenant_id, agent)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            state = await service.get_agent_state(session, tenant_id, agent)
+            if state.state == "busy" and not any(load.values()):
+                await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrap_up_seconds else "available")
+        await self.sync_agent(tenant_id, agent)
+
+    # --- agents -------------------------------------------------------------------------------
+
+    async def sync_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
+        """Copy an agent's state, capacity and skills to the matcher; if they can take work, offer them some."""
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            state = await session.get(AgentState, (tenant_id, user_id))
+            profile = await session.get(AgentProfile, (tenant_id, user_id))
+            skills = (await session.scalars(select(AgentSkill).where(AgentSkill.user_id == user_id))).all()
+        capacity = dict(profile.capacity if profile else DEFAULT_CAPACITY)
+        if state is None or not state.voice_registered:
+            capacity["voice"] = 0  # no softphone, no calls
+        routing = AgentRouting(
+            user_id=user_id,
+            available=state is not None and state.state in ACCEPTING_STATES,
+            capacity=capacity,
+            skills={str(s.skill_id): s.level for s in skills},
+            idle_since_ms=int(state.since.timestamp() * 1000) if state else 0,
+        )
+        await self.matcher.set_agent(tenant_id, routing)
+        if routing.available:
+            await self.offer_agent(tenant_id, user_id)
+
+    async def offer_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> int:
+        """Offer the agent waiting work until their capacity is used; returns how many offers were made."""
+        made = 0
+        while (found := await self.matcher.offer_agent(tenant_id, user_id, now_ms())) is not None:
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                interaction = await interactions.lock(session, found)
+                assert interaction.queue_id is not None
+                timeout_ms = (await self._rules(session, interaction.queue_id)).queue.offer_timeout_seconds * 1000
+            await self._offered(tenant_id, found, user_id, timeout_ms)
+            made += 1
+        return made
+
+    # --- timers and recovery ------------------------------------------------------------------
+
+    async def tick(self, tenant_id: uuid.UUID, at_ms: int | None = None) -> int:
+        """Expire offers past their time: back to their place, the agent set away. Returns how many."""
+        expired = await self.matcher.expire_offers(tenant_id, at_ms if at_ms is not None else now_ms())
+        for interaction_id, agent in expired:
+            if self.away_on_missed_offer:
+                async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                    await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
+                await self.sync_agent(tenant_id, agent)
+            await self._returned(tenant_id, interaction_id, agent, "offer_timed_out")
+        return len(expired)
+
+    async def rebuild(self, tenant_id: uuid.UUID) -> int:
+        """Restore the tenant's routing state in Redis from PostgreSQL (after Redis lost it)."""
+        restored = 0
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            open_items = await interactions.open_interactions(session)
+            agents = (await session.scalars(select(AgentState.user_id))).all()
+            plans: list[tuple[Interaction, WaitingInteraction]] = []
+            for interaction in open_items:
+                if interaction.queue_id is not None and interaction.queued_at is not None:
+                    plans.append(
+                        (interaction, self._waiting(interaction, await self._rules(session, interaction.queue_id)))
+                    )
+        for interaction, waiting in plans:
+            await self.matcher.enqueue(tenant_id, waiting)
+            if interaction.state == "offered":
+                # The offer may have been lost with Redis: the interaction waits again at its old place.
+                await self._returned(tenant_id, interaction.id, interaction.agent_id or uuid.uuid4(), "offer_timed_out")
+                restored += 1
+                continue
+            if interaction.state == "connected" and interaction.agent_id is not None:
+                await self.matcher.restore_connected(tenant_id, waiting, interaction.agent_id)
+            restored += 1
+        for user_id in agents:
+            await self.sync_agent(tenant_id, user_id)
+        return restored
+
+
+def _who(principal: Principal) -> tuple[uuid.UUID, uuid.UUID]:
+    if principal.tenant_id is None or principal.user_id is None:
+        raise NotFound("No such interaction")
+    return principal.tenant_id, principal.user_id
+
+
+def _plain(value: Any) -> Any:
+    return msgspec.to_builtins(value)

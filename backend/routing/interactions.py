@@ -1,0 +1,126 @@
+"""Interactions in PostgreSQL: created durably before they are queued, with an append-only timeline."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.db.base import utcnow
+from backend.lib.pagination import PageRequest, paginate
+from backend.lib.problems import NotFound
+from backend.routing.models import Interaction, InteractionEvent
+from backend.routing.schemas import InteractionEventOut, InteractionOut
+
+
+async def record(
+    session: AsyncSession,
+    interaction: Interaction,
+    name: str,
+    *,
+    agent_id: uuid.UUID | None = None,
+    at: datetime | None = None,
+    **data: Any,
+) -> None:
+    """Append one event to the interaction's timeline (numbered, in the caller's transaction)."""
+    interaction.last_seq += 1
+    session.add(
+        InteractionEvent(
+            tenant_id=interaction.tenant_id,
+            interaction_id=interaction.id,
+            seq=interaction.last_seq,
+            name=name,
+            at=at or utcnow(),
+            agent_id=agent_id,
+            data={k: str(v) if isinstance(v, uuid.UUID) else v for k, v in data.items()},
+        )
+    )
+
+
+async def lock(session: AsyncSession, interaction_id: uuid.UUID) -> Interaction:
+    """The interaction, locked for an update of its state."""
+    found = await session.scalar(select(Interaction).where(Interaction.id == interaction_id).with_for_update())
+    if found is None:
+        raise NotFound("No such interaction")
+    return found
+
+
+def out(
+    interaction: Interaction, *, position: int | None = None, timeline: list[InteractionEvent] | None = None
+) -> InteractionOut:
+    """The API's view of an interaction."""
+    return InteractionOut(
+        id=interaction.id,
+        channel=interaction.channel,
+        queue_id=interaction.queue_id,
+        customer_ref=interaction.customer_ref,
+        priority=interaction.priority,
+        attributes=interaction.attributes,
+        state=interaction.state,
+        agent_id=interaction.agent_id,
+        outcome=interaction.outcome,
+        created_at=interaction.created_at,
+        queued_at=interaction.queued_at,
+        connected_at=interaction.connected_at,
+        ended_at=interaction.ended_at,
+        position=position,
+        timeline=None
+        if timeline is None
+        else [InteractionEventOut(e.seq, e.name, e.at, e.agent_id, e.data) for e in timeline],
+    )
+
+
+async def get(session: AsyncSession, interaction_id: uuid.UUID) -> tuple[Interaction, list[InteractionEvent]]:
+    """An interaction and its timeline."""
+    found = await session.scalar(select(Interaction).where(Interaction.id == interaction_id))
+    if found is None:
+        raise NotFound("No such interaction")
+    events = (
+        await session.scalars(
+            select(InteractionEvent)
+            .where(InteractionEvent.interaction_id == interaction_id)
+            .order_by(InteractionEvent.seq)
+        )
+    ).all()
+    return found, list(events)
+
+
+async def listing(
+    session: AsyncSession,
+    page: PageRequest,
+    *,
+    state: str | None = None,
+    queue_id: uuid.UUID | None = None,
+    agent_id: uuid.UUID | None = None,
+) -> tuple[list[InteractionOut], str | None]:
+    """Interactions, newest first by default."""
+    statement = select(Interaction)
+    if state:
+        statement = statement.where(Interaction.state == state)
+    if queue_id:
+        statement = statement.where(Interaction.queue_id == queue_id)
+    if agent_id:
+        statement = statement.where(Interaction.agent_id == agent_id)
+    rows, cursor = await paginate(
+        session,
+        statement,
+        page,
+        sortable={"created_at": Interaction.created_at},
+        default_sort="-created_at",
+        id_column=Interaction.id,
+    )
+    return [out(r) for r in rows], cursor
+
+
+async def open_interactions(session: AsyncSession) -> list[Interaction]:
+    """Every interaction of the tenant not yet ended: what routing rebuilds its state from."""
+    return list(
+        (
+            await session.scalars(
+                select(Interaction).where(Interaction.state.in_(("queued", "offered", "connected", "wrap_up")))
+            )
+        ).all()
+    )
