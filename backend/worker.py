@@ -1,14 +1,23 @@
-"""Worker mode: background jobs on SAQ (Redis). Later capabilities add routing, rating and sync jobs here."""
+"""Worker mode: background jobs on SAQ (Redis) and the routing timers. Later capabilities add theirs here."""
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
+from redis.asyncio import Redis
 from saq import CronJob, Queue, Worker
 from saq.types import Context
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from backend.auth.authenticate import Authenticator
+from backend.auth.revocation import Revocations
+from backend.auth.tokens import TokenSigner
 from backend.config import get_settings
 from backend.db.engine import make_engine, make_sessionmaker
+from backend.routing.engine import RoutingEngine
+from backend.routing.hub import AgentHub
+from backend.routing.matcher import Matcher
 from backend.tenants.service import deliver_outbox
 
 log = structlog.get_logger("worker")
@@ -19,6 +28,9 @@ class WorkerContext(Context, total=False):
 
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    timers_stop: asyncio.Event
+    timers: asyncio.Task[None]
 
 
 async def deliver_mail(ctx: WorkerContext) -> int:
@@ -34,9 +46,27 @@ async def _startup(ctx: WorkerContext) -> None:
     settings = get_settings()
     ctx["engine"] = make_engine(settings)
     ctx["sessionmaker"] = make_sessionmaker(ctx["engine"])
+    # Routing timers (offer expiry, relaxing skills, maximum waits, wrap-up) run in every worker;
+    # each timer is popped atomically, so several workers share the work without doing it twice.
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    authenticator = Authenticator(
+        settings,
+        TokenSigner(settings),
+        Revocations(redis, ctx["sessionmaker"], settings.access_token_ttl_seconds),
+        redis,
+        ctx["sessionmaker"],
+    )
+    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
+    engine = RoutingEngine(ctx["sessionmaker"], Matcher(redis), hub)
+    ctx["redis"] = redis
+    ctx["timers_stop"] = asyncio.Event()
+    ctx["timers"] = asyncio.create_task(engine.run_timers(ctx["timers_stop"]), name="routing-timers")
 
 
 async def _shutdown(ctx: WorkerContext) -> None:
+    ctx["timers_stop"].set()
+    await ctx["timers"]
+    await ctx["redis"].aclose()
     await ctx["engine"].dispose()
 
 

@@ -99,13 +99,10 @@ class InteractionController(Controller):
     async def get_interaction(
         self, request: Request[Principal, Any, Any], db_session: AsyncSession, interaction_id: uuid.UUID
     ) -> InteractionOut:
-        """One interaction with its timeline and, while it waits, its place in the queue."""
+        """One interaction with its timeline and, while it waits, its place and estimated wait."""
         assert request.user.tenant_id is not None
         found, timeline = await interactions.get(db_session, interaction_id)
-        position = None
-        if found.state == "queued" and found.queue_id is not None:
-            position = await _engine(request).matcher.position(request.user.tenant_id, found.queue_id, found.id)
-        return interactions.out(found, position=position, timeline=timeline)
+        return await _engine(request).describe(db_session, request.user.tenant_id, found, timeline)
 
     @post("/{interaction_id:uuid}/accept", permission="agent:workspace", operation_id="accept_offer", status_code=200)
     async def accept(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> InteractionOut:

@@ -8,6 +8,8 @@ brings Redis back from PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
@@ -33,6 +35,10 @@ log = structlog.get_logger("routing")
 
 DEFAULT_CAPACITY = {"voice": 1, "webchat": 3, "wechat": 3}
 ACCEPTING_STATES = ("available", "busy")
+RECENT_HANDLED = 50
+"""How many recent handled interactions of a queue the estimated wait is computed from."""
+DEFAULT_HANDLE_SECONDS = 180.0
+"""The handle time assumed for a queue that has handled nothing yet."""
 
 
 def now_ms() -> int:
@@ -126,19 +132,74 @@ class RoutingEngine:
             if not await self._open_now(session, rules.queue, now):
                 await self._end(session, interaction, "closed", action=rules.queue.closed_action)
                 return interactions.out(interaction)
+            if rules.queue.no_agents_action.get("type", "none") != "none" and not await self._anyone_logged_in(session):
+                await self._end(session, interaction, "no_agents", action=rules.queue.no_agents_action)
+                return interactions.out(interaction)
             interaction.state = "queued"
             interaction.queued_at = now
             await interactions.record(session, interaction, "queued", queue_id=data.queue_id)
             waiting = self._waiting(interaction, rules)
+            max_wait_ms = rules.queue.max_wait_seconds * 1000
         await self.matcher.enqueue(tenant_id, waiting)
         await self._offer(tenant_id, waiting)
+        await self._schedule_wait(tenant_id, waiting, max_wait_ms, waiting.enqueued_ms)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             found, _ = await interactions.get(session, interaction.id)
-            position = await self.matcher.position(tenant_id, data.queue_id, interaction.id)
-            return interactions.out(found, position=position)
+            return await self.describe(session, tenant_id, found)
 
-    async def _offer(self, tenant_id: uuid.UUID, waiting: WaitingInteraction) -> uuid.UUID | None:
-        agent = await self.matcher.offer_interaction(tenant_id, waiting, now_ms())
+    async def describe(
+        self, session: AsyncSession, tenant_id: uuid.UUID, interaction: Interaction, timeline: list[Any] | None = None
+    ) -> InteractionOut:
+        """The interaction as the API shows it: while waiting, with its place and estimated wait."""
+        position = estimate = None
+        if interaction.state == "queued" and interaction.queue_id is not None:
+            position = await self.matcher.position(tenant_id, interaction.queue_id, interaction.id)
+            if position is not None:
+                estimate = await self.estimated_wait_seconds(session, tenant_id, interaction.queue_id, position)
+        return interactions.out(interaction, position=position, estimated_wait=estimate, timeline=timeline)
+
+    @staticmethod
+    async def _anyone_logged_in(session: AsyncSession) -> bool:
+        found = await session.scalar(select(AgentState.user_id).where(AgentState.state != "offline").limit(1))
+        return found is not None
+
+    async def _schedule_wait(
+        self, tenant_id: uuid.UUID, waiting: WaitingInteraction, max_wait_ms: int, after_ms: int
+    ) -> None:
+        """The next moment this waiting interaction needs attention: a skill step relaxing, or its maximum wait."""
+        boundaries = [waiting.enqueued_ms + max_wait_ms]
+        for _, steps in waiting.requirements:
+            boundaries += [waiting.enqueued_ms + after * 1000 for after, _ in steps if after > 0]
+        upcoming = [b for b in boundaries if b > after_ms]
+        if upcoming:
+            await self.matcher.schedule(tenant_id, f"wait:{waiting.interaction_id}", min(upcoming))
+
+    async def estimated_wait_seconds(
+        self, session: AsyncSession, tenant_id: uuid.UUID, queue_id: uuid.UUID, position: int
+    ) -> int:
+        """Position times the queue's recent average handle time, shared by the agents who can take work now."""
+        recent = (
+            select(func.extract("epoch", Interaction.ended_at - Interaction.connected_at).label("seconds"))
+            .where(
+                Interaction.queue_id == queue_id,
+                Interaction.outcome == "handled",
+                Interaction.connected_at.is_not(None),
+            )
+            .order_by(Interaction.ended_at.desc())
+            .limit(RECENT_HANDLED)
+            .subquery()
+        )
+        measured = await session.scalar(select(func.avg(recent.c.seconds)))
+        average = float(measured) if measured is not None else DEFAULT_HANDLE_SECONDS
+        agents = await session.scalar(
+            select(func.count()).select_from(AgentState).where(AgentState.state.in_(ACCEPTING_STATES))
+        )
+        return round(position * average / max(1, agents or 0))
+
+    async def _offer(
+        self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None
+    ) -> uuid.UUID | None:
+        agent = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
         if agent is not None:
             await self._offered(tenant_id, waiting.interaction_id, agent, waiting.offer_timeout_ms)
         return agent
@@ -152,6 +213,7 @@ class RoutingEngine:
             interaction.agent_id = agent
             await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
             payload = {"type": "offer", "interaction": _plain(interactions.out(interaction)), "timeout_ms": timeout_ms}
+        await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
         await self.hub.publish(tenant_id, agent, payload)
 
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
@@ -233,8 +295,11 @@ class RoutingEngine:
         load = await self.matcher.load(tenant_id, agent)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             state = await service.get_agent_state(session, tenant_id, agent)
+            wrapping = state.state == "busy" and not any(load.values()) and wrap_up_seconds > 0
             if state.state == "busy" and not any(load.values()):
-                await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrap_up_seconds else "available")
+                await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
+        if wrapping:
+            await self.matcher.schedule(tenant_id, f"wrapup:{agent}", now_ms() + wrap_up_seconds * 1000)
         await self.sync_agent(tenant_id, agent)
 
     # --- agents -------------------------------------------------------------------------------
@@ -274,15 +339,89 @@ class RoutingEngine:
     # --- timers and recovery ------------------------------------------------------------------
 
     async def tick(self, tenant_id: uuid.UUID, at_ms: int | None = None) -> int:
-        """Expire offers past their time: back to their place, the agent set away. Returns how many."""
-        expired = await self.matcher.expire_offers(tenant_id, at_ms if at_ms is not None else now_ms())
+        """Run the tenant's due timers: offers past their time, relaxing skills, maximum waits, wrap-ups.
+
+        Returns how many offers expired. Each timer is popped atomically, so several processes may tick.
+        """
+        moment = at_ms if at_ms is not None else now_ms()
+        expired = await self.matcher.expire_offers(tenant_id, moment)
         for interaction_id, agent in expired:
             if self.away_on_missed_offer:
                 async with tenant_transaction(self.sessionmaker, tenant_id) as session:
                     await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
                 await self.sync_agent(tenant_id, agent)
             await self._returned(tenant_id, interaction_id, agent, "offer_timed_out")
+        for timer in await self.matcher.due_timers(tenant_id, moment):
+            kind, _, ident = timer.partition(":")
+            try:
+                if kind == "wait":
+                    await self._wait_timer(tenant_id, uuid.UUID(ident), moment)
+                elif kind == "wrapup":
+                    await self._wrap_up_over(tenant_id, uuid.UUID(ident))
+            except NotFound:
+                continue  # the interaction or agent is gone
+        following = await self.matcher.next_due(tenant_id)
+        if following is not None:
+            await self.matcher.wake(tenant_id, following)
         return len(expired)
+
+    async def _wait_timer(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, moment: int) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state != "queued" or interaction.queue_id is None:
+                return
+            rules = await self._rules(session, interaction.queue_id)
+            waiting = self._waiting(interaction, rules)
+            overdue = moment >= waiting.enqueued_ms + rules.queue.max_wait_seconds * 1000
+            action = rules.queue.overflow_action
+            target: uuid.UUID | None = None
+            if overdue and action.get("type", "none") != "none":
+                await interactions.record(session, interaction, "overflowed", action=action.get("type"))
+                if action.get("type") == "queue" and action.get("queue_id"):
+                    target = uuid.UUID(action["queue_id"])
+                    interaction.queue_id = target
+                    interaction.queued_at = utcnow()
+                    await interactions.record(session, interaction, "queued", queue_id=target)
+                    moved = self._waiting(interaction, await self._rules(session, target))
+                else:
+                    await self._end(session, interaction, "overflowed", action=action)
+        if overdue and action.get("type", "none") != "none":
+            await self.matcher.finish(tenant_id, interaction_id)
+            if target is not None:
+                target_rules_wait = moved
+                await self.matcher.enqueue(tenant_id, target_rules_wait)
+                await self._offer(tenant_id, target_rules_wait)
+            return
+        # A skill requirement relaxed: someone may now qualify.
+        await self._offer(tenant_id, waiting, moment)
+        await self._schedule_wait(tenant_id, waiting, rules.queue.max_wait_seconds * 1000, moment)
+
+    async def _wrap_up_over(self, tenant_id: uuid.UUID, agent: uuid.UUID) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            state = await service.get_agent_state(session, tenant_id, agent)
+            if state.state != "wrap_up":
+                return
+            await service.set_system_state(session, tenant_id, agent, "available")
+        await self.sync_agent(tenant_id, agent)
+
+    async def run_timers(self, stop: asyncio.Event, max_sleep_seconds: float = 1.0) -> None:
+        """Tick tenants when their timers fall due; sleeps until the earliest one (at most `max_sleep_seconds`)."""
+        while not stop.is_set():
+            moment = now_ms()
+            for tenant_id in await self.matcher.due_tenants(moment):
+                try:
+                    await self.tick(tenant_id, moment)
+                except Exception:
+                    log.exception("routing_tick_failed", tenant_id=str(tenant_id))
+                    await self.matcher.wake(tenant_id, now_ms() + 1000)
+            earliest = await self.matcher.earliest_timer()
+            delay = (
+                max_sleep_seconds
+                if earliest is None
+                else min(max_sleep_seconds, max(0.0, (earliest - now_ms()) / 1000))
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def rebuild(self, tenant_id: uuid.UUID) -> int:
         """Restore the tenant's routing state in Redis from PostgreSQL (after Redis lost it)."""

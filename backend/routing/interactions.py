@@ -49,7 +49,11 @@ async def lock(session: AsyncSession, interaction_id: uuid.UUID) -> Interaction:
 
 
 def out(
-    interaction: Interaction, *, position: int | None = None, timeline: list[InteractionEvent] | None = None
+    interaction: Interaction,
+    *,
+    position: int | None = None,
+    estimated_wait: int | None = None,
+    timeline: list[InteractionEvent] | None = None,
 ) -> InteractionOut:
     """The API's view of an interaction."""
     return InteractionOut(
@@ -67,6 +71,7 @@ def out(
         connected_at=interaction.connected_at,
         ended_at=interaction.ended_at,
         position=position,
+        estimated_wait_seconds=estimated_wait,
         timeline=None
         if timeline is None
         else [InteractionEventOut(e.seq, e.name, e.at, e.agent_id, e.data) for e in timeline],

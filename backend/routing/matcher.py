@@ -24,7 +24,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-from backend.lib.redis_keys import tenant_key
+from backend.lib.redis_keys import global_key, tenant_key
 
 STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill", "ring_all")
 
@@ -230,6 +230,17 @@ return 1
 )
 
 
+# KEYS[1]: a sorted set of timers. ARGV: now_ms, limit. Pops the due members atomically.
+_POP_DUE = r"""
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
+TIMER_INDEX = global_key("routing", "timers")
+"""Tenants with pending routing timers, scored by their earliest due time (one small global index)."""
+
+
 @dataclass(frozen=True, slots=True)
 class WaitingInteraction:
     """What the matcher needs to know about an interaction to queue it."""
@@ -270,6 +281,7 @@ class Matcher:
         self._expire = redis.register_script(_EXPIRE)
         self._finish = redis.register_script(_FINISH)
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
+        self._pop_due = redis.register_script(_POP_DUE)
 
     @staticmethod
     def prefix(tenant_id: uuid.UUID) -> str:
@@ -367,6 +379,38 @@ class Matcher:
                 str(agent_id),
             ],
         )
+
+    async def schedule(self, tenant_id: uuid.UUID, timer: str, due_ms: int) -> None:
+        """Ask for `tick` at `due_ms` for this timer (`wait:<interaction>` or `wrapup:<agent>`)."""
+        await self._redis.zadd(self.prefix(tenant_id) + "due", {timer: due_ms})
+        await self.wake(tenant_id, due_ms)
+
+    async def wake(self, tenant_id: uuid.UUID, due_ms: int) -> None:
+        """Note in the global timer index that the tenant needs a tick by `due_ms` (keeps the earliest)."""
+        await self._redis.zadd(TIMER_INDEX, {str(tenant_id): due_ms}, lt=True)
+
+    async def due_timers(self, tenant_id: uuid.UUID, now_ms: int, limit: int = 500) -> list[str]:
+        """Timers of the tenant that are due, removed from the schedule (each returned to one caller only)."""
+        key = self.prefix(tenant_id) + "due"
+        popped = await self._pop_due(keys=[key], args=[now_ms, limit])
+        return [str(t) for t in popped]
+
+    async def next_due(self, tenant_id: uuid.UUID) -> int | None:
+        """The earliest pending offer expiry or timer of the tenant."""
+        p = self.prefix(tenant_id)
+        firsts = [await self._redis.zrange(p + key, 0, 0, withscores=True) for key in ("offers", "due")]
+        scores = [int(f[0][1]) for f in firsts if f]
+        return min(scores) if scores else None
+
+    async def due_tenants(self, now_ms: int, limit: int = 100) -> list[uuid.UUID]:
+        """Tenants whose earliest timer has come, removed from the index (their tick re-adds what remains)."""
+        popped = await self._pop_due(keys=[TIMER_INDEX], args=[now_ms, limit])
+        return [uuid.UUID(t) for t in popped]
+
+    async def earliest_timer(self) -> int | None:
+        """When the next tick of any tenant is due."""
+        first = await self._redis.zrange(TIMER_INDEX, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
 
     async def waiting(self, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> list[uuid.UUID]:
         """The queue's waiting interactions, first first."""

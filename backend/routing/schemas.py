@@ -242,6 +242,7 @@ class InteractionOut(msgspec.Struct):
     connected_at: datetime | None
     ended_at: datetime | None
     position: int | None = None
+    estimated_wait_seconds: int | None = None
     timeline: list[InteractionEventOut] | None = None
 
 
