@@ -206,3 +206,16 @@ class Factory:
         body = response.json()
         assert body["state"] == "offered", body
         return uuid.UUID(body["id"])
+
+    async def waiting_interaction(self, ctx: TenantCtx, channel: str = "voice") -> uuid.UUID:
+        """An interaction waiting in a queue that needs a skill nobody has."""
+        skill = await self.skill(ctx)
+        queue = await self.queue(
+            ctx, skills=[{"skill_id": str(skill), "steps": [{"after_seconds": 0, "min_level": 10}]}]
+        )
+        response = await self.client.post(
+            "/api/v1/interactions", json={"channel": channel, "queue_id": str(queue)}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        assert response.json()["state"] == "queued", response.text
+        return uuid.UUID(response.json()["id"])

@@ -96,6 +96,8 @@ async def _code(f: Factory, owned: Owned) -> str:
 
 
 async def _interaction(f: Factory, owned: Owned) -> str:
+    if owned.route_path.endswith("/callback"):
+        return owned.keep(await f.waiting_interaction(owned.ctx))
     return owned.keep(await f.offered_interaction(owned.ctx))
 
 
@@ -204,6 +206,7 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.AgentStateChange: lambda f, o: _constant({"state": "offline"}),
     routing_schemas.InteractionCreate: _queue_ref,
     routing_schemas.InteractionEnd: lambda f, o: _constant({"outcome": "handled"}),
+    routing_schemas.CallbackRequest: lambda f, o: _constant({"number": "+33142685300"}),
     auth_schemas.SsoConfigIn: lambda f, o: _constant(
         {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
     ),

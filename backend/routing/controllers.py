@@ -25,6 +25,7 @@ from backend.routing.schemas import (
     AgentStatePeriodOut,
     BusinessHoursIn,
     BusinessHoursOut,
+    CallbackRequest,
     CodeIn,
     CodeOut,
     CodePatch,
@@ -103,6 +104,16 @@ class InteractionController(Controller):
         assert request.user.tenant_id is not None
         found, timeline = await interactions.get(db_session, interaction_id)
         return await _engine(request).describe(db_session, request.user.tenant_id, found, timeline)
+
+    @post(
+        "/{interaction_id:uuid}/callback", permission="queues:write", operation_id="request_callback", status_code=200
+    )
+    async def callback(
+        self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: CallbackRequest
+    ) -> InteractionOut:
+        """The waiting customer asks to be called back: their place is kept (or a time is booked)."""
+        assert request.user.tenant_id is not None
+        return await _engine(request).request_callback(request.user.tenant_id, interaction_id, data.number, data.at)
 
     @post("/{interaction_id:uuid}/accept", permission="agent:workspace", operation_id="accept_offer", status_code=200)
     async def accept(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> InteractionOut:

@@ -13,10 +13,11 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import phonenumbers
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -37,6 +38,8 @@ DEFAULT_CAPACITY = {"voice": 1, "webchat": 3, "wechat": 3}
 ACCEPTING_STATES = ("available", "busy")
 RECENT_HANDLED = 50
 """How many recent handled interactions of a queue the estimated wait is computed from."""
+MAX_CALLBACK_DAYS = 7
+"""How far ahead a customer may schedule a callback."""
 DEFAULT_HANDLE_SECONDS = 180.0
 """The handle time assumed for a queue that has handled nothing yet."""
 
@@ -302,6 +305,60 @@ class RoutingEngine:
             await self.matcher.schedule(tenant_id, f"wrapup:{agent}", now_ms() + wrap_up_seconds * 1000)
         await self.sync_agent(tenant_id, agent)
 
+    async def request_callback(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, number: str, at: datetime | None
+    ) -> InteractionOut:
+        """Turn a waiting interaction into a callback that keeps its place (or is scheduled for `at`)."""
+        parsed = _phone(number)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state != "queued" or interaction.queue_id is None:
+                raise Conflict("Only a waiting interaction can become a callback", kind="not-waiting")
+            rules = await self._rules(session, interaction.queue_id)
+            if at is not None:
+                await self._check_callback_time(session, rules.queue, at)
+            interaction.channel = "callback"
+            interaction.attributes = {**interaction.attributes, "callback_number": parsed}
+            if at is not None:
+                interaction.attributes = {**interaction.attributes, "callback_at": at.isoformat()}
+            await interactions.record(
+                session, interaction, "callback_requested", number=parsed, scheduled_for=at.isoformat() if at else None
+            )
+            waiting = self._waiting(interaction, rules)
+        rank = await self.matcher.finish_keep_rank(tenant_id, interaction_id)
+        if at is None:
+            # Same place in the line: the old rank, now as a voice-capacity callback.
+            await self.matcher.enqueue(tenant_id, waiting, rank=rank)
+            await self._offer(tenant_id, waiting)
+        else:
+            await self.matcher.schedule(tenant_id, f"callback:{interaction_id}", int(at.timestamp() * 1000))
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction_id)
+            return await self.describe(session, tenant_id, found)
+
+    async def _check_callback_time(self, session: AsyncSession, queue: Queue, at: datetime) -> None:
+        if at.tzinfo is None:
+            raise InvalidInput.field("at", "must carry a UTC offset")
+        now = utcnow()
+        if at <= now or (at - now).total_seconds() > MAX_CALLBACK_DAYS * 86_400:
+            raise InvalidInput.field("at", f"must be in the future and within {MAX_CALLBACK_DAYS} days")
+        if not await self._open_now(session, queue, at):
+            raise InvalidInput.field("at", "is outside the queue's business hours")
+
+    async def _callback_due(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, moment: int) -> None:
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state != "queued" or interaction.queue_id is None:
+                return
+            # A scheduled callback joins the line as if it had arrived at its time.
+            interaction.queued_at = utc_from_ms(moment)
+            await interactions.record(session, interaction, "queued", queue_id=interaction.queue_id, scheduled=True)
+            rules = await self._rules(session, interaction.queue_id)
+            waiting = self._waiting(interaction, rules)
+        await self.matcher.enqueue(tenant_id, waiting)
+        await self._offer(tenant_id, waiting, moment)
+        await self._schedule_wait(tenant_id, waiting, rules.queue.max_wait_seconds * 1000, moment)
+
     # --- agents -------------------------------------------------------------------------------
 
     async def sync_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
@@ -358,6 +415,8 @@ class RoutingEngine:
                     await self._wait_timer(tenant_id, uuid.UUID(ident), moment)
                 elif kind == "wrapup":
                     await self._wrap_up_over(tenant_id, uuid.UUID(ident))
+                elif kind == "callback":
+                    await self._callback_due(tenant_id, uuid.UUID(ident), moment)
             except NotFound:
                 continue  # the interaction or agent is gone
         following = await self.matcher.next_due(tenant_id)
@@ -454,6 +513,21 @@ def _who(principal: Principal) -> tuple[uuid.UUID, uuid.UUID]:
     if principal.tenant_id is None or principal.user_id is None:
         raise NotFound("No such interaction")
     return principal.tenant_id, principal.user_id
+
+
+def _phone(number: str) -> str:
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidInput.field("number", "is not a phone number in international format (+...)") from exc
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidInput.field("number", "is not a valid phone number")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def utc_from_ms(ms: int) -> datetime:
+    """A matcher timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _plain(value: Any) -> Any:

@@ -366,6 +366,12 @@ class Matcher:
         agent = await self._finish(keys=[self.prefix(tenant_id)], args=[str(interaction_id)])
         return uuid.UUID(agent) if agent else None
 
+    async def finish_keep_rank(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
+        """Take a waiting interaction out of its queue and return its rank, to put it back in the same place."""
+        rank = await self._redis.hget(self.prefix(tenant_id) + "i:" + str(interaction_id), "rank")
+        await self.finish(tenant_id, interaction_id)
+        return int(rank) if rank is not None else None
+
     async def restore_connected(self, tenant_id: uuid.UUID, item: WaitingInteraction, agent_id: uuid.UUID) -> None:
         """Record (after a Redis loss) that an interaction is with an agent, using their capacity."""
         await self._restore_connected(

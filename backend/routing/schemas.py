@@ -249,3 +249,10 @@ class InteractionOut(msgspec.Struct):
 class InteractionEnd(Strict):
     outcome: Literal["handled", "abandoned", "cancelled"] = "handled"
     wrap_up_code: Annotated[str, msgspec.Meta(max_length=40)] | None = None
+
+
+class CallbackRequest(Strict):
+    """Keep my place and call me back (now, when my turn comes), or at a time I choose within business hours."""
+
+    number: Annotated[str, msgspec.Meta(min_length=3, max_length=32)]
+    at: datetime | None = None
