@@ -35,6 +35,7 @@ from backend.routing.schemas import (
     InteractionOut,
     QueueIn,
     QueueOut,
+    QueueStats,
     SkillIn,
     SkillOut,
     SkillPatch,
@@ -258,6 +259,15 @@ class QueueController(Controller):
     ) -> QueueOut:
         """Replace a queue's settings as a whole."""
         return await service.replace_queue(db_session, request.user, queue_id, data)
+
+    @get("/{queue_id:uuid}/stats", permission="reports:read", operation_id="queue_stats")
+    async def stats(self, request: Request[Principal, Any, Any], queue_id: uuid.UUID) -> QueueStats:
+        """The queue now (waiting, longest wait, agents by state) and today (service level, abandonment).
+
+        Supervisors' agent WebSockets also receive these as `queue_stats` messages whenever the queue changes.
+        """
+        assert request.user.tenant_id is not None
+        return await _engine(request).queue_stats(request.user.tenant_id, queue_id)
 
     @delete("/{queue_id:uuid}", permission="queues:write", operation_id="delete_queue")
     async def delete_queue(

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import phonenumbers
@@ -30,7 +31,8 @@ from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
 from backend.routing.matcher import AgentRouting, Matcher, WaitingInteraction
 from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
-from backend.routing.schemas import InteractionCreate, InteractionOut
+from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
+from backend.tenants import service as tenants_service
 
 log = structlog.get_logger("routing")
 
@@ -38,6 +40,8 @@ DEFAULT_CAPACITY = {"voice": 1, "webchat": 3, "wechat": 3}
 ACCEPTING_STATES = ("available", "busy")
 RECENT_HANDLED = 50
 """How many recent handled interactions of a queue the estimated wait is computed from."""
+STATS_COALESCE_MS = 500
+"""Queue figures are pushed at most this often per queue, however busy it is."""
 MAX_CALLBACK_DAYS = 7
 """How far ahead a customer may schedule a callback."""
 DEFAULT_HANDLE_SECONDS = 180.0
@@ -146,6 +150,7 @@ class RoutingEngine:
         await self.matcher.enqueue(tenant_id, waiting)
         await self._offer(tenant_id, waiting)
         await self._schedule_wait(tenant_id, waiting, max_wait_ms, waiting.enqueued_ms)
+        await self.queue_changed(tenant_id, data.queue_id)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             found, _ = await interactions.get(session, interaction.id)
             return await self.describe(session, tenant_id, found)
@@ -222,9 +227,9 @@ class RoutingEngine:
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
         """The agent takes an offer: it is connected (for a chat; voice connects when the agent leg answers)."""
         tenant_id, agent = _who(principal)
-        result = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
-        if result != "ok":
-            await self._explain_refusal(tenant_id, interaction_id, result)
+        verdict = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
+        if verdict != "ok":
+            await self._explain_refusal(tenant_id, interaction_id, verdict)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             interaction.state = "connected"
@@ -234,7 +239,9 @@ class RoutingEngine:
             state = await service.get_agent_state(session, tenant_id, agent)
             if state.state == "available":
                 await service.set_system_state(session, tenant_id, agent, "busy")
-            return interactions.out(interaction)
+            result = interactions.out(interaction)
+        await self.queue_changed(tenant_id, result.queue_id)
+        return result
 
     async def _explain_refusal(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, reason: str) -> None:
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
@@ -283,6 +290,7 @@ class RoutingEngine:
         await self.matcher.finish(tenant_id, interaction_id)
         if agent is not None:
             await self._after_interaction(tenant_id, agent, wrap_up)
+        await self.queue_changed(tenant_id, result.queue_id)
         return result
 
     async def _end(self, session: AsyncSession, interaction: Interaction, outcome: str, **data: Any) -> None:
@@ -359,6 +367,60 @@ class RoutingEngine:
         await self._offer(tenant_id, waiting, moment)
         await self._schedule_wait(tenant_id, waiting, rules.queue.max_wait_seconds * 1000, moment)
 
+    # --- real-time view -----------------------------------------------------------------------
+
+    async def queue_stats(self, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> QueueStats:
+        """Waiting count, longest wait, agents by state, and today's service level and abandonment."""
+        waiting_ids = await self.matcher.waiting(tenant_id, queue_id)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            queue = await session.scalar(select(Queue).where(Queue.id == queue_id))
+            if queue is None:
+                raise NotFound("No such queue")
+            tenant = await tenants_service.get_tenant(session, tenant_id)
+            zone = ZoneInfo(tenant.time_zone)
+            start_of_day = datetime.now(zone).replace(hour=0, minute=0, second=0, microsecond=0)
+            longest = 0.0
+            if waiting_ids:
+                oldest = await session.scalar(
+                    select(func.min(Interaction.queued_at)).where(Interaction.id.in_(waiting_ids))
+                )
+                longest = max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0
+            today = select(Interaction).where(Interaction.queue_id == queue_id, Interaction.queued_at >= start_of_day)
+            rows = (await session.scalars(today)).all()
+            by_state = dict(
+                (await session.execute(select(AgentState.state, func.count()).group_by(AgentState.state))).all()
+            )
+        answered = [r for r in rows if r.connected_at is not None]
+        abandoned = [r for r in rows if r.outcome == "abandoned"]
+        within = [
+            r
+            for r in answered
+            if r.queued_at and (r.connected_at - r.queued_at).total_seconds() <= queue.service_level_seconds  # type: ignore[operator]
+        ]
+        decided = len(answered) + len(abandoned)
+        return QueueStats(
+            queue_id=queue_id,
+            waiting=len(waiting_ids),
+            longest_wait_seconds=round(longest, 1),
+            agents={state: int(count) for state, count in by_state.items()},
+            offered_today=len(rows),
+            answered_today=len(answered),
+            abandoned_today=len(abandoned),
+            answered_within_target_today=len(within),
+            service_level_percent=round(100 * len(within) / decided, 1) if decided else None,
+            abandonment_percent=round(100 * len(abandoned) / decided, 1) if decided else None,
+            at=utcnow(),
+        )
+
+    async def queue_changed(self, tenant_id: uuid.UUID, queue_id: uuid.UUID | None) -> None:
+        """Ask for the queue's figures to be pushed to supervisors soon (changes within that delay coalesce)."""
+        if queue_id is not None:
+            await self.matcher.schedule_once(tenant_id, f"stats:{queue_id}", now_ms() + STATS_COALESCE_MS)
+
+    async def _push_stats(self, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> None:
+        stats = await self.queue_stats(tenant_id, queue_id)
+        await self.hub.publish_to_permitted(tenant_id, "reports:read", {"type": "queue_stats", **_plain(stats)})
+
     # --- agents -------------------------------------------------------------------------------
 
     async def sync_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
@@ -417,6 +479,8 @@ class RoutingEngine:
                     await self._wrap_up_over(tenant_id, uuid.UUID(ident))
                 elif kind == "callback":
                     await self._callback_due(tenant_id, uuid.UUID(ident), moment)
+                elif kind == "stats":
+                    await self._push_stats(tenant_id, uuid.UUID(ident))
             except NotFound:
                 continue  # the interaction or agent is gone
         following = await self.matcher.next_due(tenant_id)

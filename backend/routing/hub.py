@@ -96,9 +96,14 @@ class AgentHub:
                         continue
                     data = json.loads(message["data"])
                     if message.get("channel") == DELIVERY_CHANNEL:
-                        await self.send_to_user(
-                            uuid.UUID(data["tenant_id"]), uuid.UUID(data["user_id"]), data["payload"]
-                        )
+                        if data.get("user_id"):
+                            await self.send_to_user(
+                                uuid.UUID(data["tenant_id"]), uuid.UUID(data["user_id"]), data["payload"]
+                            )
+                        else:
+                            await self.send_to_permitted(
+                                uuid.UUID(data["tenant_id"]), data["permission"], data["payload"]
+                            )
                     else:
                         await self._on_revocation(data)
             except asyncio.CancelledError:
@@ -214,6 +219,24 @@ class AgentHub:
         """Deliver a message to the user's connections in every process (Redis pub/sub fan-out)."""
         message = {"tenant_id": str(tenant_id), "user_id": str(user_id), "payload": payload}
         await self._redis.publish(DELIVERY_CHANNEL, json.dumps(message, default=str))
+
+    async def publish_to_permitted(self, tenant_id: uuid.UUID, permission: str, payload: dict[str, Any]) -> None:
+        """Deliver a message to every connection of the tenant whose user holds `permission` (e.g. wallboards)."""
+        message = {"tenant_id": str(tenant_id), "user_id": None, "permission": permission, "payload": payload}
+        await self._redis.publish(DELIVERY_CHANNEL, json.dumps(message, default=str))
+
+    async def send_to_permitted(self, tenant_id: uuid.UUID, permission: str, payload: dict[str, Any]) -> int:
+        """Push to this process's connections of the tenant whose user holds `permission`."""
+        sent = 0
+        for (tenant, _), sockets in list(self._sockets.items()):
+            if tenant != tenant_id:
+                continue
+            for socket, principal in list(sockets.items()):
+                if principal.can(permission):
+                    with contextlib.suppress(Exception):
+                        await socket.send_json(payload)
+                        sent += 1
+        return sent
 
     async def send_to_user(self, tenant_id: uuid.UUID, user_id: uuid.UUID, payload: dict[str, Any]) -> int:
         """Push a message to every connection of one user in this process; returns how many got it."""

@@ -391,6 +391,11 @@ class Matcher:
         await self._redis.zadd(self.prefix(tenant_id) + "due", {timer: due_ms})
         await self.wake(tenant_id, due_ms)
 
+    async def schedule_once(self, tenant_id: uuid.UUID, timer: str, due_ms: int) -> None:
+        """Like `schedule`, but an already pending timer of that name keeps its earlier time."""
+        if await self._redis.zadd(self.prefix(tenant_id) + "due", {timer: due_ms}, nx=True):
+            await self.wake(tenant_id, due_ms)
+
     async def wake(self, tenant_id: uuid.UUID, due_ms: int) -> None:
         """Note in the global timer index that the tenant needs a tick by `due_ms` (keeps the earliest)."""
         await self._redis.zadd(TIMER_INDEX, {str(tenant_id): due_ms}, lt=True)

@@ -256,3 +256,21 @@ class CallbackRequest(Strict):
 
     number: Annotated[str, msgspec.Meta(min_length=3, max_length=32)]
     at: datetime | None = None
+
+
+class QueueStats(msgspec.Struct):
+    """A queue right now, and so far today in the tenant's time zone."""
+
+    queue_id: uuid.UUID
+    waiting: int
+    longest_wait_seconds: float
+    agents: dict[str, int]
+    """Agents of the tenant by state."""
+    offered_today: int
+    answered_today: int
+    abandoned_today: int
+    answered_within_target_today: int
+    service_level_percent: float | None
+    """Answered within the queue's target, of answered plus abandoned; null before the first one."""
+    abandonment_percent: float | None
+    at: datetime
