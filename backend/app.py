@@ -10,7 +10,6 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp
-from redis.asyncio import Redis
 
 from backend.auth.authenticate import Authenticator
 from backend.auth.controllers import ApiKeyController, AuthController, ProviderAuthController
@@ -30,6 +29,7 @@ from backend.lib.observability import OverloadMiddleware, RequestContextMiddlewa
 from backend.lib.openapi import document_routes
 from backend.lib.pagination import page_request
 from backend.lib.problems import exception_handlers
+from backend.lib.redis_client import make_redis
 from backend.routing.controllers import (
     AgentProfileController,
     AgentStateController,
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     configure_logging(settings)
     engine = make_engine(settings)
     sessionmaker = make_sessionmaker(engine)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    redis = make_redis(settings.redis_url)
     signer = TokenSigner(settings)
     revocations = Revocations(redis, sessionmaker, settings.access_token_ttl_seconds)
     authenticator = Authenticator(settings, signer, revocations, redis, sessionmaker)

@@ -15,6 +15,7 @@ from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
 from backend.config import get_settings
 from backend.db.engine import make_engine, make_sessionmaker
+from backend.lib.redis_client import make_redis
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
 from backend.routing.matcher import Matcher
@@ -48,7 +49,7 @@ async def _startup(ctx: WorkerContext) -> None:
     ctx["sessionmaker"] = make_sessionmaker(ctx["engine"])
     # Routing timers (offer expiry, relaxing skills, maximum waits, wrap-up) run in every worker;
     # each timer is popped atomically, so several workers share the work without doing it twice.
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = make_redis(settings.redis_url)
     authenticator = Authenticator(
         settings,
         TokenSigner(settings),

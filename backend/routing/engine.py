@@ -527,9 +527,35 @@ class RoutingEngine:
             await service.set_system_state(session, tenant_id, agent, "available")
         await self.sync_agent(tenant_id, agent)
 
+    async def ensure_state(self) -> int:
+        """If Redis lost routing state (restart, flush), rebuild every tenant's from PostgreSQL, once.
+
+        The marker key disappears with the state; the first process to notice takes a short lock and
+        rebuilds, the others wait for the marker. Returns how many interactions were restored here.
+        """
+        if await self.matcher.state_marker_present():
+            return 0
+        if not await self.matcher.take_rebuild_lock():
+            return 0
+        restored = 0
+        try:
+            async with self.sessionmaker() as session:
+                tenant_ids = await tenants_service.active_tenant_ids(session)
+            for tenant_id in tenant_ids:
+                restored += await self.rebuild(tenant_id)
+            await self.matcher.set_state_marker()
+            log.warning("routing_state_rebuilt", tenants=len(tenant_ids), interactions=restored)
+        finally:
+            await self.matcher.release_rebuild_lock()
+        return restored
+
     async def run_timers(self, stop: asyncio.Event, max_sleep_seconds: float = 1.0) -> None:
         """Tick tenants when their timers fall due; sleeps until the earliest one (at most `max_sleep_seconds`)."""
         while not stop.is_set():
+            try:
+                await self.ensure_state()
+            except Exception:
+                log.exception("routing_rebuild_failed")
             moment = now_ms()
             for tenant_id in await self.matcher.due_tenants(moment):
                 try:
@@ -548,6 +574,7 @@ class RoutingEngine:
 
     async def rebuild(self, tenant_id: uuid.UUID) -> int:
         """Restore the tenant's routing state in Redis from PostgreSQL (after Redis lost it)."""
+        await self.matcher.clear(tenant_id)
         restored = 0
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             open_items = await interactions.open_interactions(session)

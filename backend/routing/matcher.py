@@ -17,6 +17,7 @@ offer puts the interaction back with its old rank: its old place.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -237,6 +238,9 @@ if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
 
+STATE_MARKER = global_key("routing", "state")
+"""Present while Redis holds routing state built from PostgreSQL; gone after a restart without data or a flush."""
+REBUILD_LOCK = global_key("routing", "rebuilding")
 TIMER_INDEX = global_key("routing", "timers")
 """Tenants with pending routing timers, scored by their earliest due time (one small global index)."""
 
@@ -390,6 +394,33 @@ class Matcher:
         """Ask for `tick` at `due_ms` for this timer (`wait:<interaction>` or `wrapup:<agent>`)."""
         await self._redis.zadd(self.prefix(tenant_id) + "due", {timer: due_ms})
         await self.wake(tenant_id, due_ms)
+
+    async def clear(self, tenant_id: uuid.UUID) -> None:
+        """Forget all of a tenant's routing state (before rebuilding it from PostgreSQL)."""
+        batch: list[str] = []
+        async for key in self._redis.scan_iter(match=self.prefix(tenant_id) + "*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self._redis.delete(*batch)
+                batch = []
+        if batch:
+            await self._redis.delete(*batch)
+
+    async def state_marker_present(self) -> bool:
+        """Whether Redis still holds the routing state written since the last rebuild."""
+        return bool(await self._redis.exists(STATE_MARKER))
+
+    async def set_state_marker(self) -> None:
+        """Record that Redis holds complete routing state."""
+        await self._redis.set(STATE_MARKER, str(int(time.time())))
+
+    async def take_rebuild_lock(self) -> bool:
+        """One process rebuilds at a time."""
+        return bool(await self._redis.set(REBUILD_LOCK, "1", nx=True, ex=120))
+
+    async def release_rebuild_lock(self) -> None:
+        """Let another process rebuild if needed."""
+        await self._redis.delete(REBUILD_LOCK)
 
     async def schedule_once(self, tenant_id: uuid.UUID, timer: str, due_ms: int) -> None:
         """Like `schedule`, but an already pending timer of that name keeps its earlier time."""

@@ -1132,3 +1132,8 @@ async def deliver_outbox(sessionmaker: async_sessionmaker[AsyncSession], batch: 
 async def has_seat(session: AsyncSession, user_id: uuid.UUID) -> bool:
     """Whether the user holds a seat (an agent licence): routing offers work only to seated agents."""
     return await session.scalar(select(Seat.id).where(Seat.user_id == user_id)) is not None
+
+
+async def active_tenant_ids(session: AsyncSession) -> list[uuid.UUID]:
+    """Tenants that are not suspended (global table): what background work walks."""
+    return list((await session.scalars(select(Tenant.id).where(Tenant.status != "suspended"))).all())

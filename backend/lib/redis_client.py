@@ -1,0 +1,22 @@
+"""The one way the backend opens Redis: decoded strings, and retries that ride out a Redis restart."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+RETRIES = 3
+
+
+def make_redis(url: str) -> Redis:
+    """A client whose pooled connections reconnect after the server restarted, instead of failing the request."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
