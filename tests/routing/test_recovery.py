@@ -24,7 +24,7 @@ def _restart_redis_without_data() -> None:
     port = str(urlsplit(os.environ["REDIS_URL"]).port)
     subprocess.run(["redis-cli", "-p", port, "shutdown", "nosave"], check=False, capture_output=True)
     for _ in range(100):
-        if subprocess.run(["redis-cli", "-p", port, "ping"], capture_output=True).returncode != 0:
+        if subprocess.run(["redis-cli", "-p", port, "ping"], check=False, capture_output=True).returncode != 0:
             break
     shutil.rmtree(Path(directory) / "appendonlydir", ignore_errors=True)
     subprocess.run(
