@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -206,33 +207,42 @@ class RoutingEngine:
 
     async def _offer(
         self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None
-    ) -> uuid.UUID | None:
-        agent = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
-        if agent is not None:
-            await self._offered(tenant_id, waiting.interaction_id, agent, waiting.offer_timeout_ms)
-        return agent
+    ) -> tuple[uuid.UUID, ...]:
+        agents = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
+        if agents:
+            await self._offered(tenant_id, waiting.interaction_id, agents, waiting.offer_timeout_ms)
+        return agents
 
     async def _offered(
-        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, timeout_ms: int
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], timeout_ms: int
     ) -> None:
+        """Record the offer and push it to the agent, or to every agent a ring-all call rings."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             interaction.state = "offered"
-            interaction.agent_id = agent
-            await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
-            payload = {"type": "offer", "interaction": _plain(interactions.out(interaction)), "timeout_ms": timeout_ms}
+            interaction.agent_id = agents[0] if len(agents) == 1 else None
+            for agent in agents:
+                await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
+            payload = {
+                "type": "offer",
+                "interaction": _plain(interactions.out(interaction)),
+                "timeout_ms": timeout_ms,
+                "ringing_agents": len(agents),
+            }
         await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
-        await self.hub.publish(tenant_id, agent, payload)
+        for agent in agents:
+            await self.hub.publish(tenant_id, agent, payload)
 
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
         """The agent takes an offer: it is connected (for a chat; voice connects when the agent leg answers)."""
         tenant_id, agent = _who(principal)
-        verdict = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
-        if verdict != "ok":
-            await self._explain_refusal(tenant_id, interaction_id, verdict)
+        acceptance = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
+        if not acceptance.ok:
+            await self._explain_refusal(tenant_id, interaction_id, acceptance.verdict)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             interaction.state = "connected"
+            interaction.agent_id = agent
             interaction.connected_at = utcnow()
             await interactions.record(session, interaction, "offer_accepted", agent_id=agent)
             await interactions.record(session, interaction, "connected", agent_id=agent)
@@ -240,6 +250,10 @@ class RoutingEngine:
             if state.state == "available":
                 await service.set_system_state(session, tenant_id, agent, "busy")
             result = interactions.out(interaction)
+        for other in acceptance.withdrawn:
+            await self.hub.publish(
+                tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
+            )
         await self.queue_changed(tenant_id, result.queue_id)
         return result
 
@@ -256,16 +270,26 @@ class RoutingEngine:
         """The agent declines: the interaction goes back to its old place and is offered again."""
         tenant_id, agent = _who(principal)
         result = await self.matcher.reject(tenant_id, interaction_id, agent)
+        if result == "ringing":
+            # A ring-all call goes on ringing the others; only this agent's refusal is recorded.
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                interaction = await interactions.lock(session, interaction_id)
+                await interactions.record(session, interaction, "offer_rejected", agent_id=agent)
+            return
         if result != "ok":
             await self._explain_refusal(tenant_id, interaction_id, result)
-        await self._returned(tenant_id, interaction_id, agent, "offer_rejected")
+        await self._returned(tenant_id, interaction_id, (agent,), "offer_rejected")
 
-    async def _returned(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, event: str) -> None:
+    async def _returned(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], event: str
+    ) -> None:
+        """The offer ended without an answer: record it per agent, then offer the interaction again."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             interaction.state = "queued"
             interaction.agent_id = None
-            await interactions.record(session, interaction, event, agent_id=agent)
+            for agent in agents or (None,):
+                await interactions.record(session, interaction, event, agent_id=agent)
             assert interaction.queue_id is not None
             waiting = self._waiting(interaction, await self._rules(session, interaction.queue_id))
         await self._offer(tenant_id, waiting)
@@ -448,10 +472,10 @@ class RoutingEngine:
         made = 0
         while (found := await self.matcher.offer_agent(tenant_id, user_id, now_ms())) is not None:
             async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                interaction = await interactions.lock(session, found)
+                interaction = await interactions.lock(session, found.interaction_id)
                 assert interaction.queue_id is not None
                 timeout_ms = (await self._rules(session, interaction.queue_id)).queue.offer_timeout_seconds * 1000
-            await self._offered(tenant_id, found, user_id, timeout_ms)
+            await self._offered(tenant_id, found.interaction_id, found.agents, timeout_ms)
             made += 1
         return made
 
@@ -464,12 +488,16 @@ class RoutingEngine:
         """
         moment = at_ms if at_ms is not None else now_ms()
         expired = await self.matcher.expire_offers(tenant_id, moment)
+        missed: dict[uuid.UUID, list[uuid.UUID]] = {}
         for interaction_id, agent in expired:
+            missed.setdefault(interaction_id, []).append(agent)
+        for interaction_id, agents in missed.items():
             if self.away_on_missed_offer:
-                async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                    await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
-                await self.sync_agent(tenant_id, agent)
-            await self._returned(tenant_id, interaction_id, agent, "offer_timed_out")
+                for agent in agents:
+                    async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                        await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
+                    await self.sync_agent(tenant_id, agent)
+            await self._returned(tenant_id, interaction_id, agents, "offer_timed_out")
         for timer in await self.matcher.due_timers(tenant_id, moment):
             kind, _, ident = timer.partition(":")
             try:
@@ -486,7 +514,7 @@ class RoutingEngine:
         following = await self.matcher.next_due(tenant_id)
         if following is not None:
             await self.matcher.wake(tenant_id, following)
-        return len(expired)
+        return len(missed)
 
     async def _wait_timer(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, moment: int) -> None:
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
@@ -589,7 +617,8 @@ class RoutingEngine:
             await self.matcher.enqueue(tenant_id, waiting)
             if interaction.state == "offered":
                 # The offer may have been lost with Redis: the interaction waits again at its old place.
-                await self._returned(tenant_id, interaction.id, interaction.agent_id or uuid.uuid4(), "offer_timed_out")
+                rang = (interaction.agent_id,) if interaction.agent_id else ()
+                await self._returned(tenant_id, interaction.id, rang, "offer_timed_out")
                 restored += 1
                 continue
             if interaction.state == "connected" and interaction.agent_id is not None:
