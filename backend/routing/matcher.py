@@ -125,6 +125,15 @@ local function most_urgent_for(agent, now, depth)
   end
   return best
 end
+-- The agents who may be offered `iid` now: eligible, and with nothing more urgent waiting for them (an agent
+-- for whom something that arrived earlier is waiting is left to take that: first in, first out).
+local function ringable_agents(iid, now, depth)
+  local found = {}
+  for _, agent in ipairs(eligible_agents(iid, now)) do
+    if most_urgent_for(agent, now, depth) == iid then table.insert(found, agent) end
+  end
+  return found
+end
 -- Offers `iid` to the agents in `agents` (one, or several for ring-all) until now + timeout.
 local function make_offer(iid, agents, now, timeout_ms)
   local ikey = P .. 'i:' .. iid
@@ -190,11 +199,7 @@ local iid, now, timeout_ms, strategy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV
 local depth = tonumber(ARGV[5])
 local ikey = P .. 'i:' .. iid
 if redis.call('HGET', ikey, 'state') ~= 'waiting' then return {} end
--- An agent for whom something more urgent is waiting is left to take that (first in, first out).
-local candidates = {}
-for _, agent in ipairs(eligible_agents(iid, now)) do
-  if most_urgent_for(agent, now, depth) == iid then table.insert(candidates, agent) end
-end
+local candidates = ringable_agents(iid, now, depth)
 if #candidates == 0 then return {} end
 if rings_all(ikey) then
   make_offer(iid, candidates, now, timeout_ms)
@@ -235,7 +240,7 @@ if not best then return {} end
 local ikey = P .. 'i:' .. best
 local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
 local agents = {agent}
-if rings_all(ikey) then agents = eligible_agents(best, now) end
+if rings_all(ikey) then agents = ringable_agents(best, now, depth) end
 make_offer(best, agents, now, timeout_ms)
 local out = {best}
 for _, a in ipairs(agents) do table.insert(out, a) end
