@@ -30,7 +30,7 @@ from backend.db.engine import tenant_transaction
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
-from backend.routing.matcher import AgentRouting, Matcher, WaitingInteraction
+from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInteraction
 from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
 from backend.tenants import service as tenants_service
@@ -205,13 +205,11 @@ class RoutingEngine:
         )
         return round(position * average / max(1, agents or 0))
 
-    async def _offer(
-        self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None
-    ) -> tuple[uuid.UUID, ...]:
-        agents = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
-        if agents:
-            await self._offered(tenant_id, waiting.interaction_id, agents, waiting.offer_timeout_ms)
-        return agents
+    async def _offer(self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None) -> list[Offer]:
+        offers = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
+        for offer in offers:
+            await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
+        return offers
 
     async def _offered(
         self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], timeout_ms: int
@@ -286,8 +284,10 @@ class RoutingEngine:
         """The offer ended without an answer: record it per agent, then offer the interaction again."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
-            interaction.state = "queued"
-            interaction.agent_id = None
+            # Another process may have offered it again already (Redis decides): then its offer stands.
+            if await self.matcher.state(tenant_id, interaction_id) in ("waiting", None):
+                interaction.state = "queued"
+                interaction.agent_id = None
             for agent in agents or (None,):
                 await interactions.record(session, interaction, event, agent_id=agent)
             assert interaction.queue_id is not None
@@ -471,11 +471,7 @@ class RoutingEngine:
         """Offer the agent waiting work until their capacity is used; returns how many offers were made."""
         made = 0
         while (found := await self.matcher.offer_agent(tenant_id, user_id, now_ms())) is not None:
-            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                interaction = await interactions.lock(session, found.interaction_id)
-                assert interaction.queue_id is not None
-                timeout_ms = (await self._rules(session, interaction.queue_id)).queue.offer_timeout_seconds * 1000
-            await self._offered(tenant_id, found.interaction_id, found.agents, timeout_ms)
+            await self._offered(tenant_id, found.interaction_id, found.agents, found.timeout_ms)
             made += 1
         return made
 
@@ -491,12 +487,13 @@ class RoutingEngine:
         missed: dict[uuid.UUID, list[uuid.UUID]] = {}
         for interaction_id, agent in expired:
             missed.setdefault(interaction_id, []).append(agent)
+        if self.away_on_missed_offer:
+            # Everyone who missed an offer is away before any of those interactions is offered again.
+            for agent in {a for agents in missed.values() for a in agents}:
+                async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                    await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
+                await self.sync_agent(tenant_id, agent)
         for interaction_id, agents in missed.items():
-            if self.away_on_missed_offer:
-                for agent in agents:
-                    async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                        await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
-                    await self.sync_agent(tenant_id, agent)
             await self._returned(tenant_id, interaction_id, agents, "offer_timed_out")
         for timer in await self.matcher.due_timers(tenant_id, moment):
             kind, _, ident = timer.partition(":")

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -151,6 +151,52 @@ local function make_offer(iid, agents, now, timeout_ms)
   end
   redis.call('ZADD', P .. 'offers', now + timeout_ms, iid)
 end
+-- The candidate the queue's strategy prefers for `iid` (ties go to the lowest id: candidates are sorted).
+local function best_by_strategy(iid, candidates, now)
+  local ikey = P .. 'i:' .. iid
+  local strategy = redis.call('HGET', ikey, 'strategy')
+  local req = redis.call('HGET', ikey, 'req')
+  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local best, best_key = false, nil
+  for _, agent in ipairs(candidates) do
+    local akey = P .. 'a:' .. agent
+    local key
+    if strategy == 'round_robin' then
+      key = tonumber(redis.call('HGET', akey, 'lastoffer') or 0)
+    elseif strategy == 'fewest_interactions' then
+      key = tonumber(redis.call('HGET', akey, 'handled') or 0)
+    elseif strategy == 'best_skill' then
+      local _, skill_total = required_ok(req, redis.call('HGET', akey, 'skills'), waited)
+      key = -skill_total
+    else
+      key = tonumber(redis.call('HGET', akey, 'idle') or 0)
+    end
+    if best_key == nil or key < best_key then best, best_key = agent, key end
+  end
+  return best
+end
+-- Offers the waiting `iid` to the agents it may go to now (to `preferred` when given, unless it rings all)
+-- and appends {iid, timeout_ms, n, agents...} to `out`. False when nobody may take it.
+local function offer_now(iid, now, depth, out, preferred)
+  local ikey = P .. 'i:' .. iid
+  local candidates = ringable_agents(iid, now, depth)
+  if #candidates == 0 then return false end
+  local agents
+  if rings_all(ikey) then
+    agents = candidates
+  elseif preferred then
+    agents = {preferred}
+  else
+    agents = {best_by_strategy(iid, candidates, now)}
+  end
+  local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
+  make_offer(iid, agents, now, timeout_ms)
+  table.insert(out, iid)
+  table.insert(out, timeout_ms)
+  table.insert(out, #agents)
+  for _, agent in ipairs(agents) do table.insert(out, agent) end
+  return true
+end
 -- The agents an offered interaction is with: its one agent, or everyone still ringing.
 local function offered_to(iid)
   local agent = redis.call('HGET', P .. 'i:' .. iid, 'agent')
@@ -190,60 +236,38 @@ return 1
 """
 )
 
-# ARGV: iid, now_ms, offer_timeout_ms, strategy, scan_depth. Returns the agents offered to (several only for
-# ring-all).
+# ARGV: iid, now_ms, scan_depth. Offers the interaction to whom it may go now: the best eligible agent by its
+# queue's strategy, or every eligible agent for a ring-all voice queue. An eligible agent for whom something
+# older is waiting is offered that first (first in, first out), and the search goes on. Returns the offers
+# made as {iid, timeout_ms, number of agents, agents...} repeated.
 _OFFER_INTERACTION = (
     _COMMON
     + r"""
-local iid, now, timeout_ms, strategy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local depth = tonumber(ARGV[5])
+local iid, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local ikey = P .. 'i:' .. iid
-if redis.call('HGET', ikey, 'state') ~= 'waiting' then return {} end
-local candidates = ringable_agents(iid, now, depth)
-if #candidates == 0 then return {} end
-if rings_all(ikey) then
-  make_offer(iid, candidates, now, timeout_ms)
-  return candidates
+local out = {}
+for _ = 1, 10 do
+  if redis.call('HGET', ikey, 'state') ~= 'waiting' then break end
+  local eligible = eligible_agents(iid, now)
+  if #eligible == 0 or offer_now(iid, now, depth, out, nil) then break end
+  local agent = best_by_strategy(iid, eligible, now)
+  local older = most_urgent_for(agent, now, depth)
+  if not older or not offer_now(older, now, depth, out, agent) then break end
 end
-local req = redis.call('HGET', ikey, 'req')
-local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-local best, best_key = false, nil
-for _, agent in ipairs(candidates) do
-  local akey = P .. 'a:' .. agent
-  local key
-  if strategy == 'round_robin' then
-    key = tonumber(redis.call('HGET', akey, 'lastoffer') or 0)
-  elseif strategy == 'fewest_interactions' then
-    key = tonumber(redis.call('HGET', akey, 'handled') or 0)
-  elseif strategy == 'best_skill' then
-    local _, skill_total = required_ok(req, redis.call('HGET', akey, 'skills'), waited)
-    key = -skill_total
-  else
-    key = tonumber(redis.call('HGET', akey, 'idle') or 0)
-  end
-  if best_key == nil or key < best_key then best, best_key = agent, key end
-end
-make_offer(iid, {best}, now, timeout_ms)
-return {best}
+return out
 """
 )
 
-# ARGV: agent, now_ms, scan_depth. Finds the most urgent waiting interaction this agent may take and offers
-# it (a ring-all call rings every other eligible agent too). Returns {iid, agent, ...} or {}.
+# ARGV: agent, now_ms, scan_depth. Offers this agent the most urgent waiting interaction they may take (a
+# ring-all call rings every other agent it may go to as well). Returns the offer as above, or {}.
 _OFFER_AGENT = (
     _COMMON
     + r"""
 local agent, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return {} end
 local best = most_urgent_for(agent, now, depth)
-if not best then return {} end
-local ikey = P .. 'i:' .. best
-local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
-local agents = {agent}
-if rings_all(ikey) then agents = ringable_agents(best, now, depth) end
-make_offer(best, agents, now, timeout_ms)
-local out = {best}
-for _, a in ipairs(agents) do table.insert(out, a) end
+local out = {}
+if best then offer_now(best, now, depth, out, agent) end
 return out
 """
 )
@@ -398,6 +422,7 @@ class Offer:
 
     interaction_id: uuid.UUID
     agents: tuple[uuid.UUID, ...]
+    timeout_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,24 +496,21 @@ class Matcher:
                 pipe.srem(p + "avail", uid)
             await pipe.execute()
 
-    async def offer_interaction(
-        self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int
-    ) -> tuple[uuid.UUID, ...]:
-        """Offer a waiting interaction by its queue's strategy: to the best eligible agent, or for a ring-all
-        voice queue to every eligible agent at once. Returns who was offered it (empty: nobody)."""
-        agents = await self._offer_interaction(
-            keys=[self.prefix(tenant_id)],
-            args=[str(item.interaction_id), now_ms, item.offer_timeout_ms, item.strategy, self._scan_depth],
+    async def offer_interaction(self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int) -> list[Offer]:
+        """Offer a waiting interaction by its queue's strategy (a ring-all voice queue rings every eligible
+        agent). Agents it could go to who have older work waiting are offered that first, so the offers made
+        may include other interactions; empty when nobody may take anything now."""
+        flat = await self._offer_interaction(
+            keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), now_ms, self._scan_depth]
         )
-        return tuple(uuid.UUID(a) for a in agents)
+        return _offers(flat)
 
     async def offer_agent(self, tenant_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> Offer | None:
         """Offer the most urgent waiting interaction this agent may take, if any (a ring-all call rings the
-        other eligible agents too)."""
-        found = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
-        if not found:
-            return None
-        return Offer(uuid.UUID(found[0]), tuple(uuid.UUID(a) for a in found[1:]))
+        other agents it may go to as well)."""
+        flat = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
+        offers = _offers(flat)
+        return offers[0] if offers else None
 
     async def accept(
         self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int
@@ -604,6 +626,11 @@ class Matcher:
         members = cast(list[str], await self._redis.zrange(self.prefix(tenant_id) + "q:" + str(queue_id), 0, -1))
         return [uuid.UUID(m) for m in members]
 
+    async def state(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> str | None:
+        """`waiting`, `offered` or `connected`; None when routing does not hold it."""
+        found = await self._redis.hget(self.prefix(tenant_id) + "i:" + str(interaction_id), "state")
+        return cast(str | None, found)
+
     async def position(self, tenant_id: uuid.UUID, queue_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
         """1-based place in the queue, or None when not waiting there."""
         key = self.prefix(tenant_id) + "q:" + str(queue_id)
@@ -614,3 +641,14 @@ class Matcher:
         """The agent's current load per channel."""
         raw = cast(dict[str, str], await self._redis.hgetall(self.prefix(tenant_id) + "a:" + str(agent_id)))
         return {k.removeprefix("load:"): int(v) for k, v in raw.items() if k.startswith("load:")}
+
+
+def _offers(flat: list[Any]) -> list[Offer]:
+    """Offers from a script's flat reply: iid, timeout, number of agents, agents..., repeated."""
+    offers, at = [], 0
+    while at < len(flat):
+        count = int(flat[at + 2])
+        agents = tuple(uuid.UUID(a) for a in flat[at + 3 : at + 3 + count])
+        offers.append(Offer(uuid.UUID(flat[at]), agents, int(flat[at + 1])))
+        at += 3 + count
+    return offers

@@ -24,6 +24,12 @@ def item(queue, *, enq=NOW, priority=50, channel="voice", strategy="longest_idle
     return WaitingInteraction(uuid.uuid4(), queue, channel, priority, enq, timeout, strategy, req)
 
 
+async def offer(matcher, tenant, it, now):
+    """Offer `it` on arrival; returns who it was offered to (other offers made on the way are checked apart)."""
+    offers = await matcher.offer_interaction(tenant, it, now)
+    return next((o.agents for o in offers if o.interaction_id == it.interaction_id), ())
+
+
 def agent(*, idle=NOW - 1000, capacity=None, skills=None, available=True):
     return AgentRouting(uuid.uuid4(), available, capacity or {"voice": 1, "webchat": 2}, skills or {}, idle)
 
@@ -35,15 +41,15 @@ async def test_longest_idle_agent_gets_the_offer_and_never_two(matcher):
         await matcher.set_agent(tenant, a)
     first = item(queue)
     await matcher.enqueue(tenant, first)
-    assert await matcher.offer_interaction(tenant, first, NOW) == (idle_long.user_id,)
-    assert await matcher.offer_interaction(tenant, first, NOW) == ()  # already offered: not twice
+    assert await offer(matcher, tenant, first, NOW) == (idle_long.user_id,)
+    assert await offer(matcher, tenant, first, NOW) == ()  # already offered: not twice
     second = item(queue)
     await matcher.enqueue(tenant, second)
     # idle_long has no voice capacity left; fresh gets the second one.
-    assert await matcher.offer_interaction(tenant, second, NOW) == (fresh.user_id,)
+    assert await offer(matcher, tenant, second, NOW) == (fresh.user_id,)
     third = item(queue)
     await matcher.enqueue(tenant, third)
-    assert await matcher.offer_interaction(tenant, third, NOW) == ()
+    assert await offer(matcher, tenant, third, NOW) == ()
     assert await matcher.waiting(tenant, queue) == [third.interaction_id]
 
 
@@ -53,8 +59,8 @@ async def test_skills_relax_over_wait_time(matcher):
     await matcher.set_agent(tenant, junior)
     call = item(queue, req=((skill, ((0, 7), (30, 3))),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW + 10_000) == ()  # needs 7 for 30 s
-    assert await matcher.offer_interaction(tenant, call, NOW + 31_000) == (junior.user_id,)  # then 3 will do
+    assert await offer(matcher, tenant, call, NOW + 10_000) == ()  # needs 7 for 30 s
+    assert await offer(matcher, tenant, call, NOW + 31_000) == (junior.user_id,)  # then 3 will do
 
 
 async def test_agent_without_the_skill_is_never_offered(matcher):
@@ -62,7 +68,7 @@ async def test_agent_without_the_skill_is_never_offered(matcher):
     await matcher.set_agent(tenant, agent(skills={}))
     call = item(queue, req=((skill, ((0, 1),)),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW + 999_000) == ()
+    assert await offer(matcher, tenant, call, NOW + 999_000) == ()
 
 
 async def test_best_skill_round_robin_and_fewest(matcher):
@@ -72,11 +78,11 @@ async def test_best_skill_round_robin_and_fewest(matcher):
         await matcher.set_agent(tenant, a)
     call = item(queue, strategy="best_skill", req=((skill, ((0, 1),)),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW) == (strong.user_id,)
+    assert await offer(matcher, tenant, call, NOW) == (strong.user_id,)
     assert (await matcher.accept(tenant, call.interaction_id, strong.user_id, NOW + 1)).verdict == "ok"
     chat = item(queue, channel="webchat", strategy="fewest_interactions")
     await matcher.enqueue(tenant, chat)
-    assert await matcher.offer_interaction(tenant, chat, NOW) == (weak.user_id,)  # strong handled one already
+    assert await offer(matcher, tenant, chat, NOW) == (weak.user_id,)  # strong handled one already
 
 
 async def test_offer_accept_reject_and_timeout_keep_the_old_place(matcher):
@@ -86,7 +92,7 @@ async def test_offer_accept_reject_and_timeout_keep_the_old_place(matcher):
     older, newer = item(queue, enq=NOW - 5_000), item(queue, enq=NOW)
     await matcher.enqueue(tenant, older)
     await matcher.enqueue(tenant, newer)
-    assert await matcher.offer_interaction(tenant, older, NOW) == (a.user_id,)
+    assert await offer(matcher, tenant, older, NOW) == (a.user_id,)
     assert await matcher.waiting(tenant, queue) == [newer.interaction_id]
     assert await matcher.reject(tenant, older.interaction_id, a.user_id) == "ok"
     assert await matcher.waiting(tenant, queue) == [older.interaction_id, newer.interaction_id]
@@ -112,14 +118,14 @@ async def test_ring_all_rings_every_eligible_agent_and_the_first_to_accept_takes
         await matcher.set_agent(tenant, a)
     call = item(queue, strategy="ring_all", req=((skill, ((0, 1),)),))
     await matcher.enqueue(tenant, call)
-    rung = await matcher.offer_interaction(tenant, call, NOW)
+    rung = await offer(matcher, tenant, call, NOW)
     assert set(rung) == {first.user_id, second.user_id}
     for a in (first, second):
         assert await matcher.load(tenant, a.user_id) == {"voice": 1}  # each phone rings: no second call
     other = item(queue, strategy="ring_all")
     await matcher.enqueue(tenant, other)
     # The two ringing phones have no room; the agent without capacity is skipped; only the last one is left.
-    assert await matcher.offer_interaction(tenant, other, NOW) == (unskilled.user_id,)
+    assert await offer(matcher, tenant, other, NOW) == (unskilled.user_id,)
     taken = await matcher.accept(tenant, call.interaction_id, second.user_id, NOW + 1)
     assert taken.verdict == "ok"
     assert taken.withdrawn == (first.user_id,)
@@ -136,7 +142,7 @@ async def test_ring_all_rejections_and_expiry_return_the_call_to_its_place(match
         await matcher.set_agent(tenant, a)
     call = item(queue, strategy="ring_all")
     await matcher.enqueue(tenant, call)
-    assert len(await matcher.offer_interaction(tenant, call, NOW)) == 2
+    assert len(await offer(matcher, tenant, call, NOW)) == 2
     assert await matcher.reject(tenant, call.interaction_id, one.user_id) == "ringing"
     assert await matcher.load(tenant, one.user_id) == {"voice": 0}
     assert await matcher.reject(tenant, call.interaction_id, one.user_id) == "not_yours"
@@ -152,7 +158,7 @@ async def test_ring_all_rejections_and_expiry_return_the_call_to_its_place(match
     assert await matcher.load(tenant, one.user_id) == {"voice": 0}
     assert await matcher.load(tenant, two.user_id) == {"voice": 0}
     # A ringing call that ends (the caller hangs up) frees every phone it rang.
-    await matcher.offer_interaction(tenant, call, NOW + 30_000)
+    await offer(matcher, tenant, call, NOW + 30_000)
     assert await matcher.finish(tenant, call.interaction_id) is None
     assert await matcher.load(tenant, one.user_id) == {"voice": 0}
     assert await matcher.load(tenant, two.user_id) == {"voice": 0}
@@ -165,7 +171,7 @@ async def test_ring_all_is_for_voice_only(matcher):
         await matcher.set_agent(tenant, a)
     chat = item(queue, channel="webchat", strategy="ring_all")
     await matcher.enqueue(tenant, chat)
-    assert await matcher.offer_interaction(tenant, chat, NOW) == (idle_long.user_id,)
+    assert await offer(matcher, tenant, chat, NOW) == (idle_long.user_id,)
 
 
 async def test_an_agent_with_room_only_for_chats_finds_the_chat_behind_many_calls(redis):
@@ -184,18 +190,22 @@ async def test_an_agent_with_room_only_for_chats_finds_the_chat_behind_many_call
 
 
 async def test_a_new_arrival_does_not_jump_older_work_the_agent_could_take(matcher):
-    """The agent became available but has not been offered the older chat yet: the newcomer waits its turn."""
+    """The agent became available but has not been offered the older chat yet: the older one goes first, and
+    the newcomer goes to the next agent with room (here the same agent's second slot)."""
     tenant, queue = uuid.uuid4(), uuid.uuid4()
     older = item(queue, enq=NOW, channel="webchat")
     await matcher.enqueue(tenant, older)
-    a = agent(capacity={"webchat": 1})
+    a = agent(capacity={"webchat": 2})
     await matcher.set_agent(tenant, a)
     newer = item(queue, enq=NOW + 1, channel="webchat")
     await matcher.enqueue(tenant, newer)
-    assert await matcher.offer_interaction(tenant, newer, NOW + 2) == ()
-    offered = await matcher.offer_agent(tenant, a.user_id, NOW + 3)
-    assert offered is not None
-    assert offered.interaction_id == older.interaction_id
+    offers = await matcher.offer_interaction(tenant, newer, NOW + 2)
+    assert [(o.interaction_id, o.agents) for o in offers] == [
+        (older.interaction_id, (a.user_id,)),
+        (newer.interaction_id, (a.user_id,)),
+    ]
+    assert offers[0].timeout_ms == 20_000
+    assert await matcher.load(tenant, a.user_id) == {"webchat": 2}
 
 
 async def test_enqueue_is_idempotent_and_leaves_an_offered_interaction_alone(matcher):
@@ -210,7 +220,7 @@ async def test_enqueue_is_idempotent_and_leaves_an_offered_interaction_alone(mat
     await matcher.enqueue(tenant, moved)
     assert await matcher.waiting(tenant, queue) == []
     assert await matcher.waiting(tenant, other_queue) == [call.interaction_id]
-    assert await matcher.offer_interaction(tenant, moved, NOW) == (a.user_id,)
+    assert await offer(matcher, tenant, moved, NOW) == (a.user_id,)
     await matcher.enqueue(tenant, moved)  # a late duplicate must not undo the offer
     assert await matcher.waiting(tenant, other_queue) == []
     assert await matcher.load(tenant, a.user_id) == {"voice": 1}
@@ -238,7 +248,7 @@ async def test_tenants_do_not_see_each_other(matcher):
     await matcher.set_agent(a_tenant, a_agent)
     call = item(queue)
     await matcher.enqueue(b_tenant, call)
-    assert await matcher.offer_interaction(b_tenant, call, NOW) == ()
+    assert await offer(matcher, b_tenant, call, NOW) == ()
     assert await matcher.offer_agent(a_tenant, a_agent.user_id, NOW) is None
 
 
@@ -269,10 +279,9 @@ async def test_concurrent_matchers_never_double_assign_or_overrun(redis):
     async def worker(m: Matcher, chunk: list[WaitingInteraction]) -> None:
         for it in chunk:
             await m.enqueue(tenant, it)
-            got = await m.offer_interaction(tenant, it, NOW + 1_000)
-            if got:
-                assert it.interaction_id not in offers
-                (offers[it.interaction_id],) = got
+            for made in await m.offer_interaction(tenant, it, NOW + 1_000):
+                assert made.interaction_id not in offers
+                (offers[made.interaction_id],) = made.agents
             for a in rng.sample(agents, 3):
                 offered = await m.offer_agent(tenant, a.user_id, NOW + 1_000)
                 if offered is not None:

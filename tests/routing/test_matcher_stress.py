@@ -26,7 +26,15 @@ from typing import Any
 import pytest
 
 from backend.lib.redis_client import make_redis
-from backend.routing.matcher import _COMMON, _OFFER_AGENT, _OFFER_INTERACTION, AgentRouting, Matcher, WaitingInteraction
+from backend.routing.matcher import (
+    _COMMON,
+    _OFFER_AGENT,
+    _OFFER_INTERACTION,
+    AgentRouting,
+    Matcher,
+    WaitingInteraction,
+    _offers,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -194,19 +202,19 @@ async def _drive(url: str, seed: int, worker: int, operations: int) -> dict[str,
             await redis.hset(DETAILS_KEY, iid, json.dumps(details[iid]))
             await matcher.enqueue(uuid.UUID(tenant), item)
             counts["enqueued"] += 1
-            agents, audit = await offer_and_audit(
-                tenant, offer_interaction_script, [iid, now, item.offer_timeout_ms, item.strategy, SCAN_DEPTH]
-            )
-            if agents:
-                await check_offer(tenant, iid, list(agents), now, audit)
-                mine[iid] = (tenant, list(agents))
+            flat, audit = await offer_and_audit(tenant, offer_interaction_script, [iid, now, SCAN_DEPTH])
+            # Besides the newcomer, agents with older work waiting for them are offered that first.
+            for offer in _offers(flat):
+                offered, agents = str(offer.interaction_id), [str(a) for a in offer.agents]
+                await check_offer(tenant, offered, agents, now, audit)
+                mine[offered] = (tenant, agents)
                 counts["offers"] += 1
                 counts["ring_offers"] += len(agents) > 1
         elif action < 0.45:
             agent = rng.choice(list(spec["agents"]))
-            found, audit = await offer_and_audit(tenant, offer_agent_script, [agent, now, SCAN_DEPTH])
-            if found:
-                iid, agents = found[0], list(found[1:])
+            flat, audit = await offer_and_audit(tenant, offer_agent_script, [agent, now, SCAN_DEPTH])
+            for offer in _offers(flat):
+                iid, agents = str(offer.interaction_id), [str(a) for a in offer.agents]
                 if agent not in agents:
                     raise Violation(f"seed {seed}: the agent who asked was not offered {iid}")
                 await check_offer(tenant, iid, agents, now, audit)
