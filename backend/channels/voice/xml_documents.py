@@ -43,7 +43,7 @@ _SPACES = re.compile(r"\s+")
 
 def switch_text(value: str, max_length: int = 80) -> str:
     """Tenant- or caller-controlled text made inert for FreeSWITCH: plain printable characters only."""
-    value = unicodedata.normalize("NFC", value)
+    value = _SPACES.sub(" ", unicodedata.normalize("NFC", value))
     value = "".join(ch for ch in value if unicodedata.category(ch)[0] != "C")
     value = _SWITCH_SPECIAL.sub("", value)
     return _SPACES.sub(" ", value).strip()[:max_length]
