@@ -46,7 +46,7 @@ log = structlog.get_logger("voice.cdrs")
 Source = Literal["event", "json_cdr", "err_log", "node_failure"]
 Outcome = Literal["created", "merged", "duplicate", "unattributed"]
 REAL_SOURCES = frozenset({"event", "json_cdr", "err_log"})
-_MERGED_SOURCES = "ARRAY(SELECT DISTINCT unnest(unattributed_cdrs.sources || excluded.sources))"
+_MERGED_SOURCES = "ARRAY(SELECT DISTINCT s FROM unnest(unattributed_cdrs.sources || excluded.sources) AS s ORDER BY s)"
 MAX_CDR_FILE_BYTES = 4 * 1024 * 1024
 
 
