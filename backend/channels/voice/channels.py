@@ -69,7 +69,7 @@ class LiveChannels:
             return False
         leg = as_uuid(header(event, "Unique-ID"))
         if leg is None:
-            log.warning("channel_event_without_leg", node_id=str(node_id), event=header(event, "Event-Name"))
+            log.warning("channel_event_without_leg", node_id=str(node_id), event_name=header(event, "Event-Name"))
             return False
         fields = live_fields(event)
         if header(event, "Event-Name") == "CHANNEL_HANGUP":

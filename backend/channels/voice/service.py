@@ -101,7 +101,7 @@ class VoiceSwitchboard:
             elif name == "CUSTOM" and header(event, "Event-Subclass") in REGISTRATION_EVENTS:
                 await self.registration_event(node_id, event)
         except LegError as exc:
-            log.warning("switch_event_unusable", node_id=str(node_id), event=name, error=str(exc))
+            log.warning("switch_event_unusable", node_id=str(node_id), event_name=name, error=str(exc))
 
     async def heartbeat(self, node_id: uuid.UUID, event: Event | None = None) -> bool:
         """A HEARTBEAT (or the connection's first sign of life): the node is up. Returns whether it just came up."""
