@@ -202,6 +202,24 @@ def esl_password(node: SwitchNode, box: SecretBox) -> str:
     return box.open(node.esl_password_sealed)
 
 
+@dataclass(frozen=True, slots=True)
+class EslTarget:
+    """How to open a node's inbound event socket."""
+
+    id: uuid.UUID
+    name: str
+    host: str
+    port: int
+    password: str
+
+
+async def esl_targets(sessionmaker: async_sessionmaker[AsyncSession], box: SecretBox) -> list[EslTarget]:
+    """Every registered node's event socket, password decrypted (for the process that holds its lease)."""
+    async with sessionmaker() as session:
+        found = (await session.scalars(select(SwitchNode).order_by(SwitchNode.name))).all()
+    return [EslTarget(n.id, n.name, n.esl_host, n.esl_port, esl_password(n, box)) for n in found]
+
+
 async def node_by_name(session: AsyncSession, name: str) -> SwitchNode | None:
     """The registered node with that switchname."""
     return await session.scalar(select(SwitchNode).where(SwitchNode.name == name))

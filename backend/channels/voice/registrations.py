@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import delete, func, select, text
@@ -39,6 +41,7 @@ _URI = re.compile(r"<([^>]*)>")
 _TRANSPORT_PARAM = re.compile(r";transport=([A-Za-z]+)", re.IGNORECASE)
 _STATUS_TRANSPORT = re.compile(r"Registered\(([A-Za-z]+)", re.IGNORECASE)
 _TRANSPORTS = {"udp", "tcp", "tls", "ws", "wss"}
+_PROFILE_PREFIX = re.compile(r"^sofia/[^/]+/")
 MAX_EXPIRES_SECONDS = 7 * 86400
 
 
@@ -254,6 +257,53 @@ class Registrations:
                     )
                 ).all()
                 remaining = {user: await self._still_registered(session, user) for user in set(users)}
+            for user_id, still in remaining.items():
+                changes.append(await self._settle(tenant_id, user_id, still))
+        return changes
+
+    async def reconcile(self, node_id: uuid.UUID, rows: Sequence[Mapping[str, Any]]) -> list[RegistrationChange]:
+        """After a reconnect: the node's own registrations (`show registrations as json` rows) are the truth.
+
+        Each row is (re)registered; registrations we hold for the node that it no longer lists are dropped.
+        """
+        now = int(utcnow().timestamp())
+        present: set[tuple[uuid.UUID, str, str]] = set()
+        changes: list[RegistrationChange] = []
+        for row in rows:
+            url = str(row.get("url") or "")
+            uri = _PROFILE_PREFIX.sub("", url)
+            try:
+                expires = int(str(row.get("expires") or "0")) - now
+            except ValueError:
+                expires = 0
+            event = {
+                "Event-Subclass": REGISTER,
+                "username": str(row.get("reg_user") or ""),
+                "realm": str(row.get("realm") or ""),
+                "contact": f"<{uri}>",
+                "call-id": str(row.get("token") or ""),
+                "expires": str(max(expires, 1)),
+                "network-ip": str(row.get("network_ip") or ""),
+                "network-port": str(row.get("network_port") or ""),
+                "status": f"Registered({str(row.get('network_proto') or 'udp').upper()})",
+            }
+            change = await self.registered(node_id, event)
+            if change is not None:
+                changes.append(change)
+                present.add((change.tenant_id, event["username"], contact_uri(event["contact"])))
+        for tenant_id in await self._tenants_with(node_id, None):
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                held = (
+                    await session.execute(
+                        select(
+                            Registration.id, Registration.user_id, Registration.sip_username, Registration.contact
+                        ).where(Registration.node_id == node_id)
+                    )
+                ).all()
+                stale = [r for r in held if (tenant_id, r.sip_username, r.contact) not in present]
+                if stale:
+                    await session.execute(delete(Registration).where(Registration.id.in_([r.id for r in stale])))
+                remaining = {r.user_id: await self._still_registered(session, r.user_id) for r in stale}
             for user_id, still in remaining.items():
                 changes.append(await self._settle(tenant_id, user_id, still))
         return changes

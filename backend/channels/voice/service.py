@@ -18,17 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from backend.auth.crypto import SecretBox
 from backend.channels.voice.cdrs import CdrListener, CdrRecorder, InteractionTimeline, Recorded
 from backend.channels.voice.channels import TRACKED_EVENTS, LiveChannels
 from backend.channels.voice.legs import Event, LegError, header
-from backend.channels.voice.nodes import FailedNode, NodeChoice, NodeHealth
+from backend.channels.voice.nodes import EslTarget, FailedNode, NodeChoice, NodeHealth, esl_targets
 from backend.channels.voice.registrations import (
     REGISTRATION_EVENTS,
     RegisteredContact,
@@ -80,6 +83,8 @@ class VoiceSwitchboard:
         cdr_listeners: list[CdrListener] | None = None,
     ) -> None:
         self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.box = SecretBox(settings.secret_key)
         self.health = NodeHealth(sessionmaker, settings)
         self.live = LiveChannels(redis)
         listeners: list[CdrListener] = [InteractionTimeline(routing)]
@@ -124,6 +129,16 @@ class VoiceSwitchboard:
     async def reconcile_channels(self, node_id: uuid.UUID, live_uuids: list[str]) -> list[str]:
         """After a reconnect: the node's own list of channels (`show channels as json` uuids) is the truth."""
         return await self.live.reconcile(node_id, live_uuids)
+
+    async def reconcile_registrations(
+        self, node_id: uuid.UUID, rows: Sequence[Mapping[str, Any]]
+    ) -> list[RegistrationChange]:
+        """After a reconnect: the node's own registrations (`show registrations as json` rows) are the truth."""
+        return await self.registrations.reconcile(node_id, rows)
+
+    async def esl_targets(self) -> list[EslTarget]:
+        """Every registered node with its event socket address and (decrypted) password, for the inbound manager."""
+        return await esl_targets(self.sessionmaker, self.box)
 
     # --- questions from routing and call control ------------------------------------------------
 

@@ -433,3 +433,45 @@ async def test_unusable_events_are_logged_not_raised(factory: Factory, app):
     ):
         await voice.handle_event(node["id"], event)
     await voice.heartbeat(uuid.uuid4())  # not a node: logged
+
+
+async def test_reconnect_rereads_the_nodes_registrations(factory: Factory, app, client):
+    """`show registrations as json` (e01's row, for our seat) re-registers; what the node no longer lists goes."""
+    voice = app.state.voice
+    ctx = await factory.tenant()
+    listed_seat = await factory.sip_seat(ctx)
+    await factory.sip_seat(ctx)
+    forgotten_seat = await factory.sip_seat(ctx)
+    node = await factory.switch_node()
+    await voice.heartbeat(node["id"])
+    await voice.registration_event(
+        node["id"], _registration("sofia::register", forgotten_seat, contact="<sip:x@10.0.0.9:5060>")
+    )
+    assert (await _agent_state(client, ctx, forgotten_seat["user_id"]))["voice_registered"] is True
+    row = {
+        "reg_user": listed_seat["username"],
+        "realm": listed_seat["domain"],
+        "token": "1-19534@127.0.0.1",
+        "url": "sofia/internal/sip:1001@127.0.0.1:5090",
+        "expires": str(int(utcnow().timestamp()) + 3600),
+        "network_ip": "127.0.0.1",
+        "network_port": "5070",
+        "network_proto": "udp",
+        "hostname": "fs-node-1",
+        "metadata": "",
+    }
+    changes = await voice.reconcile_registrations(node["id"], [row])
+    assert {(c.user_id, c.registered) for c in changes} == {
+        (listed_seat["user_id"], True),
+        (forgotten_seat["user_id"], False),
+    }
+    where = await voice.where_registered(ctx.tenant_id, listed_seat["user_id"])
+    assert where is not None and where.contact == "sip:1001@127.0.0.1:5090"
+    assert (await _agent_state(client, ctx, forgotten_seat["user_id"]))["voice_registered"] is False
+
+
+async def test_the_inbound_manager_gets_each_nodes_event_socket(factory: Factory, app):
+    node = await factory.switch_node()
+    targets = {t.id: t for t in await app.state.voice.esl_targets()}
+    target = targets[node["id"]]
+    assert (target.name, target.host, target.port, target.password) == (node["name"], "127.0.0.1", 8021, "ClueCon")
