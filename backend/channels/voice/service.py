@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.auth.crypto import SecretBox
 from backend.channels.voice.cdrs import CdrListener, CdrRecorder, InteractionTimeline, Recorded
 from backend.channels.voice.channels import TRACKED_EVENTS, LiveChannels
-from backend.channels.voice.legs import Event, LegError, header
+from backend.channels.voice.legs import Event, LegError, as_uuid, header
 from backend.channels.voice.nodes import EslTarget, FailedNode, NodeChoice, NodeHealth, esl_targets
 from backend.channels.voice.registrations import (
     REGISTRATION_EVENTS,
@@ -117,8 +117,18 @@ class VoiceSwitchboard:
         return await self.live.update(node_id, event)
 
     async def hangup_complete(self, node_id: uuid.UUID, event: Event) -> Recorded:
-        """CHANNEL_HANGUP_COMPLETE: the leg's CDR is stored (committed), then the leg is no longer live."""
-        result = await self.cdrs.record_event(event, node_id)
+        """CHANNEL_HANGUP_COMPLETE: the leg's CDR is stored (committed), then the leg is no longer live.
+
+        Raises `LegError` for an event that describes no leg (the leg, if named, is forgotten anyway), and
+        the database's error if it cannot be reached: the caller retries, and mod_json_cdr still delivers.
+        """
+        try:
+            result = await self.cdrs.record_event(event, node_id)
+        except LegError:
+            leg = as_uuid(header(event, "Unique-ID"))
+            if leg is not None:
+                await self.live.forget(node_id, leg)
+            raise
         await self.live.forget(node_id, result.leg_uuid)
         return result
 
