@@ -103,8 +103,15 @@ class Registrations:
 
     async def _who(self, session: AsyncSession, event: Event) -> tuple[uuid.UUID, str, uuid.UUID] | None:
         """(tenant, SIP user, user id) of the event's seat; None for anyone else (logged)."""
-        username = header(event, "username") or header(event, "from-user") or header(event, "to-user")
-        realm = header(event, "realm") or header(event, "domain_name") or header(event, "from-host")
+        # sofia::register/unregister carry username and realm; sofia::expire username, realm and host
+        # (sofia_reg.c); the from/to headers are the last resort.
+        username = header(event, "username") or header(event, "user") or header(event, "from-user")
+        realm = (
+            header(event, "realm")
+            or header(event, "domain_name")
+            or header(event, "host")
+            or header(event, "from-host")
+        )
         if not username or not realm:
             log.warning("registration_event_incomplete", subclass=header(event, "Event-Subclass"))
             return None
