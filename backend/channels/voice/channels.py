@@ -38,11 +38,12 @@ TRACKED_EVENTS = frozenset(
 
 
 def _node_key(node_id: uuid.UUID) -> str:
-    return global_key("switch", str(node_id), "legs")
+    # One hash tag per node: a node's set and its legs' hashes share a Redis Cluster slot (MULTI works).
+    return global_key(f"{{sw:{node_id}}}", "legs")
 
 
 def _leg_key(node_id: uuid.UUID, leg_uuid: uuid.UUID | str) -> str:
-    return global_key("switch", str(node_id), "leg", str(leg_uuid))
+    return global_key(f"{{sw:{node_id}}}", "leg", str(leg_uuid))
 
 
 @dataclass(frozen=True, slots=True)
