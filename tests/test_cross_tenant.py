@@ -382,7 +382,7 @@ async def test_switch_routes_refuse_unregistered_addresses(factory: Factory, app
 async def test_switch_routes_answer_for_the_domain_asked_only(factory: Factory, app: Litestar):
     """A directory request for tenant A's domain naming a SIP user only tenant B has finds nothing;
     A's own seat is found, with A's tenant id and nothing of B's."""
-    from tests.channels.voice.conftest import rewrite_form, xml_curl_body
+    from tests.support.freeswitch_captures import rewrite_form, xml_curl_body
 
     node = await factory.switch_node(name=unique("fs-walk-"), sources=["127.0.0.1"])
     a = await factory.tenant()

@@ -23,8 +23,8 @@ from backend.channels.voice.cdrs import import_cdr_directory
 from backend.channels.voice.legs import leg_from_event
 from backend.channels.voice.models import CallLeg, UnattributedLeg
 from backend.db.engine import tenant_transaction
-from tests.channels.voice.conftest import A_LEG, B_LEG, a08_events, json_cdr
 from tests.factories import Factory
+from tests.support.freeswitch_captures import A_LEG, B_LEG, a08_events, json_cdr
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +214,7 @@ async def test_mod_json_cdr_retries_and_its_err_log_dir_end_as_one_row_each(
 
 
 def _capture(name: str) -> Path:
-    from tests.channels.voice.conftest import fixture
+    from tests.support.freeswitch_captures import fixture
 
     return fixture("json_cdr", name)
 

@@ -17,7 +17,7 @@ from backend.channels.voice.legs import (
     live_fields,
 )
 from backend.channels.voice.xml_documents import switch_text
-from tests.channels.voice.conftest import A_LEG, B_LEG, a08_events, json_cdr
+from tests.support.freeswitch_captures import A_LEG, B_LEG, a08_events, json_cdr
 
 pytestmark = pytest.mark.unit
 

@@ -24,8 +24,8 @@ from backend.channels.voice.service import SUBSCRIBED_EVENTS, VoiceSwitchboard
 from backend.db.base import utcnow
 from backend.db.engine import tenant_transaction
 from backend.tenants.models import ProviderAuditEntry
-from tests.channels.voice.conftest import A_LEG, B_LEG, a08_events, rewrite_form, xml_curl_body
 from tests.factories import Factory, TenantCtx
+from tests.support.freeswitch_captures import A_LEG, B_LEG, a08_events, rewrite_form, xml_curl_body
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from backend.channels.voice.admission import Admission, CallAttempt
 from backend.channels.voice.xml_curl import XmlCurl, parse_form
 from backend.channels.voice.xml_documents import NOT_FOUND
-from tests.channels.voice.conftest import A_LEG, fixture, rewrite_form, xml_curl_body
 from tests.factories import Factory, TenantCtx
+from tests.support.freeswitch_captures import A_LEG, fixture, rewrite_form, xml_curl_body
 
 pytestmark = pytest.mark.integration
 
