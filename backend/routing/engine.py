@@ -303,28 +303,87 @@ class RoutingEngine:
                 raise Conflict("The interaction has already ended", kind="already-ended")
             if interaction.agent_id is not None and interaction.agent_id != actor and not principal.can("queues:write"):
                 raise Forbidden("Only the agent handling it, or a supervisor, may end this interaction")
-            agent = interaction.agent_id if interaction.state == "connected" else None
-            final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
-            await self._end(session, interaction, final)
-            wrap_up = 0
-            if agent is not None and interaction.queue_id is not None:
-                queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
-                wrap_up = queue.wrap_up_seconds if queue else 0
+            agent, wrap_up = await self._close(session, interaction, outcome)
             result = interactions.out(interaction)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        return result
+
+    async def end_from_channel(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        *,
+        outcome: str | None = None,
+        at: datetime | None = None,
+        **data: Any,
+    ) -> InteractionOut | None:
+        """A channel reports the contact is over (the caller hung up, the call's switch node was lost).
+
+        The interaction ends as handled if an agent had it, abandoned if it was still waiting, or with
+        `outcome` when given (`node_failure`); its agent's capacity is freed. Idempotent: an interaction
+        already ended (or unknown to this tenant) is left alone and None is returned.
+        """
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            try:
+                interaction = await interactions.lock(session, interaction_id)
+            except NotFound:
+                log.warning(
+                    "channel_end_unknown_interaction", tenant_id=str(tenant_id), interaction=str(interaction_id)
+                )
+                return None
+            if interaction.state in ("ended", "wrap_up"):
+                return None
+            agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
+            result = interactions.out(interaction)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        return result
+
+    async def _close(
+        self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
+    ) -> tuple[uuid.UUID | None, int]:
+        """End the interaction in the transaction; returns its agent (if one had it) and their wrap-up time."""
+        agent = interaction.agent_id if interaction.state == "connected" else None
+        final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
+        await self._end(session, interaction, final, at=at, **data)
+        wrap_up = 0
+        if agent is not None and interaction.queue_id is not None:
+            queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
+            wrap_up = queue.wrap_up_seconds if queue else 0
+        return agent, wrap_up
+
+    async def _released(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        agent: uuid.UUID | None,
+        wrap_up: int,
+        queue_id: uuid.UUID | None,
+    ) -> None:
         await self.matcher.finish(tenant_id, interaction_id)
         if agent is not None:
             await self._after_interaction(tenant_id, agent, wrap_up)
-        await self.queue_changed(tenant_id, result.queue_id)
-        return result
+        await self.queue_changed(tenant_id, queue_id)
 
-    async def _end(self, session: AsyncSession, interaction: Interaction, outcome: str, **data: Any) -> None:
+    async def _end(
+        self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
+    ) -> None:
         interaction.state = "ended"
         interaction.outcome = outcome
-        interaction.ended_at = utcnow()
+        interaction.ended_at = at or utcnow()
         if outcome == "abandoned":
             waited = (interaction.ended_at - interaction.queued_at).total_seconds() if interaction.queued_at else 0.0
-            await interactions.record(session, interaction, "abandoned", waited_seconds=round(waited, 3))
-        await interactions.record(session, interaction, "ended", agent_id=interaction.agent_id, outcome=outcome, **data)
+            await interactions.record(
+                session, interaction, "abandoned", at=interaction.ended_at, waited_seconds=round(max(0.0, waited), 3)
+            )
+        await interactions.record(
+            session,
+            interaction,
+            "ended",
+            agent_id=interaction.agent_id,
+            at=interaction.ended_at,
+            outcome=outcome,
+            **data,
+        )
 
     async def _after_interaction(self, tenant_id: uuid.UUID, agent: uuid.UUID, wrap_up_seconds: int) -> None:
         load = await self.matcher.load(tenant_id, agent)

@@ -1,0 +1,1 @@
+"""Customer-facing channels: voice (FreeSWITCH), and later web chat and WeChat."""
