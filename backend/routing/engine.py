@@ -32,6 +32,7 @@ from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
 from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInteraction
 from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
+from backend.routing.offers import OfferRecorder
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
 from backend.tenants import service as tenants_service
 
@@ -79,6 +80,7 @@ class RoutingEngine:
         away_on_missed_offer: bool = True,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self.offers = OfferRecorder(sessionmaker)
         self.matcher = matcher
         self.hub = hub
         self.away_on_missed_offer = away_on_missed_offer
@@ -214,19 +216,15 @@ class RoutingEngine:
     async def _offered(
         self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], timeout_ms: int
     ) -> None:
-        """Record the offer and push it to the agent, or to every agent a ring-all call rings."""
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            interaction = await interactions.lock(session, interaction_id)
-            interaction.state = "offered"
-            interaction.agent_id = agents[0] if len(agents) == 1 else None
-            for agent in agents:
-                await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
-            payload = {
-                "type": "offer",
-                "interaction": _plain(interactions.out(interaction)),
-                "timeout_ms": timeout_ms,
-                "ringing_agents": len(agents),
-            }
+        """Record the offer durably (group-committed with concurrent offers), then push it to the agent, or to
+        every agent a ring-all call rings."""
+        offered = await self.offers.record(tenant_id, interaction_id, agents, timeout_ms)
+        payload = {
+            "type": "offer",
+            "interaction": _plain(offered),
+            "timeout_ms": timeout_ms,
+            "ringing_agents": len(agents),
+        }
         await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
         for agent in agents:
             await self.hub.publish(tenant_id, agent, payload)
