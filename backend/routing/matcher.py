@@ -151,44 +151,55 @@ local function make_offer(iid, agents, now, timeout_ms)
   end
   redis.call('ZADD', P .. 'offers', now + timeout_ms, iid)
 end
--- The candidate the queue's strategy prefers for `iid` (ties go to the lowest id: candidates are sorted).
-local function best_by_strategy(iid, candidates, now)
+-- `candidates` in the order the queue's strategy prefers them for `iid` (ties: lowest id first).
+local function by_strategy(iid, candidates, now)
   local ikey = P .. 'i:' .. iid
   local strategy = redis.call('HGET', ikey, 'strategy')
   local req = redis.call('HGET', ikey, 'req')
   local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-  local best, best_key = false, nil
+  local keys = {}
   for _, agent in ipairs(candidates) do
     local akey = P .. 'a:' .. agent
-    local key
     if strategy == 'round_robin' then
-      key = tonumber(redis.call('HGET', akey, 'lastoffer') or 0)
+      keys[agent] = tonumber(redis.call('HGET', akey, 'lastoffer') or 0)
     elseif strategy == 'fewest_interactions' then
-      key = tonumber(redis.call('HGET', akey, 'handled') or 0)
+      keys[agent] = tonumber(redis.call('HGET', akey, 'handled') or 0)
     elseif strategy == 'best_skill' then
       local _, skill_total = required_ok(req, redis.call('HGET', akey, 'skills'), waited)
-      key = -skill_total
+      keys[agent] = -skill_total
     else
-      key = tonumber(redis.call('HGET', akey, 'idle') or 0)
+      keys[agent] = tonumber(redis.call('HGET', akey, 'idle') or 0)
     end
-    if best_key == nil or key < best_key then best, best_key = agent, key end
   end
-  return best
+  local ordered = {}
+  for _, agent in ipairs(candidates) do table.insert(ordered, agent) end
+  table.sort(ordered, function(a, b)
+    if keys[a] ~= keys[b] then return keys[a] < keys[b] end
+    return a < b
+  end)
+  return ordered
 end
--- Offers the waiting `iid` to the agents it may go to now (to `preferred` when given, unless it rings all)
--- and appends {iid, timeout_ms, n, agents...} to `out`. False when nobody may take it.
+-- Offers the waiting `iid` to the agents it may go to now and appends {iid, timeout_ms, n, agents...} to
+-- `out`: every agent it may go to for a ring-all call, else `preferred` (an agent it is known to be the most
+-- urgent work for) or the first agent in the strategy's order for whom nothing older is waiting. False when
+-- nobody may take it.
 local function offer_now(iid, now, depth, out, preferred)
   local ikey = P .. 'i:' .. iid
-  local candidates = ringable_agents(iid, now, depth)
-  if #candidates == 0 then return false end
   local agents
   if rings_all(ikey) then
-    agents = candidates
+    agents = ringable_agents(iid, now, depth)
   elseif preferred then
     agents = {preferred}
   else
-    agents = {best_by_strategy(iid, candidates, now)}
+    agents = {}
+    for _, agent in ipairs(by_strategy(iid, eligible_agents(iid, now), now)) do
+      if most_urgent_for(agent, now, depth) == iid then
+        agents = {agent}
+        break
+      end
+    end
   end
+  if #agents == 0 then return false end
   local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
   make_offer(iid, agents, now, timeout_ms)
   table.insert(out, iid)
@@ -250,7 +261,7 @@ for _ = 1, 10 do
   if redis.call('HGET', ikey, 'state') ~= 'waiting' then break end
   local eligible = eligible_agents(iid, now)
   if #eligible == 0 or offer_now(iid, now, depth, out, nil) then break end
-  local agent = best_by_strategy(iid, eligible, now)
+  local agent = by_strategy(iid, eligible, now)[1]
   local older = most_urgent_for(agent, now, depth)
   if not older or not offer_now(older, now, depth, out, agent) then break end
 end
