@@ -243,10 +243,11 @@ async def _ours_drain(world: World, share: int, shares: int, concurrency: int, g
     async def lane(agents: list[tuple[str, str]]) -> None:
         nonlocal decided
         active = list(agents)
+        for t, a in active:  # every agent comes free at once
+            await matcher.set_agent(uuid.UUID(t), AgentRouting(uuid.UUID(a), True, {"voice": 1}, {}, 0))
         while active:
             for t, a in list(active):
                 tenant, agent = uuid.UUID(t), uuid.UUID(a)
-                await matcher.set_agent(tenant, AgentRouting(agent, True, {"voice": 1}, {}, int(time.time() * 1000)))
                 offer = await matcher.offer_agent(tenant, agent, int(time.time() * 1000))
                 if offer is None:
                     active.remove((t, a))
@@ -365,16 +366,17 @@ async def _base_drain(world: World, share: int, shares: int, concurrency: int, g
     async def lane(agents: list[tuple[str, str]]) -> None:
         nonlocal decided
         active = list(agents)
+        async with pool.acquire() as conn:  # every agent comes free at once
+            for t, a in active:
+                await conn.execute(
+                    "UPDATE bench_agents SET available = true WHERE tenant_id = $1 AND agent_id = $2",
+                    uuid.UUID(t),
+                    uuid.UUID(a),
+                )
         while active:
             for t, a in list(active):
                 async with pool.acquire() as conn, conn.transaction():
                     await conn.execute("SELECT set_config('app.tenant_id', $1, true)", t)
-                    await conn.execute(
-                        "UPDATE bench_agents SET available = true, idle_since = $3 WHERE tenant_id = $1 AND agent_id = $2",
-                        uuid.UUID(t),
-                        uuid.UUID(a),
-                        int(time.time() * 1000),
-                    )
                     iid = await conn.fetchval(_BASE_OFFER_WAITING, uuid.UUID(t))
                     if iid is None:
                         active.remove((t, a))

@@ -109,16 +109,26 @@ local function most_urgent_for(agent, now, depth)
     local channel = string.match(fields[f], '^cap:(.+)$')
     if channel and has_room(agent, channel) then
       for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
-        local items = redis.call('ZRANGE', P .. 'qc:' .. queue .. ':' .. channel, 0, depth - 1, 'WITHSCORES')
-        for i = 1, #items, 2 do
-          local iid, rank = items[i], tonumber(items[i + 1])
-          if best_rank ~= nil and rank >= best_rank then break end
-          local ikey = P .. 'i:' .. iid
-          local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-          if required_ok(redis.call('HGET', ikey, 'req'), skills, waited) then
-            best, best_rank = iid, rank
-            break
+        -- Read the lane a few entries at a time: the head usually qualifies.
+        local lane, from, done = P .. 'qc:' .. queue .. ':' .. channel, 0, false
+        while not done and from < depth do
+          local upto = math.min(from + 8, depth) - 1
+          local items = redis.call('ZRANGE', lane, from, upto, 'WITHSCORES')
+          if #items == 0 then break end
+          for i = 1, #items, 2 do
+            local iid, rank = items[i], tonumber(items[i + 1])
+            if best_rank ~= nil and rank >= best_rank then
+              done = true
+              break
+            end
+            local ikey = P .. 'i:' .. iid
+            local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+            if required_ok(redis.call('HGET', ikey, 'req'), skills, waited) then
+              best, best_rank, done = iid, rank, true
+              break
+            end
           end
+          from = upto + 1
         end
       end
     end
