@@ -1,0 +1,1 @@
+"""Contact channels: voice (FreeSWITCH), web chat and WeChat adapters."""

@@ -1,0 +1,1 @@
+"""The voice channel: FreeSWITCH integration over ESL and xml_curl."""
