@@ -530,6 +530,8 @@ async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
         cause = outcome
         if channel.down:
             raise HungUp
+    if channel.callstate == "RING_WAIT":
+        switch.set_callstate(leg, "ACTIVE" if channel.answered else "RINGING")
     channel.variables.set("originate_disposition", cause)
     channel.variables.set("DIALSTATUS", dialstatus(cause))
     channel.variables.set("current_application_response", cause)
@@ -583,6 +585,8 @@ async def originate_leg(
     else:
         return "INVALID_GATEWAY"
     domain = domain or switch.config.domain
+    if originator is not None and originator.channel.callstate != "RING_WAIT":
+        switch.set_callstate(originator, "RING_WAIT")
     probe = Endpoint(user, domain)
     await switch.directory_user(probe, action="user_call")
     if originator is not None:
@@ -606,6 +610,9 @@ async def originate_leg(
     )
     channel = leg.channel
     channel.hit_dialplan = False
+    assert channel.profile is not None
+    channel.profile.callee_id_name = "Outbound Call"
+    channel.profile.callee_id_number = user
     if originator is not None and a_profile is not None:
         channel.other_type = "originator"
         channel.other_profile = dataclasses.replace(a_profile)
@@ -635,6 +642,13 @@ async def originate_leg(
         v.set(key, value)
     for key, value in endpoint.variables.items():
         v.set(key, value)
+    for key, value in (
+        ("sip_from_user", a_profile.caller_id_number if a_profile else "0000000000"),
+        ("sip_to_user", user),
+        ("sip_call_id", f"{channel.uuid[:12]}@127.0.0.1"),
+        ("call_uuid", channel.uuid),
+    ):
+        v.set(key, value)
     for key, value in variables.items():
         if key != "origination_uuid":
             v.set(key, value)
@@ -652,7 +666,6 @@ async def originate_leg(
         v.set("originate_endpoint", "user")
         a_vars.set("dialed_user", user)
         a_vars.set("dialed_domain", domain)
-        switch.set_callstate(originator, "RING_WAIT")
     switch.set_state(leg, "CS_INIT")
     switch.fire("CHANNEL_CREATE", channel, calling=SESSION_RUN)
     switch.fire("CHANNEL_ORIGINATE", channel, calling=SESSION_RUN)
@@ -743,10 +756,17 @@ async def originate_loopback(
 async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
     """CHANNEL_BRIDGE on the a-leg, then wait until one side hangs up; tear the b-leg down in FreeSWITCH's order."""
     a_channel, b_channel = a.channel, b.channel
+    assert a_channel.profile is not None and b_channel.profile is not None
     if not a_channel.answered:
         switch.mark_answered(a)
+    a_channel.profile.callee_id_name = "Outbound Call"
+    a_channel.profile.callee_id_number = b_channel.profile.destination_number
+    a_channel.other_type = "originatee"
+    a_channel.other_profile = dataclasses.replace(b_channel.profile)
     if a_channel.callstate == "RING_WAIT":
         switch.set_callstate(a, "ACTIVE")
+    if b_channel.other_type == "originator":
+        b_channel.other_profile = dataclasses.replace(a_channel.profile)
     switch.fire(
         "CHANNEL_OUTGOING",
         b_channel,
@@ -754,13 +774,8 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
         extended=False,
     )
     stamp = now_us()
-    assert a_channel.profile is not None and b_channel.profile is not None
     a_channel.profile.bridged = stamp
     b_channel.profile.bridged = stamp
-    a_channel.profile.callee_id_name = "Outbound Call"
-    a_channel.profile.callee_id_number = b_channel.profile.destination_number
-    a_channel.other_type = "originatee"
-    a_channel.other_profile = dataclasses.replace(b_channel.profile)
     a_channel.partner = b_channel.uuid
     b_channel.partner = a_channel.uuid
     av, bv = a_channel.variables, b_channel.variables

@@ -741,16 +741,17 @@ class Switch:
         channel.profile = profile
         self.seed_sofia_variables(leg, number, domain, destination)
         if from_user:
+            # As captured (a08): for an INVITE's digest check sofia reports from-user and to-user swapped.
             auth_pairs: Pairs = [
                 ("profile-name", "internal"),
-                ("from-user", from_user),
+                ("from-user", destination),
                 ("from-host", domain),
-                ("contact", f'"{caller_name}" <sip:{from_user}@127.0.0.1:5070>'),
+                ("contact", f'"" <sip:{from_user}@127.0.0.1:5070>'),
                 ("call-id", channel.variables.get("sip_call_id") or ""),
                 ("rpid", "unknown"),
                 ("status", "Registered(UDP)"),
-                ("expires", "0"),
-                ("to-user", destination),
+                ("expires", "300"),
+                ("to-user", from_user),
                 ("to-host", domain),
                 ("network-ip", "127.0.0.1"),
                 ("network-port", "5070"),
@@ -760,11 +761,32 @@ class Switch:
             self.fire_custom(
                 "sofia::register_attempt",
                 ("sofia_reg.c", "sofia_reg_handle_register_token", 1606),
-                [*auth_pairs, ("username", from_user), ("realm", domain), ("user-agent", "cc-sim-caller")],
+                [
+                    *auth_pairs,
+                    ("username", from_user),
+                    ("realm", domain),
+                    ("user-agent", "cc-sim-caller"),
+                    ("auth-result", "RENEWED"),
+                ],
             )
             endpoint = Endpoint(from_user, domain, call_id=channel.variables.get("sip_call_id") or "")
             user_vars = await self.directory_user(endpoint, action="sip_auth", method="INVITE")
-            for key, value in (user_vars or {}).items():
+            if user_vars is None:
+                await self.hangup(leg, "CALL_REJECTED")
+                leg.task = asyncio.create_task(self.teardown(leg), name=f"rejected-{channel.uuid}")
+                return channel.uuid
+            # What sofia keeps of a successful digest check (sofia_reg_parse_auth).
+            for key, value in (
+                ("sip_number_alias", from_user),
+                ("sip_auth_username", from_user),
+                ("sip_auth_realm", domain),
+                ("number_alias", from_user),
+                ("requested_user_name", from_user),
+                ("requested_domain_name", domain),
+                *user_vars.items(),
+                ("user_name", from_user),
+                ("domain_name", domain),
+            ):
                 channel.variables.set(key, value)
         leg.task = asyncio.create_task(self.run_inbound(leg), name=f"call-{channel.uuid}")
         return channel.uuid
@@ -825,6 +847,7 @@ class Switch:
             ("endpoint_disposition", "DELAYED NEGOTIATION"),
         ):
             v.set(name, value)
+        v.set("call_uuid", channel.uuid)
 
     async def run_inbound(self, leg: CallLeg) -> None:
         """The inbound call's state machine: routing, executing the extension, hangup and reporting."""
@@ -927,7 +950,6 @@ class Switch:
             channel,
             calling=("switch_core_state_machine.c", "switch_core_session_reporting_state", 943),
             pre=[("Hangup-Cause", channel.hangup_cause or "NORMAL_CLEARING")],
-            skip_hangup_cause=True,
         )
         if leg.listener is not None:
             leg.listener.channel_down()
