@@ -181,7 +181,7 @@ async def test_command_replies_match_the_capture_byte_for_byte(name):
     async with SwitchSimulator(simulator_config()) as simulator:
         data = await _raw_session(simulator.esl_port, sends)
     expected = [r["data"] for r in records if r["dir"] == "recv"]
-    actual = [frame for frame in FrameParser().feed(data)]
+    actual = list(FrameParser().feed(data))
     actual_bytes = ["".join(f"{k}: {v}\n" for k, v in f.headers) + "\n" + f.body.decode() for f in actual]
     assert len(actual_bytes) == len(expected)
     for mine, theirs in zip(actual_bytes, expected, strict=True):
