@@ -201,6 +201,9 @@ async def api_uuid_bridge(switch: Switch, argument: str) -> str:
     async def run() -> None:
         with contextlib.suppress(HungUp):
             await bridge_legs(switch, a, b)
+        for leg in a.deferred_teardown:
+            switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+        a.deferred_teardown.clear()
         if a.channel.down and not b.channel.down:
             await switch.hangup(b, "NORMAL_CLEARING")
 

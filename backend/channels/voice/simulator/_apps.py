@@ -37,7 +37,15 @@ async def run_extension(switch: Switch, leg: CallLeg, actions: list[tuple[str, s
             return
         except HungUp:
             return
+        finally:
+            await flush_deferred(switch, leg)
         await process_private(switch, leg)
+
+
+async def flush_deferred(switch: Switch, leg: CallLeg) -> None:
+    """Tear down b-legs that ended a bridge, after the bridge's EXECUTE_COMPLETE (b01's order)."""
+    while leg.deferred_teardown:
+        await switch.teardown(leg.deferred_teardown.pop(0))
 
 
 async def execute(
@@ -417,6 +425,7 @@ async def process_private(switch: Switch, leg: CallLeg) -> None:
                 except Transferred:
                     break
             private_command_event(switch, leg, command)
+            await flush_deferred(switch, leg)
             if hung_up:
                 raise HungUp
         elif call_command == "hangup":
@@ -588,7 +597,13 @@ async def originate_leg(
     if originator is not None and originator.channel.callstate != "RING_WAIT":
         switch.set_callstate(originator, "RING_WAIT")
     probe = Endpoint(user, domain)
-    await switch.directory_user(probe, action="user_call")
+    exported: list[tuple[str, str]] = []
+    if originator is not None:
+        names = originator.channel.variables.get("export_vars")
+        if names:
+            exported.append(("export_vars", names))
+            exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
+    await switch.directory_user(probe, action="user_call", exported=exported)
     if originator is not None:
         switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
     endpoint = switch.endpoints.get(user)
@@ -828,7 +843,7 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
     # The agent hung up: the caller stays and the extension goes on.
     switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
     av.set("bridge_hangup_cause", b_channel.hangup_cause or "NORMAL_CLEARING")
-    switch.spawn(switch.teardown(b), f"teardown-{b_channel.uuid}")
+    a.deferred_teardown.append(b)
 
 
 APPLICATIONS: dict[str, Application] = {

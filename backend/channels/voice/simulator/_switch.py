@@ -100,6 +100,8 @@ class CallLeg:
     recording: list[tuple[str, float]] = field(default_factory=list)
     parked_first: bool = True
     private_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    deferred_teardown: list[CallLeg] = field(default_factory=list)
+    """B-legs that hung up on this leg, torn down once its bridge application has completed."""
     partner_teardown: CallLeg | None = None
     """A bridged b-leg hung up with this leg, reported in FreeSWITCH's interleaved order."""
 
@@ -638,7 +640,13 @@ class Switch:
         return result.body.decode("utf-8", errors="replace")
 
     async def directory_user(
-        self, endpoint: Endpoint, *, action: str, method: str = "REGISTER"
+        self,
+        endpoint: Endpoint,
+        *,
+        action: str,
+        method: str = "REGISTER",
+        invite_to: str | None = None,
+        exported: Pairs = (),  # type: ignore[assignment]
     ) -> dict[str, str] | None:
         """Look a user up in the directory (xml_curl, else the endpoint's own password) and check its digest."""
         domain = endpoint.domain
@@ -653,12 +661,14 @@ class Switch:
                 ("sip_auth_uri", f"sip:{domain}:{self.config.sip_port}"),
                 ("sip_contact_user", endpoint.user),
                 ("sip_contact_host", "127.0.0.1"),
-                ("sip_to_user", endpoint.user),
+                ("sip_to_user", invite_to or endpoint.user),
                 ("sip_to_host", domain),
+                *([("sip_to_port", str(self.config.sip_port))] if invite_to else []),
                 ("sip_via_protocol", endpoint.transport),
                 ("sip_from_user", endpoint.user),
                 ("sip_from_host", domain),
                 ("sip_call_id", endpoint.call_id),
+                *([("sip_request_user", invite_to)] if invite_to else []),
                 ("sip_request_host", domain),
                 ("sip_request_port", str(self.config.sip_port)),
                 ("sip_auth_qop", "auth"),
@@ -677,7 +687,7 @@ class Switch:
             extra = [("action", "message-count"), ("key", "id"), ("user", endpoint.user), ("domain", domain)]
             params = self.request_params(("mod_voicemail.c", "resolve_id", 1363), extra, "GENERAL")
         else:
-            extra = [("as_channel", "true"), ("action", "user_call"), ("key", "id")]
+            extra = [("as_channel", "true"), ("action", "user_call"), *exported, ("key", "id")]
             extra += [("user", endpoint.user), ("domain", domain)]
             params = self.request_params(("mod_dptools.c", "user_outgoing_channel", 4366), extra)
         document = await self.xml_fetch("directory", "domain", "name", domain, params)
@@ -770,7 +780,7 @@ class Switch:
                 ],
             )
             endpoint = Endpoint(from_user, domain, call_id=channel.variables.get("sip_call_id") or "")
-            user_vars = await self.directory_user(endpoint, action="sip_auth", method="INVITE")
+            user_vars = await self.directory_user(endpoint, action="sip_auth", method="INVITE", invite_to=destination)
             if user_vars is None:
                 await self.hangup(leg, "CALL_REJECTED")
                 leg.task = asyncio.create_task(self.teardown(leg), name=f"rejected-{channel.uuid}")
@@ -916,6 +926,9 @@ class Switch:
         if leg.torn_down:
             return
         leg.torn_down = True
+        for other in leg.deferred_teardown:
+            await self.teardown(other)
+        leg.deferred_teardown.clear()
         partner = leg.partner_teardown
         if partner is not None:
             if partner.torn_down:
