@@ -143,3 +143,10 @@ def fixture_responder(dialplan: bytes) -> Responder:
         return 200, "text/xml", NOT_FOUND
 
     return respond
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Wait until `predicate()` is true: the simulator's state is polled, never waited out with a fixed sleep."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling another component's plain attributes
+            await asyncio.sleep(interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import socket
@@ -12,7 +13,7 @@ import pytest
 from backend.channels.voice.esl import InboundClient
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
 from tests.channels.voice.fixtures import fixture
-from tests.channels.voice.support import A08_DIALPLAN, BackendStandIn, RecordedRequest, fixture_responder
+from tests.channels.voice.support import A08_DIALPLAN, BackendStandIn, RecordedRequest, fixture_responder, until
 from tests.channels.voice.test_conformance_inbound import simulator_config
 
 pytestmark = pytest.mark.integration
@@ -46,9 +47,7 @@ async def test_xml_curl_requests_have_freeswitchs_fields_in_its_order():
         await client.start(timeout=5)
         assert (await client.api("originate user/9876@127.0.0.1 &park()")).text == "-ERR SUBSCRIBER_ABSENT"
         await client.close()
-        async with asyncio.timeout(10):
-            while switch.legs:
-                await asyncio.sleep(0.05)
+        await until(lambda: not switch.legs)
     await backend.close()
 
     def find(predicate) -> RecordedRequest:
@@ -86,9 +85,7 @@ def cdr_config(url: str, err_dir: str, **extra):
 
 async def short_call(simulator: SwitchSimulator) -> str:
     uuid = await simulator.switch.place_call("7499", caller_number="15550100")
-    async with asyncio.timeout(10):
-        while simulator.switch.legs or len(simulator.switch.cdr_results) < 1:
-            await asyncio.sleep(0.05)
+    await until(lambda: not simulator.switch.legs and simulator.switch.cdr_results)
     return uuid
 
 
@@ -101,7 +98,7 @@ async def test_json_cdr_retries_then_writes_the_err_log_dir_file(tmp_path):
     posts = [r for r in backend.requests if r.target == f"/cdr?uuid={uuid}"]
     assert len(posts) == 3  # 1 + retries
     assert len({p.body for p in posts}) == 1  # the same bytes each time
-    gaps = [b.at - a.at for a, b in zip(posts, posts[1:], strict=False)]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(posts)]
     assert all(gap >= 0.19 for gap in gaps), gaps
     line, header_names, captured_body = captured_request("json_cdr/d04_cdr_post_answered_500_try1.request.txt")
     assert line.startswith("POST /cdr?uuid=")
@@ -134,9 +131,7 @@ async def test_json_cdr_posts_each_leg_once_b_leg_first(tmp_path):
     async with SwitchSimulator(cdr_config(f"{backend.url}/cdr", str(tmp_path))) as simulator:
         assert await simulator.switch.register(Endpoint("1001", "127.0.0.1", answer_delay=0, hangup_after=0.2))
         uuid = await simulator.switch.place_call("7403", caller_number="15550100")
-        async with asyncio.timeout(10):
-            while len(backend.requests) < 2:
-                await asyncio.sleep(0.05)
+        await until(lambda: len(backend.requests) >= 2)
     await backend.close()
     targets = [r.target for r in backend.requests]
     assert len(targets) == 2 and targets[1] == f"/cdr?uuid={uuid}"

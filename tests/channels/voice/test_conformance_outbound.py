@@ -11,7 +11,7 @@ from backend.channels.voice.esl import ClientConfig, DisconnectNotice, Event, Ou
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
 from tests.channels.voice.conformance import captured_events, header_names, variable_names
 from tests.channels.voice.fixtures import fixture
-from tests.channels.voice.support import BackendStandIn, fixture_responder, socket_dialplan
+from tests.channels.voice.support import BackendStandIn, fixture_responder, socket_dialplan, until
 from tests.channels.voice.test_conformance_inbound import simulator_config
 
 pytestmark = pytest.mark.integration
@@ -64,10 +64,8 @@ async def run_outbound(handler, destination: str = "7401"):
     async with SwitchSimulator(simulator_config(xml_curl_url=f"{backend.url}/fsapi")) as simulator:
         assert await simulator.switch.register(Endpoint("1001", "127.0.0.1", answer_delay=0))
         uuid = await simulator.switch.place_call(destination, from_user="1000", caller_name="sipp")
-        async with asyncio.timeout(20):
-            while "events" not in seen or not seen["session"].closed:  # type: ignore[union-attr]
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.1)
+        await until(lambda: "events" in seen and seen["session"].closed, timeout=20)  # type: ignore[union-attr]
+        await asyncio.sleep(0.1)
     await server.close()
     await backend.close()
     seen["uuid"] = uuid
@@ -91,10 +89,7 @@ async def test_outbound_socket_with_linger_matches_b01():
         await session.execute("speak", "flite|kal|Hello")
 
         async def press_after_prompt() -> None:
-            stops = 0
-            while stops < 2:
-                await asyncio.sleep(0.005)
-                stops = sum(1 for e in seen_events(session) if e.name == "PLAYBACK_STOP")
+            await until(lambda: sum(1 for e in seen_events(session) if e.name == "PLAYBACK_STOP") >= 2)
             switch.press(session.uuid, "7", "INFO")
 
         presser = asyncio.create_task(press_after_prompt())
@@ -103,8 +98,7 @@ async def test_outbound_socket_with_linger_matches_b01():
         assert done.variable("fixture_digit") == "7"
         await session.execute("record_session", "$${recordings_dir}/fixture_outbound_${uuid}.wav")
         bridge = asyncio.create_task(session.execute("bridge", f"{{origination_uuid={b_leg}}}user/1001@127.0.0.1"))
-        while not any(e.name == "CALL_UPDATE" and e.unique_id == session.uuid for e in seen_events(session)):
-            await asyncio.sleep(0.005)
+        await until(lambda: any(e.name == "CALL_UPDATE" and e.unique_id == session.uuid for e in seen_events(session)))
         assert (await session.api(f"uuid_kill {b_leg}")).text == "+OK"
         completed = await bridge
         assert completed.get("Application") == "bridge"

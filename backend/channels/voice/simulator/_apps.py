@@ -671,9 +671,9 @@ async def originate_leg(
         a_vars = originator.channel.variables
         v.set("originator_codec", "PCMU@8000h@20i@64000b")
         v.set("originator", originator.channel.uuid)
-        for exported in (a_vars.get("export_vars") or "").split(","):
-            if exported and a_vars.get(exported):
-                v.set(exported, a_vars.get(exported))
+        for name in (a_vars.get("export_vars") or "").split(","):
+            if name and a_vars.get(name):
+                v.set(name, a_vars.get(name))
         if a_vars.get("export_vars"):
             v.set("export_vars", a_vars.get("export_vars"))
         v.set("originate_early_media", "false")
