@@ -87,9 +87,8 @@ class InboundClient:
     async def connect(self) -> None:
         """Open one connection and authenticate, without retrying; raises ConnectError, AuthenticationError..."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.config.connect_timeout
-            )
+            async with asyncio.timeout(self.config.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
         except (TimeoutError, OSError) as error:
             raise ConnectError(f"{self.name}: cannot connect: {error or 'timed out'}") from None
         connection = Connection(
@@ -108,12 +107,13 @@ class InboundClient:
             raise
         self._connection = connection
         self.connections += 1
-        self._connected.set()
         if self._on_connect is not None:
             try:
                 await self._on_connect(self)
             except ESLError as error:
                 logger.warning("%s: on_connect failed: %s", self.name, error)
+        # Connected means ready: subscribed again and, through on_connect, resynchronised.
+        self._connected.set()
 
     async def start(self, *, wait: bool = True, timeout: float | None = None) -> None:
         """Run the connection supervisor; with `wait`, return once connected (or raise the first refusal)."""
@@ -131,13 +131,15 @@ class InboundClient:
     async def close(self) -> None:
         """Stop reconnecting, say `exit`, close the socket and end `events()`."""
         self._closing = True
+        connection = self._connection
+        if connection is not None:
+            # Saying goodbye first lets the supervisor see the close and return on its own.
+            await connection.exit()
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
-        if self._connection is not None:
-            await self._connection.exit()
-            self._connection = None
+        self._connection = None
         self._connected.clear()
         self._events.close()
 
@@ -183,7 +185,8 @@ class InboundClient:
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
         except TimeoutError:
             raise Timeout(f"{self.name}: not connected within {timeout}s") from None
 

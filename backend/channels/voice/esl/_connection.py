@@ -97,7 +97,8 @@ class BackgroundJob:
     async def result(self, timeout: float | None = None) -> ApiResponse:
         """The job's output; raises Timeout, or ConnectionLost if the connection went before the job ended."""
         try:
-            return await asyncio.wait_for(asyncio.shield(self._future), timeout or self._timeout)
+            async with asyncio.timeout(timeout or self._timeout):
+                return await asyncio.shield(self._future)
         except TimeoutError:
             raise Timeout(f"no BACKGROUND_JOB for {self.job_uuid} ({self.command!r})") from None
 
@@ -251,7 +252,8 @@ class Connection:
     async def greeting(self, timeout: float) -> Message:
         """The first unsolicited frame: `auth/request` (inbound) or the `connect` reply (outbound)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(self._greeting), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self._greeting)
         except TimeoutError:
             await self.close()
             raise Timeout(f"{self.name}: no greeting from the switch within {timeout}s") from None
@@ -289,7 +291,9 @@ class Connection:
             except (ConnectionError, OSError) as error:
                 raise ConnectionLost(f"{self.name}: write failed: {error}") from None
         try:
-            return await asyncio.wait_for(future, timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation racing the reply.
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             # Later replies could no longer be matched to their commands: start afresh.
             logger.error("%s: no reply to %r within %ss, dropping the connection", self.name, line[:60], timeout)
@@ -399,7 +403,8 @@ class Connection:
             return None
         limit = timeout if timeout is not None else self.config.execute_timeout
         try:
-            return await asyncio.wait_for(future, limit)
+            async with asyncio.timeout(limit):
+                return await future
         except TimeoutError:
             self._executions.pop(app_uuid, None)
             raise Timeout(f"{application} did not complete within {limit}s") from None
@@ -412,5 +417,6 @@ class Connection:
         with contextlib.suppress(ConnectionLost, Timeout):
             await self.command("exit")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wait_closed(), self.config.command_timeout)
+            async with asyncio.timeout(self.config.command_timeout):
+                await self.wait_closed()
         await self.close()

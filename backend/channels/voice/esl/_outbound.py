@@ -80,7 +80,8 @@ class OutboundSession:
 
     async def wait_for_hangup(self, timeout: float | None = None) -> None:
         """Wait until the channel is gone (linger disconnect notice) or the socket closed."""
-        await asyncio.wait_for(self._connection.channel_down.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._connection.channel_down.wait()
 
     async def events(self) -> AsyncIterator[Event]:
         """This connection's events (after `myevents` or `event`), until the socket closes."""
