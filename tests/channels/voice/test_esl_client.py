@@ -45,28 +45,31 @@ def test_backoff_grows_exponentially_within_its_jitter_and_cap():
 
 
 async def test_api_bgapi_and_concurrent_jobs_are_matched_by_job_uuid():
-    async with SwitchSimulator(simulator_config()) as simulator:
-        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
-            status = (await client.api("status")).raise_for_error()
-            assert "is ready" in status.body
-            unknown = await client.api("no_such_command arg1")
-            assert not unknown.ok
-            with pytest.raises(CommandError):
-                unknown.raise_for_error()
-            commands = [f"uuid_getvar 00000000-0000-4000-8000-{i:012d} x" for i in range(20)] + ["status"] * 5
-            jobs = await asyncio.gather(*(client.bgapi(command) for command in commands))
-            assert len({job.job_uuid for job in jobs}) == len(commands)
-            results = await asyncio.gather(*(job.result() for job in jobs))
-            assert all(r.body == "-ERR No such channel!\n" for r in results[:20])
-            assert all("is ready" in r.body for r in results[20:])
-            mine = await client.bgapi("status", job_uuid="6f1c3e2a-0000-4000-8000-000000000001")
-            assert mine.job_uuid == "6f1c3e2a-0000-4000-8000-000000000001" and (await mine).ok
-            # A filter would hide BACKGROUND_JOB; the client lets it through for its own jobs.
-            await client.add_filter("Unique-ID", "00000000-0000-4000-8000-000000000000")
-            assert (await (await client.bgapi("status")).result()).ok
-            with pytest.raises(CommandError):
-                await client.command("no_such_esl_command")
-                raise CommandError("x", "-ERR")
+    simulator = SwitchSimulator(simulator_config())
+    await simulator.start()
+    async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
+        status = (await client.api("status")).raise_for_error()
+        assert "is ready" in status.body
+        unknown = await client.api("no_such_command arg1")
+        assert not unknown.ok
+        with pytest.raises(CommandError):
+            unknown.raise_for_error()
+        commands = [f"uuid_getvar 00000000-0000-4000-8000-{i:012d} x" for i in range(20)] + ["status"] * 5
+        jobs = await asyncio.gather(*(client.bgapi(command) for command in commands))
+        assert len({job.job_uuid for job in jobs}) == len(commands)
+        results = await asyncio.gather(*(job.result() for job in jobs))
+        assert all(r.body == "-ERR No such channel!\n" for r in results[:20])
+        assert all("is ready" in r.body for r in results[20:])
+        mine = await client.bgapi("status", job_uuid="6f1c3e2a-0000-4000-8000-000000000001")
+        assert mine.job_uuid == "6f1c3e2a-0000-4000-8000-000000000001" and (await mine).ok
+        # A filter would hide BACKGROUND_JOB; the client lets it through for its own jobs.
+        await client.add_filter("Unique-ID", "00000000-0000-4000-8000-000000000000")
+        assert (await (await client.bgapi("status")).result()).ok
+        reply = await client.command("no_such_esl_command")
+        assert reply.text == "-ERR command not found"
+        with pytest.raises(CommandError):
+            reply.raise_for_error()
+    await simulator.stop()
 
 
 async def test_reconnects_with_back_off_and_resubscribes_after_the_switch_restarts():
