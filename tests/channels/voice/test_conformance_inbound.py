@@ -80,7 +80,7 @@ def simulator_config(**overrides) -> SimulatorConfig:
     values = {
         "esl_port": 0,
         "control_port": 0,
-        "time_scale": 0.02,
+        "time_scale": 0.05,
         "heartbeat_interval": 0,
         "hostname": "fs-node-1",
         "answer_delay": 0.0,
