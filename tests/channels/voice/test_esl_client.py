@@ -36,6 +36,17 @@ FAST = ClientConfig(
 
 
 @pytest.mark.unit
+def test_the_backends_settings_configure_the_client(monkeypatch):
+    from backend.channels.voice.esl_config import client_config
+    from backend.config import Settings
+
+    monkeypatch.setenv("CC_ESL_COMMAND_TIMEOUT", "3")
+    monkeypatch.setenv("CC_ESL_RECONNECT_MAX", "4")
+    config = client_config(Settings())
+    assert config.command_timeout == 3 and config.backoff.maximum == 4 and config.event_format == "json"
+
+
+@pytest.mark.unit
 def test_backoff_grows_exponentially_within_its_jitter_and_cap():
     backoff = Backoff(initial=0.5, maximum=30, multiplier=2, jitter=0.2)
     rng = random.Random(7)
