@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
 
+import msgspec
+
 from backend.channels.voice.esl._exceptions import CommandError, ProtocolError
 
 EventFormat = Literal["plain", "json"]
@@ -32,15 +34,31 @@ class Headers(Mapping[str, str]):
     wire order while the mapping view offers each name once.
     """
 
-    __slots__ = ("_folded", "_index", "pairs")
+    __slots__ = ("_folded", "_index", "_pairs")
 
     def __init__(self, pairs: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> None:
-        items = pairs.items() if isinstance(pairs, Mapping) else pairs
-        self.pairs: tuple[tuple[str, str], ...] = tuple(items)
-        self._index: dict[str, str] = {}
-        for name, value in self.pairs:
-            self._index.setdefault(name, value)
+        self._pairs: tuple[tuple[str, str], ...] | None
+        if isinstance(pairs, dict):
+            # A dict has no repeated names: it is its own index (the fast path for JSON events).
+            self._index: dict[str, str] = pairs
+            self._pairs = None
+        else:
+            items = pairs.items() if isinstance(pairs, Mapping) else pairs
+            self._pairs = tuple(items)
+            self._index = dict(self._pairs)
+            if len(self._index) != len(self._pairs):
+                # Repeated names: lookups find the first one, as switch_event_get_header does.
+                self._index = {}
+                for name, value in self._pairs:
+                    self._index.setdefault(name, value)
         self._folded: dict[str, str] | None = None
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """Every header in wire order, repeated names included."""
+        if self._pairs is None:
+            self._pairs = tuple(self._index.items())
+        return self._pairs
 
     def __getitem__(self, name: str) -> str:
         try:
@@ -250,19 +268,21 @@ def parse_plain_event(data: bytes) -> Event:
     pairs: list[tuple[str, str]] = []
     body: str | None = None
     inner_length: int | None = None
-    for raw in head.split(b"\n"):
-        if not raw:
+    for line in _text(head).split("\n"):
+        if not line:
             continue
-        name, colon, value = _text(raw).partition(":")
+        name, colon, value = line.partition(": ")
         if not colon:
-            raise ProtocolError(f"event header line without a colon: {raw[:80]!r}")
-        value = value.lstrip(" ")
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise ProtocolError(f"event header line without a colon: {line[:80]!r}")
+            value = value.lstrip(" ")
         if name == "Content-Length":
             if not value.isdigit():
                 raise ProtocolError(f"bad inner Content-Length {value[:20]!r}")
             inner_length = int(value)
             continue
-        pairs.append((name, unquote(value)))
+        pairs.append((name, unquote(value) if "%" in value else value))
     if inner_length is not None:
         if len(rest) < inner_length:
             raise ProtocolError("event body shorter than its inner Content-Length")
@@ -279,9 +299,35 @@ def _json_value(value: object) -> str:
 
 def parse_json_event(data: bytes) -> Event:
     """The body of a `text/event-json` frame: one object, the body under `_body`."""
+    if data.startswith(_REPEATS_NAMES):
+        return _parse_json_event_pairs(data)
     try:
-        # cJSON may write a key twice (CODEC events); keep every pair as plain events do.
-        document = json.loads(data, object_pairs_hook=lambda pairs: pairs)
+        document = _JSON.decode(data)
+    except msgspec.DecodeError as error:
+        raise ProtocolError(f"event-json body is not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ProtocolError("event-json body is not a JSON object")
+    body = document.pop("_body", None)
+    if body is not None:
+        document.pop("Content-Length", None)
+        if not isinstance(body, str):
+            body = json.dumps(body)
+    for key, value in document.items():
+        if value.__class__ is not str:
+            document[key] = _json_value(value)
+    return Event(Headers(document), body, "json")
+
+
+# cJSON writes a key twice only where FreeSWITCH adds a header twice: CODEC repeats the write
+# codec's headers and CHANNEL_HANGUP_COMPLETE its Hangup-Cause (every capture checked). Those take
+# the slower path that keeps every pair, as plain events do; anywhere else a repeat would collapse.
+_REPEATS_NAMES = (b'{"Event-Name":"CODEC"', b'{"Event-Name":"CHANNEL_HANGUP_COMPLETE"')
+_JSON = msgspec.json.Decoder()
+
+
+def _parse_json_event_pairs(data: bytes) -> Event:
+    try:
+        document = json.loads(data, object_pairs_hook=list)
     except ValueError as error:
         raise ProtocolError(f"event-json body is not JSON: {error}") from None
     if not isinstance(document, list):

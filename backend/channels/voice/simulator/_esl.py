@@ -116,6 +116,7 @@ class Listener:
         self.linger = False
         self.linger_time = -1
         self.lost = 0
+        self.logging = False
         self.closed = asyncio.Event()
         self.handled_disconnect = False
         peer = writer.get_extra_info("peername")
@@ -298,8 +299,10 @@ class Listener:
         elif lowered.startswith("linger"):
             self.set_linger(line)
         elif lowered.startswith("nolog"):
-            self.reply("-ERR not loging")
+            self.reply("+OK no longer logging" if self.logging else "-ERR not loging")
+            self.logging = False
         elif lowered.startswith("log"):
+            self.logging = True
             self.reply(f"+OK log level {line[3:].strip() or 'debug'} [7]")
         elif lowered.startswith("nixevent"):
             self.nixevent(line[8:].split())
@@ -525,4 +528,8 @@ class InboundServer:
         listener = Listener(self.switch, reader, writer)
         self.switch.listeners.append(listener)
         listener.write(b"Content-Type: auth/request\n\n")
-        await listener.run()
+        try:
+            await listener.run()
+        except asyncio.CancelledError:
+            # The loop is shutting down; asyncio would log a cancelled connection handler as an error.
+            listener.kill()
