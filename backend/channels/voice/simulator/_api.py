@@ -251,6 +251,7 @@ async def run_originated(switch: Switch, leg: CallLeg, actions: list[tuple[str, 
 
     try:
         leg.channel.extension = actions[0][0]
+        switch.set_state(leg, "CS_EXECUTE")
         await run_extension(switch, leg, actions)
         if not leg.channel.down:
             await switch.hangup(leg, "NORMAL_CLEARING")

@@ -508,13 +508,17 @@ async def app_transfer(switch: Switch, leg: CallLeg, data: str) -> None:
 
 
 async def app_eavesdrop(switch: Switch, leg: CallLeg, data: str) -> None:
-    """Listen to another call until either side hangs up."""
+    """Listen to another call (a media bug on it) until either side hangs up, as e02/e04 show."""
     target = switch.find(data.strip())
     if target is None:
         leg.channel.variables.set("current_application_response", "-ERR no such channel")
         return
     if not leg.channel.answered:
         switch.mark_answered(leg)
+    read_codec_event(switch, leg)
+    bug = [("Media-Bug-Function", "eavesdrop"), ("Media-Bug-Target", target.channel.uuid)]
+    media_bug = ("switch_core_media_bug.c", "switch_core_media_bug_add", 1014)
+    switch.fire("MEDIA_BUG_START", target.channel, calling=media_bug, pre=bug)
     hangup = asyncio.ensure_future(target.hangup_signal.wait())
     mine = asyncio.ensure_future(leg.hangup_signal.wait())
     try:
@@ -522,8 +526,26 @@ async def app_eavesdrop(switch: Switch, leg: CallLeg, data: str) -> None:
     finally:
         hangup.cancel()
         mine.cancel()
+    read_codec_event(switch, leg)
+    if not target.torn_down:
+        stop = ("switch_core_media_bug.c", "switch_core_media_bug_destroy", 1287)
+        switch.fire("MEDIA_BUG_STOP", target.channel, calling=stop, pre=bug)
     if leg.channel.down:
         raise HungUp
+
+
+def read_codec_event(switch: Switch, leg: CallLeg) -> None:
+    channel = leg.channel
+    switch.fire(
+        "CODEC",
+        channel,
+        calling=("switch_core_codec.c", "switch_core_session_set_read_codec", 279),
+        post=[
+            ("channel-read-codec-name", channel.codec_name),
+            ("channel-read-codec-rate", "8000"),
+            ("channel-read-codec-bit-rate", channel.codec_bits),
+        ],
+    )
 
 
 async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
@@ -753,18 +775,54 @@ async def originate_loopback(
     leg = switch.new_leg(
         name=f"loopback/{destination}-a",
         direction="outbound",
-        caller_id_name=variables.get("origination_caller_id_name", "Outbound Call"),
+        caller_id_name="",
         caller_id_number=variables.get("origination_caller_id_number", "0000000000"),
         destination=destination,
         context=context,
         uuid=variables.get("origination_uuid"),
         source="mod_loopback",
     )
+    channel = leg.channel
+    channel.hit_dialplan = False
+    channel.codec, channel.codec_name, channel.codec_bits = True, "L16", "128000"
+    profile = channel.profile
+    assert profile is not None
+    # mod_loopback's a-leg as e04 shows it: no caller name, the callee is "Outbound Call"/<context>.
+    profile.dialplan, profile.network_addr, profile.username = "xml", "", ""
+    profile.caller_id_name = variables.get("origination_caller_id_name", "")
+    profile.callee_id_name, profile.callee_id_number = "Outbound Call", context
     if variables.get("origination_uuid"):
-        switch.fire("CHANNEL_UUID", leg.channel, calling=("switch_channel.c", "switch_channel_set_uuid", 1))
+        channel.running_state, channel.state = "CS_NONE", "CS_INIT"
+        switch.fire(
+            "CHANNEL_UUID",
+            channel,
+            calling=("switch_core_session.c", "switch_core_session_set_uuid", 2051),
+            pre=[("Old-Unique-ID", Channel.new_uuid())],
+        )
+    outgoing = ("switch_core_session.c", "switch_core_session_outgoing_channel", 721)
+    switch.fire("CHANNEL_OUTGOING", channel, calling=outgoing, extended=False)
     switch.set_state(leg, "CS_INIT")
-    switch.fire("CHANNEL_CREATE", leg.channel, calling=SESSION_RUN)
-    switch.mark_answered(leg)
+    switch.fire("CHANNEL_CREATE", channel, calling=SESSION_RUN)
+    switch.fire("CHANNEL_ORIGINATE", channel, calling=SESSION_RUN)
+    switch.set_state(leg, "CS_ROUTING")
+    switch.set_state(leg, "CS_CONSUME_MEDIA")
+    channel.answered = True
+    assert channel.profile is not None
+    channel.profile.answered = now_us()
+    switch.fire("CHANNEL_ANSWER", channel, calling=("switch_channel.c", "switch_channel_perform_mark_answered", 3998))
+    switch.set_callstate(leg, "ACTIVE")
+    channel.hit_dialplan = True
+    # The loopback flips caller and callee ids when it answers (channel_cid_flipped).
+    profile.orig_caller_id_name, profile.orig_caller_id_number = profile.caller_id_name, profile.caller_id_number
+    profile.caller_id_name, profile.caller_id_number = profile.callee_id_name or "", profile.callee_id_number or ""
+    profile.callee_id_name, profile.callee_id_number = None, profile.orig_caller_id_number
+    channel.variables.set("channel_cid_flipped", "yes")
+    switch.fire(
+        "CALL_UPDATE",
+        channel,
+        calling=("switch_channel.c", "switch_channel_flip_cid", 3277),
+        pre=[("Direction", "RECV")],
+    )
     return leg
 
 

@@ -101,6 +101,8 @@ class CallerProfile:
     context: str = "default"
     callee_id_name: str | None = None
     callee_id_number: str | None = None
+    orig_caller_id_name: str | None = None
+    orig_caller_id_number: str | None = None
     profile_index: str = "1"
     profile_created: int = 0
     created: int = 0
@@ -115,29 +117,29 @@ class CallerProfile:
     hold_accum: int = 0
 
     def headers(self, prefix: str, *, with_index: bool = True) -> Pairs:
-        """switch_caller_profile_event_set_data; the other leg's copy has no Profile-Index."""
-        pairs: Pairs = [
-            (f"{prefix}-Direction", self.direction),
-            (f"{prefix}-Logical-Direction", self.direction),
-            (f"{prefix}-Username", self.username),
-            (f"{prefix}-Dialplan", self.dialplan),
-            (f"{prefix}-Caller-ID-Name", self.caller_id_name),
-            (f"{prefix}-Caller-ID-Number", self.caller_id_number),
-            (f"{prefix}-Orig-Caller-ID-Name", self.caller_id_name),
-            (f"{prefix}-Orig-Caller-ID-Number", self.caller_id_number),
+        """switch_caller_profile_event_set_data: empty fields are left out; the other leg's copy has no index."""
+        orig_name = self.caller_id_name if self.orig_caller_id_name is None else self.orig_caller_id_name
+        orig_number = self.caller_id_number if self.orig_caller_id_number is None else self.orig_caller_id_number
+        candidates: list[tuple[str, str | None]] = [
+            ("Direction", self.direction),
+            ("Logical-Direction", self.direction),
+            ("Username", self.username),
+            ("Dialplan", self.dialplan),
+            ("Caller-ID-Name", self.caller_id_name),
+            ("Caller-ID-Number", self.caller_id_number),
+            ("Orig-Caller-ID-Name", orig_name if self.caller_id_name else None),
+            ("Orig-Caller-ID-Number", orig_number if self.caller_id_number else None),
+            ("Callee-ID-Name", self.callee_id_name),
+            ("Callee-ID-Number", self.callee_id_number),
+            ("Network-Addr", self.network_addr),
+            ("ANI", self.ani or self.caller_id_number),
+            ("Destination-Number", self.destination_number),
+            ("Unique-ID", self.uuid),
+            ("Source", self.source),
+            ("Context", self.context),
+            ("Channel-Name", self.channel_name),
         ]
-        if self.callee_id_name is not None:
-            pairs.append((f"{prefix}-Callee-ID-Name", self.callee_id_name))
-            pairs.append((f"{prefix}-Callee-ID-Number", self.callee_id_number or ""))
-        pairs += [
-            (f"{prefix}-Network-Addr", self.network_addr),
-            (f"{prefix}-ANI", self.ani or self.caller_id_number),
-            (f"{prefix}-Destination-Number", self.destination_number),
-            (f"{prefix}-Unique-ID", self.uuid),
-            (f"{prefix}-Source", self.source),
-            (f"{prefix}-Context", self.context),
-            (f"{prefix}-Channel-Name", self.channel_name),
-        ]
+        pairs: Pairs = [(f"{prefix}-{name}", value) for name, value in candidates if value]
         if with_index:
             pairs.append((f"{prefix}-Profile-Index", self.profile_index))
         times = (
@@ -208,6 +210,9 @@ class Channel:
     early_media: bool = False
     hangup_cause: str | None = None
     codec: bool = False
+    codec_name: str = "PCMU"
+    """PCMU on SIP legs; loopback legs run L16 (128 kbit/s), as e04 shows."""
+    codec_bits: str = "64000"
     variables: Variables = field(default_factory=Variables)
     other_type: str | None = None
     other_profile: CallerProfile | None = None
@@ -235,7 +240,7 @@ class Channel:
         pairs: Pairs = [
             ("Channel-State", self.running_state),
             ("Channel-Call-State", self.callstate),
-            ("Channel-State-Number", str(STATE_NUMBERS[self.state])),
+            ("Channel-State-Number", str(STATE_NUMBERS.get(self.state, 0))),
             ("Channel-Name", self.name),
             ("Unique-ID", self.uuid),
             ("Call-Direction", self.direction),
@@ -259,12 +264,12 @@ class Channel:
             pairs.append(("Hangup-Cause", self.hangup_cause))
         if self.codec:
             pairs += [
-                ("Channel-Read-Codec-Name", "PCMU"),
+                ("Channel-Read-Codec-Name", self.codec_name),
                 ("Channel-Read-Codec-Rate", "8000"),
-                ("Channel-Read-Codec-Bit-Rate", "64000"),
-                ("Channel-Write-Codec-Name", "PCMU"),
+                ("Channel-Read-Codec-Bit-Rate", self.codec_bits),
+                ("Channel-Write-Codec-Name", self.codec_name),
                 ("Channel-Write-Codec-Rate", "8000"),
-                ("Channel-Write-Codec-Bit-Rate", "64000"),
+                ("Channel-Write-Codec-Bit-Rate", self.codec_bits),
             ]
         if self.profile is not None:
             pairs += self.profile.headers("Caller")

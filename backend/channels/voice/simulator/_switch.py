@@ -311,6 +311,8 @@ class Switch:
 
     def presence(self, leg: CallLeg, status: str, info_state: str) -> None:
         channel = leg.channel
+        if not channel.variables.get("presence_id"):
+            return  # switch_channel_presence needs a presence id (loopback legs have none)
         self.fire(
             "PRESENCE_IN",
             channel,
