@@ -13,6 +13,7 @@ from litestar.types import ASGIApp
 
 from backend.auth.authenticate import Authenticator
 from backend.auth.controllers import ApiKeyController, AuthController, ProviderAuthController
+from backend.auth.crypto import SecretBox
 from backend.auth.guards import access_guard
 from backend.auth.middleware import AuthenticationMiddleware
 from backend.auth.revocation import Revocations
@@ -21,6 +22,17 @@ from backend.auth.sso import SsoService
 from backend.auth.sso_controllers import SsoConfigController, SsoLoginController
 from backend.auth.throttle import LoginThrottle
 from backend.auth.tokens import TokenSigner
+from backend.channels.voice.admission import AdmitEveryCall
+from backend.channels.voice.controllers import (
+    CdrController,
+    NumberController,
+    NumberPoolController,
+    SwitchController,
+    SwitchNodeController,
+)
+from backend.channels.voice.nodes import NodeAddressBook
+from backend.channels.voice.service import VoiceSwitchboard
+from backend.channels.voice.xml_curl import XmlCurl
 from backend.config import Settings, get_settings
 from backend.db.engine import make_engine, make_sessionmaker
 from backend.db.session import provide_db_session
@@ -82,6 +94,11 @@ ROUTE_HANDLERS: list[Any] = [
     PauseReasonController,
     AgentStateController,
     InteractionController,
+    SwitchController,
+    SwitchNodeController,
+    NumberPoolController,
+    NumberController,
+    CdrController,
 ]
 
 
@@ -100,6 +117,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
     routing = RoutingEngine(sessionmaker, Matcher(redis), hub)
     register_routing_messages(hub, sessionmaker, routing)
+    switch_sources = NodeAddressBook(sessionmaker, settings.switch_source_cache_seconds)
+    voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
+    xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address)
 
     async def start_hub() -> None:
         await hub.start()
@@ -122,6 +142,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "sso_service": sso_service,
                 "hub": hub,
                 "routing": routing,
+                "secret_box": SecretBox(settings.secret_key),
+                "switch_sources": switch_sources,
+                "voice": voice,
+                "xml_curl": xml_curl,
             }
         ),
         dependencies={

@@ -1,4 +1,4 @@
-"""The `contactcenter` command: serve, worker, migrate, demo, create-provider-user, switch-sim."""
+"""The `contactcenter` command: serve, worker, migrate, demo, create-provider-user, import-cdrs, switch-sim."""
 
 from __future__ import annotations
 
@@ -129,6 +129,48 @@ def switch_sim(
 
         plans += [load_scenario_file(p) for p in sorted(Path(config.scenario_dir).glob("*")) if p.is_file()]
     asyncio.run(serve(config, plans))
+
+
+@main.command("import-cdrs")
+@click.option("--dir", "directory", default=None, help="mod_json_cdr's err-log-dir [CC_CDR_ERR_LOG_DIR]")
+@click.option("--done-dir", default=None, help="Move imported files here, not delete them [CC_CDR_IMPORT_DONE_DIR]")
+def import_cdrs(directory: str | None, done_dir: str | None) -> None:
+    """Import the CDRs FreeSWITCH could not post (idempotent: a leg already stored is not stored twice)."""
+    from pathlib import Path
+
+    from backend.channels.voice.cdrs import ImportReport, import_cdr_directory
+    from backend.channels.voice.service import VoiceSwitchboard
+    from backend.config import get_settings
+    from backend.db.engine import make_engine, make_sessionmaker
+    from backend.lib.observability import configure_logging
+    from backend.lib.redis_client import make_redis
+    from backend.worker import build_routing
+
+    settings = get_settings()
+    configure_logging(settings)
+    source = directory or settings.cdr_err_log_dir
+    if not source:
+        raise click.UsageError("name the directory with --dir or CC_CDR_ERR_LOG_DIR")
+    done = done_dir or settings.cdr_import_done_dir or None
+
+    async def run() -> ImportReport:
+        engine = make_engine(settings)
+        redis = make_redis(settings.redis_url)
+        try:
+            sessionmaker = make_sessionmaker(engine)
+            switchboard = VoiceSwitchboard(sessionmaker, redis, settings, build_routing(settings, sessionmaker, redis))
+            return await import_cdr_directory(switchboard.cdrs, Path(source), Path(done) if done else None)
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    report = asyncio.run(run())
+    click.echo(
+        f"{report.imported} imported, {report.duplicates} already known, {report.unattributed} unattributed, "
+        f"{report.rejected} rejected, {report.failed} failed"
+    )
+    if report.failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

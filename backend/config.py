@@ -120,10 +120,30 @@ class Settings:
     """Random spread of reconnection delays (0.2 = +/-20%) so processes do not retry in step."""
     esl_event_queue_size: int = field(default_factory=lambda: _env_int("CC_ESL_EVENT_QUEUE", 10_000))
     """Events buffered between the ESL reader and our handlers; beyond it events are dropped, counted and logged."""
-    esl_outbound_host: str = field(default_factory=lambda: _env("CC_ESL_OUTBOUND_HOST", "127.0.0.1"))
-    """Where the call-control server accepts FreeSWITCH's `socket` connections."""
-    esl_outbound_port: int = field(default_factory=lambda: _env_int("CC_ESL_OUTBOUND_PORT", 8084))
-    """The call-control server's port (the dialplan's `socket <host>:<port> async full`)."""
+    switch_source_cache_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_SOURCE_CACHE", "5"))
+    )
+    """How long a process trusts its copy of the registered switch nodes' source addresses."""
+    call_control_address: str = field(default_factory=lambda: _env("CC_CALL_CONTROL_ADDRESS", "127.0.0.1:8084"))
+    """`host:port` of the outbound-ESL call-control server that the dialplan's `socket` application connects to."""
+    switch_heartbeat_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_HEARTBEAT_TIMEOUT", "6"))
+    )
+    """A switch node silent this long is marked down (the product's FreeSWITCH sends HEARTBEAT every 2 s)."""
+    switch_watchdog_interval_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_WATCHDOG_INTERVAL", "1"))
+    )
+    """How often the watchdog looks for silent nodes, unhandled failures and expired registrations."""
+    switch_failover_claim_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_FAILOVER_CLAIM", "30"))
+    )
+    """A process handling a failed node's calls and agents has this long before another process takes over."""
+    sip_registration_grace_seconds: int = field(default_factory=lambda: _env_int("CC_SIP_REGISTRATION_GRACE", 30))
+    """A registration not renewed this long after its SIP expiry is dropped even if no expire event came."""
+    cdr_err_log_dir: str = field(default_factory=lambda: _env("CC_CDR_ERR_LOG_DIR", ""))
+    """Where mod_json_cdr leaves CDRs it could not post (its `err-log-dir`), for `contactcenter import-cdrs`."""
+    cdr_import_done_dir: str = field(default_factory=lambda: _env("CC_CDR_IMPORT_DONE_DIR", ""))
+    """Where imported CDR files are moved; empty: they are deleted once stored."""
     page_size_default: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE", 50))
     """Items per page when a list request names no limit."""
     page_size_max: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE_MAX", 200))

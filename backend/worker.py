@@ -1,8 +1,9 @@
-"""Worker mode: background jobs on SAQ (Redis) and the routing timers. Later capabilities add theirs here."""
+"""Worker mode: SAQ jobs (Redis), the routing timers and the switch watchdog. Later capabilities add theirs here."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 from redis.asyncio import Redis
@@ -13,7 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from backend.auth.authenticate import Authenticator
 from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
-from backend.config import get_settings
+from backend.channels.voice.cdrs import import_cdr_directory
+from backend.channels.voice.service import VoiceSwitchboard
+from backend.config import Settings, get_settings
 from backend.db.engine import make_engine, make_sessionmaker
 from backend.lib.redis_client import make_redis
 from backend.routing.engine import RoutingEngine
@@ -32,6 +35,8 @@ class WorkerContext(Context, total=False):
     redis: Redis
     timers_stop: asyncio.Event
     timers: asyncio.Task[None]
+    voice: VoiceSwitchboard
+    watchdog: asyncio.Task[None]
 
 
 async def deliver_mail(ctx: WorkerContext) -> int:
@@ -43,30 +48,49 @@ async def deliver_mail(ctx: WorkerContext) -> int:
     return sent
 
 
+async def import_switch_cdrs(ctx: WorkerContext) -> int:
+    """Import the CDRs mod_json_cdr gave up posting (its err-log-dir, `CC_CDR_ERR_LOG_DIR`), if one is set."""
+    settings = get_settings()
+    if not settings.cdr_err_log_dir:
+        return 0
+    done = Path(settings.cdr_import_done_dir) if settings.cdr_import_done_dir else None
+    report = await import_cdr_directory(ctx["voice"].cdrs, Path(settings.cdr_err_log_dir), done)
+    return report.imported
+
+
+def build_routing(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], redis: Redis) -> RoutingEngine:
+    """A routing engine for a process without HTTP (worker, command line): it publishes through Redis."""
+    authenticator = Authenticator(
+        settings,
+        TokenSigner(settings),
+        Revocations(redis, sessionmaker, settings.access_token_ttl_seconds),
+        redis,
+        sessionmaker,
+    )
+    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
+    return RoutingEngine(sessionmaker, Matcher(redis), hub)
+
+
 async def _startup(ctx: WorkerContext) -> None:
     settings = get_settings()
     ctx["engine"] = make_engine(settings)
     ctx["sessionmaker"] = make_sessionmaker(ctx["engine"])
     # Routing timers (offer expiry, relaxing skills, maximum waits, wrap-up) run in every worker;
     # each timer is popped atomically, so several workers share the work without doing it twice.
+    # So does the switch watchdog: each node's transition and failover is claimed by one UPDATE.
     redis = make_redis(settings.redis_url)
-    authenticator = Authenticator(
-        settings,
-        TokenSigner(settings),
-        Revocations(redis, ctx["sessionmaker"], settings.access_token_ttl_seconds),
-        redis,
-        ctx["sessionmaker"],
-    )
-    hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
-    engine = RoutingEngine(ctx["sessionmaker"], Matcher(redis), hub)
+    engine = build_routing(settings, ctx["sessionmaker"], redis)
     ctx["redis"] = redis
     ctx["timers_stop"] = asyncio.Event()
     ctx["timers"] = asyncio.create_task(engine.run_timers(ctx["timers_stop"]), name="routing-timers")
+    ctx["voice"] = VoiceSwitchboard(ctx["sessionmaker"], redis, settings, engine)
+    ctx["watchdog"] = asyncio.create_task(ctx["voice"].run_watchdog(ctx["timers_stop"]), name="switch-watchdog")
 
 
 async def _shutdown(ctx: WorkerContext) -> None:
     ctx["timers_stop"].set()
     await ctx["timers"]
+    await ctx["watchdog"]
     await ctx["redis"].aclose()
     await ctx["engine"].dispose()
 
@@ -77,8 +101,8 @@ def build_worker() -> Worker[WorkerContext]:
     queue = Queue.from_url(settings.redis_url, name="contactcenter")
     return Worker(
         queue,
-        functions=[deliver_mail],
-        cron_jobs=[CronJob(deliver_mail, cron="* * * * *")],
+        functions=[deliver_mail, import_switch_cdrs],
+        cron_jobs=[CronJob(deliver_mail, cron="* * * * *"), CronJob(import_switch_cdrs, cron="* * * * *")],
         startup=_startup,
         shutdown=_shutdown,
         concurrency=10,

@@ -18,6 +18,7 @@ from backend.tenants.schemas import SignupRequest
 
 PASSWORD = "Correct-Horse-Battery-Staple-42"
 _counter = itertools.count(1)
+_numbers = itertools.count(int(uuid.uuid4().int % 50_000_000) + 10_000_000)
 
 
 def unique(prefix: str) -> str:
@@ -219,3 +220,58 @@ class Factory:
         assert response.status_code == 201, response.text
         assert response.json()["state"] == "queued", response.text
         return uuid.UUID(response.json()["id"])
+
+    async def provider_headers(self) -> dict[str, str]:
+        """A provider operator's authorization headers (one operator per run)."""
+        token = self.__dict__.get("_provider_token")
+        if token is None:
+            token = await self.provider_token()
+            self.__dict__["_provider_token"] = token
+        return {"Authorization": f"Bearer {token}"}
+
+    async def number(self, ctx: TenantCtx, *, queue_id: uuid.UUID | None = None) -> dict[str, Any]:
+        """A number of the provider's pool assigned to the tenant, optionally pointed at a queue."""
+        ops = await self.provider_headers()
+        e164 = f"+331{next(_numbers):08d}"
+        response = await self.client.post("/api/v1/ops/numbers", json={"number": e164}, headers=ops)
+        assert response.status_code == 201, response.text
+        number_id = response.json()["id"]
+        response = await self.client.post(
+            f"/api/v1/ops/numbers/{number_id}/assign", json={"tenant_id": str(ctx.tenant_id)}, headers=ops
+        )
+        assert response.status_code == 200, response.text
+        if queue_id is not None:
+            response = await self.client.patch(
+                f"/api/v1/voice/numbers/{number_id}", json={"queue_id": str(queue_id)}, headers=ctx.headers
+            )
+            assert response.status_code == 200, response.text
+        return {"id": uuid.UUID(number_id), "number": e164}
+
+    async def switch_node(self, *, name: str | None = None, sources: list[str] | None = None) -> dict[str, Any]:
+        """A registered switch node (by default reachable from the test client's address, 127.0.0.1)."""
+        ops = await self.provider_headers()
+        body = {
+            "name": name or unique("fs-node-"),
+            "esl_host": "127.0.0.1",
+            "esl_password": "ClueCon",
+            "xml_curl_sources": sources or ["127.0.0.1"],
+        }
+        response = await self.client.post("/api/v1/ops/switch-nodes", json=body, headers=ops)
+        assert response.status_code == 201, response.text
+        node: dict[str, Any] = response.json()
+        node["id"] = uuid.UUID(node["id"])
+        return node
+
+    async def sip_seat(self, ctx: TenantCtx) -> dict[str, Any]:
+        """An agent with a seat and its SIP credentials (shown once, at assignment)."""
+        agent = await self.user(ctx)
+        response = await self.client.post("/api/v1/seats", json={"user_id": str(agent["id"])}, headers=ctx.headers)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        return {
+            "user_id": agent["id"],
+            "seat_id": uuid.UUID(body["seat"]["id"]),
+            "username": body["seat"]["sip_username"],
+            "domain": body["seat"]["sip_domain"],
+            "password": body["sip_password"],
+        }

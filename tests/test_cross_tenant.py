@@ -27,6 +27,7 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 
 from backend.auth import schemas as auth_schemas
 from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
+from backend.channels.voice import schemas as voice_schemas
 from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
 from tests.factories import PASSWORD, Factory, TenantCtx, unique
@@ -101,6 +102,12 @@ async def _interaction(f: Factory, owned: Owned) -> str:
     return owned.keep(await f.offered_interaction(owned.ctx))
 
 
+async def _number(f: Factory, owned: Owned) -> str:
+    number = await f.number(owned.ctx, queue_id=await f.queue(owned.ctx))
+    owned.keep(number["number"])
+    return owned.keep(number["id"])
+
+
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "user_id": _user,
     "team_id": _team,
@@ -112,6 +119,7 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "queue_id": _queue,
     "code_id": _code,
     "interaction_id": _interaction,
+    "number_id": _number,
 }
 
 
@@ -181,6 +189,11 @@ async def _hours_body(f: Factory, owned: Owned) -> dict[str, Any]:
     }
 
 
+async def _number_routing(f: Factory, owned: Owned) -> dict[str, Any]:
+    """Point the number at another of A's queues: B must not be able to name it."""
+    return {"queue_id": await _queue(f, owned), "label": "Main line"}
+
+
 BODY_FACTORIES: dict[type, BodyFactory] = {
     tenant_schemas.TenantUpdate: lambda f, o: _constant({"name": "Renamed Company"}),
     tenant_schemas.InviteRequest: _invite,
@@ -207,6 +220,7 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.InteractionCreate: _queue_ref,
     routing_schemas.InteractionEnd: lambda f, o: _constant({"outcome": "handled"}),
     routing_schemas.CallbackRequest: lambda f, o: _constant({"number": "+33142685300"}),
+    voice_schemas.NumberRouting: _number_routing,
     auth_schemas.SsoConfigIn: lambda f, o: _constant(
         {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
     ),
@@ -344,11 +358,57 @@ SWITCH_ROUTES = [r for r in ROUTES if r[3].opt.get("access") == "switch"]
 
 async def test_switch_routes_refuse_a_wrong_secret(factory: Factory):
     """Only switch nodes presenting the shared secret reach the FreeSWITCH-facing routes."""
+    assert SWITCH_ROUTES, "the FreeSWITCH-facing routes are gone"
     for path_template, method, _, _ in SWITCH_ROUTES:
         path = re.sub(r"\{[^}]+\}", "x", path_template)
-        for headers in ({SWITCH_SECRET_HEADER: "wrong"}, {}):
+        for headers in ({SWITCH_SECRET_HEADER: "wrong"}, {}, {"Authorization": "Basic Zm9vOmJhcg=="}):
             response = await factory.client.request(method, path, headers=headers)
             assert response.status_code in (401, 403), f"{method} {path_template}: {response.status_code}"
+
+
+async def test_switch_routes_refuse_unregistered_addresses(factory: Factory, app: Litestar):
+    """The right secret is not enough: the request must come from an address registered for a switch node."""
+    import httpx
+
+    secret = {SWITCH_SECRET_HEADER: app.state.settings.switch_shared_secret}
+    transport = httpx.ASGITransport(app=app, client=("198.51.100.66", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as outsider:
+        for path_template, method, _, _ in SWITCH_ROUTES:
+            path = re.sub(r"\{[^}]+\}", "x", path_template)
+            response = await outsider.request(method, path, headers=secret, content=b"section=directory")
+            assert response.status_code == 403, f"{method} {path_template}: {response.status_code}"
+
+
+async def test_switch_routes_answer_for_the_domain_asked_only(factory: Factory, app: Litestar):
+    """A directory request for tenant A's domain naming a SIP user only tenant B has finds nothing;
+    A's own seat is found, with A's tenant id and nothing of B's."""
+    from tests.support.freeswitch_captures import rewrite_form, xml_curl_body
+
+    node = await factory.switch_node(name=unique("fs-walk-"), sources=["127.0.0.1"])
+    a = await factory.tenant()
+    b = await factory.tenant()
+    seat_a = await factory.sip_seat(a)
+    await factory.sip_seat(b)
+    seat_b = await factory.sip_seat(b)
+    secret = {SWITCH_SECRET_HEADER: app.state.settings.switch_shared_secret}
+    for seat, tenant, found in ((seat_b, b, False), (seat_a, a, True)):
+        body = rewrite_form(
+            xml_curl_body("c05_directory_sip_auth_register_1001.request.txt"),
+            {
+                "hostname": node["name"],
+                "key_value": seat_a["domain"],
+                "domain": seat_a["domain"],
+                "user": seat["username"],
+                "sip_auth_username": seat["username"],
+                "sip_auth_realm": seat_a["domain"],
+            },
+        )
+        response = await factory.client.post("/api/v1/switch/directory", content=body, headers=secret)
+        assert response.status_code == 200
+        assert (b"a1-hash" in response.content) is found
+        assert str(b.tenant_id).encode() not in response.content
+        if found:
+            assert str(a.tenant_id).encode() in response.content
 
 
 TENANT_WS = [r for r in ROUTES if r[3].opt.get("access") == "tenant" and r[1] == "WEBSOCKET"]

@@ -1,1 +1,1 @@
-"""Contact channels: voice (FreeSWITCH), web chat and WeChat adapters."""
+"""Customer-facing channels: voice (FreeSWITCH), and later web chat and WeChat."""

@@ -32,7 +32,10 @@ def _describe(handler: HTTPRouteHandler) -> str:
     return {
         "public": "**Access:** public.",
         "provider": "**Access:** provider operators only.",
-        "switch": "**Access:** FreeSWITCH nodes presenting the shared secret.",
+        "switch": (
+            "**Access:** FreeSWITCH nodes: the shared secret (`x-switch-secret` header or HTTP basic-auth "
+            "password) from an address registered for a switch node."
+        ),
     }.get(access, f"**Access:** {access}.")
 
 

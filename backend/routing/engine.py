@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,8 +30,9 @@ from backend.db.engine import tenant_transaction
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
-from backend.routing.matcher import AgentRouting, Matcher, WaitingInteraction
+from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInteraction
 from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
+from backend.routing.offers import OfferRecorder
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
 from backend.tenants import service as tenants_service
 
@@ -78,6 +80,7 @@ class RoutingEngine:
         away_on_missed_offer: bool = True,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self.offers = OfferRecorder(sessionmaker)
         self.matcher = matcher
         self.hub = hub
         self.away_on_missed_offer = away_on_missed_offer
@@ -204,35 +207,38 @@ class RoutingEngine:
         )
         return round(position * average / max(1, agents or 0))
 
-    async def _offer(
-        self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None
-    ) -> uuid.UUID | None:
-        agent = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
-        if agent is not None:
-            await self._offered(tenant_id, waiting.interaction_id, agent, waiting.offer_timeout_ms)
-        return agent
+    async def _offer(self, tenant_id: uuid.UUID, waiting: WaitingInteraction, at_ms: int | None = None) -> list[Offer]:
+        offers = await self.matcher.offer_interaction(tenant_id, waiting, at_ms if at_ms is not None else now_ms())
+        for offer in offers:
+            await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
+        return offers
 
     async def _offered(
-        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, timeout_ms: int
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], timeout_ms: int
     ) -> None:
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            interaction = await interactions.lock(session, interaction_id)
-            interaction.state = "offered"
-            interaction.agent_id = agent
-            await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
-            payload = {"type": "offer", "interaction": _plain(interactions.out(interaction)), "timeout_ms": timeout_ms}
+        """Record the offer durably (group-committed with concurrent offers), then push it to the agent, or to
+        every agent a ring-all call rings."""
+        offered = await self.offers.record(tenant_id, interaction_id, agents, timeout_ms)
+        payload = {
+            "type": "offer",
+            "interaction": _plain(offered),
+            "timeout_ms": timeout_ms,
+            "ringing_agents": len(agents),
+        }
         await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
-        await self.hub.publish(tenant_id, agent, payload)
+        for agent in agents:
+            await self.hub.publish(tenant_id, agent, payload)
 
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
         """The agent takes an offer: it is connected (for a chat; voice connects when the agent leg answers)."""
         tenant_id, agent = _who(principal)
-        verdict = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
-        if verdict != "ok":
-            await self._explain_refusal(tenant_id, interaction_id, verdict)
+        acceptance = await self.matcher.accept(tenant_id, interaction_id, agent, now_ms())
+        if not acceptance.ok:
+            await self._explain_refusal(tenant_id, interaction_id, acceptance.verdict)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             interaction.state = "connected"
+            interaction.agent_id = agent
             interaction.connected_at = utcnow()
             await interactions.record(session, interaction, "offer_accepted", agent_id=agent)
             await interactions.record(session, interaction, "connected", agent_id=agent)
@@ -240,6 +246,10 @@ class RoutingEngine:
             if state.state == "available":
                 await service.set_system_state(session, tenant_id, agent, "busy")
             result = interactions.out(interaction)
+        for other in acceptance.withdrawn:
+            await self.hub.publish(
+                tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
+            )
         await self.queue_changed(tenant_id, result.queue_id)
         return result
 
@@ -256,16 +266,28 @@ class RoutingEngine:
         """The agent declines: the interaction goes back to its old place and is offered again."""
         tenant_id, agent = _who(principal)
         result = await self.matcher.reject(tenant_id, interaction_id, agent)
+        if result == "ringing":
+            # A ring-all call goes on ringing the others; only this agent's refusal is recorded.
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                interaction = await interactions.lock(session, interaction_id)
+                await interactions.record(session, interaction, "offer_rejected", agent_id=agent)
+            return
         if result != "ok":
             await self._explain_refusal(tenant_id, interaction_id, result)
-        await self._returned(tenant_id, interaction_id, agent, "offer_rejected")
+        await self._returned(tenant_id, interaction_id, (agent,), "offer_rejected")
 
-    async def _returned(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent: uuid.UUID, event: str) -> None:
+    async def _returned(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], event: str
+    ) -> None:
+        """The offer ended without an answer: record it per agent, then offer the interaction again."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
-            interaction.state = "queued"
-            interaction.agent_id = None
-            await interactions.record(session, interaction, event, agent_id=agent)
+            # Another process may have offered it again already (Redis decides): then its offer stands.
+            if await self.matcher.state(tenant_id, interaction_id) in ("waiting", None):
+                interaction.state = "queued"
+                interaction.agent_id = None
+            for agent in agents or (None,):
+                await interactions.record(session, interaction, event, agent_id=agent)
             assert interaction.queue_id is not None
             waiting = self._waiting(interaction, await self._rules(session, interaction.queue_id))
         await self._offer(tenant_id, waiting)
@@ -279,28 +301,87 @@ class RoutingEngine:
                 raise Conflict("The interaction has already ended", kind="already-ended")
             if interaction.agent_id is not None and interaction.agent_id != actor and not principal.can("queues:write"):
                 raise Forbidden("Only the agent handling it, or a supervisor, may end this interaction")
-            agent = interaction.agent_id if interaction.state == "connected" else None
-            final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
-            await self._end(session, interaction, final)
-            wrap_up = 0
-            if agent is not None and interaction.queue_id is not None:
-                queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
-                wrap_up = queue.wrap_up_seconds if queue else 0
+            agent, wrap_up = await self._close(session, interaction, outcome)
             result = interactions.out(interaction)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        return result
+
+    async def end_from_channel(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        *,
+        outcome: str | None = None,
+        at: datetime | None = None,
+        **data: Any,
+    ) -> InteractionOut | None:
+        """A channel reports the contact is over (the caller hung up, the call's switch node was lost).
+
+        The interaction ends as handled if an agent had it, abandoned if it was still waiting, or with
+        `outcome` when given (`node_failure`); its agent's capacity is freed. Idempotent: an interaction
+        already ended (or unknown to this tenant) is left alone and None is returned.
+        """
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            try:
+                interaction = await interactions.lock(session, interaction_id)
+            except NotFound:
+                log.warning(
+                    "channel_end_unknown_interaction", tenant_id=str(tenant_id), interaction=str(interaction_id)
+                )
+                return None
+            if interaction.state in ("ended", "wrap_up"):
+                return None
+            agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
+            result = interactions.out(interaction)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        return result
+
+    async def _close(
+        self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
+    ) -> tuple[uuid.UUID | None, int]:
+        """End the interaction in the transaction; returns its agent (if one had it) and their wrap-up time."""
+        agent = interaction.agent_id if interaction.state == "connected" else None
+        final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
+        await self._end(session, interaction, final, at=at, **data)
+        wrap_up = 0
+        if agent is not None and interaction.queue_id is not None:
+            queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
+            wrap_up = queue.wrap_up_seconds if queue else 0
+        return agent, wrap_up
+
+    async def _released(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        agent: uuid.UUID | None,
+        wrap_up: int,
+        queue_id: uuid.UUID | None,
+    ) -> None:
         await self.matcher.finish(tenant_id, interaction_id)
         if agent is not None:
             await self._after_interaction(tenant_id, agent, wrap_up)
-        await self.queue_changed(tenant_id, result.queue_id)
-        return result
+        await self.queue_changed(tenant_id, queue_id)
 
-    async def _end(self, session: AsyncSession, interaction: Interaction, outcome: str, **data: Any) -> None:
+    async def _end(
+        self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
+    ) -> None:
         interaction.state = "ended"
         interaction.outcome = outcome
-        interaction.ended_at = utcnow()
+        interaction.ended_at = at or utcnow()
         if outcome == "abandoned":
             waited = (interaction.ended_at - interaction.queued_at).total_seconds() if interaction.queued_at else 0.0
-            await interactions.record(session, interaction, "abandoned", waited_seconds=round(waited, 3))
-        await interactions.record(session, interaction, "ended", agent_id=interaction.agent_id, outcome=outcome, **data)
+            await interactions.record(
+                session, interaction, "abandoned", at=interaction.ended_at, waited_seconds=round(max(0.0, waited), 3)
+            )
+        await interactions.record(
+            session,
+            interaction,
+            "ended",
+            agent_id=interaction.agent_id,
+            at=interaction.ended_at,
+            outcome=outcome,
+            **data,
+        )
 
     async def _after_interaction(self, tenant_id: uuid.UUID, agent: uuid.UUID, wrap_up_seconds: int) -> None:
         load = await self.matcher.load(tenant_id, agent)
@@ -447,11 +528,7 @@ class RoutingEngine:
         """Offer the agent waiting work until their capacity is used; returns how many offers were made."""
         made = 0
         while (found := await self.matcher.offer_agent(tenant_id, user_id, now_ms())) is not None:
-            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                interaction = await interactions.lock(session, found)
-                assert interaction.queue_id is not None
-                timeout_ms = (await self._rules(session, interaction.queue_id)).queue.offer_timeout_seconds * 1000
-            await self._offered(tenant_id, found, user_id, timeout_ms)
+            await self._offered(tenant_id, found.interaction_id, found.agents, found.timeout_ms)
             made += 1
         return made
 
@@ -464,12 +541,17 @@ class RoutingEngine:
         """
         moment = at_ms if at_ms is not None else now_ms()
         expired = await self.matcher.expire_offers(tenant_id, moment)
+        missed: dict[uuid.UUID, list[uuid.UUID]] = {}
         for interaction_id, agent in expired:
-            if self.away_on_missed_offer:
+            missed.setdefault(interaction_id, []).append(agent)
+        if self.away_on_missed_offer:
+            # Everyone who missed an offer is away before any of those interactions is offered again.
+            for agent in {a for agents in missed.values() for a in agents}:
                 async with tenant_transaction(self.sessionmaker, tenant_id) as session:
                     await service.set_system_state(session, tenant_id, agent, "away", "offer_timeout")
                 await self.sync_agent(tenant_id, agent)
-            await self._returned(tenant_id, interaction_id, agent, "offer_timed_out")
+        for interaction_id, agents in missed.items():
+            await self._returned(tenant_id, interaction_id, agents, "offer_timed_out")
         for timer in await self.matcher.due_timers(tenant_id, moment):
             kind, _, ident = timer.partition(":")
             try:
@@ -486,7 +568,7 @@ class RoutingEngine:
         following = await self.matcher.next_due(tenant_id)
         if following is not None:
             await self.matcher.wake(tenant_id, following)
-        return len(expired)
+        return len(missed)
 
     async def _wait_timer(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, moment: int) -> None:
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
@@ -589,7 +671,8 @@ class RoutingEngine:
             await self.matcher.enqueue(tenant_id, waiting)
             if interaction.state == "offered":
                 # The offer may have been lost with Redis: the interaction waits again at its old place.
-                await self._returned(tenant_id, interaction.id, interaction.agent_id or uuid.uuid4(), "offer_timed_out")
+                rang = (interaction.agent_id,) if interaction.agent_id else ()
+                await self._returned(tenant_id, interaction.id, rang, "offer_timed_out")
                 restored += 1
                 continue
             if interaction.state == "connected" and interaction.agent_id is not None:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -31,6 +31,14 @@ STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill"
 
 # Lua helpers shared by the scripts. KEYS[1] is the tenant's routing prefix `cc:{t:<id>}:r:`; every key
 # a script touches is built from it, so they all hash to the tenant's slot.
+#
+# An interaction hash `i:<id>` holds its queue, channel, rank, priority, enqueue time, requirements, state
+# (waiting, offered, connected) and the agent it is with. A waiting interaction is in two sorted sets by rank:
+# `q:<queue>` (the queue as customers see it: positions) and `qc:<queue>:<channel>`, the lane agents scan,
+# so an agent with room only for chats never wades through waiting calls; `lanes:<channel>` lists the queues
+# with someone waiting on that channel. A ring-all voice offer rings several agents at
+# once: they are the members of `ring:<id>` and its `agent` stays empty until one of them accepts. Every
+# agent an interaction is offered to (or connected with) carries one unit of load on its channel.
 _COMMON = r"""
 local P = KEYS[1]
 local function required_ok(req_json, agent_skills_json, waited_s)
@@ -54,146 +62,288 @@ local function has_room(agent, channel)
   local load = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'load:' .. channel) or 0)
   return load < cap
 end
-local function make_offer(iid, agent, channel, now, timeout_ms)
-  local ikey = P .. 'i:' .. iid
-  local queue = redis.call('HGET', ikey, 'q')
-  redis.call('ZREM', P .. 'q:' .. queue, iid)
-  if redis.call('ZCARD', P .. 'q:' .. queue) == 0 then redis.call('SREM', P .. 'queues', queue) end
-  redis.call('HSET', ikey, 'state', 'offered', 'agent', agent)
-  redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
-  redis.call('HSET', P .. 'a:' .. agent, 'lastoffer', now)
-  redis.call('ZADD', P .. 'offers', now + timeout_ms, iid)
+local function rings_all(ikey)
+  return redis.call('HGET', ikey, 'strategy') == 'ring_all' and redis.call('HGET', ikey, 'ch') == 'voice'
 end
-local function back_to_queue(iid)
+-- Every available agent with room who qualifies for the waiting interaction `iid`.
+local function eligible_agents(iid, now)
   local ikey = P .. 'i:' .. iid
-  local agent = redis.call('HGET', ikey, 'agent')
   local channel = redis.call('HGET', ikey, 'ch')
-  local queue = redis.call('HGET', ikey, 'q')
-  redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, -1)
-  redis.call('HSET', ikey, 'state', 'waiting', 'agent', '')
-  redis.call('ZADD', P .. 'q:' .. queue, tonumber(redis.call('HGET', ikey, 'rank')), iid)
-  redis.call('SADD', P .. 'queues', queue)
-  redis.call('ZREM', P .. 'offers', iid)
-  return agent
+  local req = redis.call('HGET', ikey, 'req')
+  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local found = {}
+  for _, agent in ipairs(redis.call('SMEMBERS', P .. 'avail')) do
+    if has_room(agent, channel) then
+      local ok = required_ok(req, redis.call('HGET', P .. 'a:' .. agent, 'skills'), waited)
+      if ok then table.insert(found, agent) end
+    end
+  end
+  table.sort(found)
+  return found
 end
-"""
-
-# ARGV: iid, now_ms, offer_timeout_ms, strategy. Returns the agent offered to, or false.
-_OFFER_INTERACTION = (
-    _COMMON
-    + r"""
-local iid, now, timeout_ms, strategy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local ikey = P .. 'i:' .. iid
-if redis.call('HGET', ikey, 'state') ~= 'waiting' then return false end
-local channel = redis.call('HGET', ikey, 'ch')
-local req = redis.call('HGET', ikey, 'req')
-local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-local best, best_key = false, nil
-for _, agent in ipairs(redis.call('SMEMBERS', P .. 'avail')) do
-  if has_room(agent, channel) then
-    local ok, skill_total = required_ok(req, redis.call('HGET', P .. 'a:' .. agent, 'skills'), waited)
-    if ok then
-      local key
-      if strategy == 'round_robin' then
-        key = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'lastoffer') or 0)
-      elseif strategy == 'fewest_interactions' then
-        key = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'handled') or 0)
-      elseif strategy == 'best_skill' then
-        key = -skill_total
-      else
-        key = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'idle') or 0)
-      end
-      if best_key == nil or key < best_key or (key == best_key and agent < best) then
-        best, best_key = agent, key
+local function join_queue(iid)
+  local ikey = P .. 'i:' .. iid
+  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
+  local rank = tonumber(redis.call('HGET', ikey, 'rank'))
+  redis.call('ZADD', P .. 'q:' .. queue, rank, iid)
+  redis.call('ZADD', P .. 'qc:' .. queue .. ':' .. channel, rank, iid)
+  redis.call('SADD', P .. 'lanes:' .. channel, queue)
+end
+local function leave_queue(iid)
+  local ikey = P .. 'i:' .. iid
+  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
+  if not queue then return end
+  redis.call('ZREM', P .. 'q:' .. queue, iid)
+  local lane = P .. 'qc:' .. queue .. ':' .. channel
+  redis.call('ZREM', lane, iid)
+  if redis.call('ZCARD', lane) == 0 then redis.call('SREM', P .. 'lanes:' .. channel, queue) end
+end
+-- The most urgent (lowest-rank) waiting interaction `agent` may take now: on a channel where they have room,
+-- with skills that meet its requirements at its current wait. Looks at most `depth` entries per lane.
+local function most_urgent_for(agent, now, depth)
+  local akey = P .. 'a:' .. agent
+  local skills = redis.call('HGET', akey, 'skills')
+  local fields = redis.call('HGETALL', akey)
+  local best, best_rank = false, nil
+  for f = 1, #fields, 2 do
+    local channel = string.match(fields[f], '^cap:(.+)$')
+    if channel and has_room(agent, channel) then
+      for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
+        local items = redis.call('ZRANGE', P .. 'qc:' .. queue .. ':' .. channel, 0, depth - 1, 'WITHSCORES')
+        for i = 1, #items, 2 do
+          local iid, rank = items[i], tonumber(items[i + 1])
+          if best_rank ~= nil and rank >= best_rank then break end
+          local ikey = P .. 'i:' .. iid
+          local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+          if required_ok(redis.call('HGET', ikey, 'req'), skills, waited) then
+            best, best_rank = iid, rank
+            break
+          end
+        end
       end
     end
   end
+  return best
 end
-if best then make_offer(iid, best, channel, now, timeout_ms) end
-return best
+-- The agents who may be offered `iid` now: eligible, and with nothing more urgent waiting for them (an agent
+-- for whom something that arrived earlier is waiting is left to take that: first in, first out).
+local function ringable_agents(iid, now, depth)
+  local found = {}
+  for _, agent in ipairs(eligible_agents(iid, now)) do
+    if most_urgent_for(agent, now, depth) == iid then table.insert(found, agent) end
+  end
+  return found
+end
+-- Offers `iid` to the agents in `agents` (one, or several for ring-all) until now + timeout.
+local function make_offer(iid, agents, now, timeout_ms)
+  local ikey = P .. 'i:' .. iid
+  local channel = redis.call('HGET', ikey, 'ch')
+  leave_queue(iid)
+  if #agents == 1 and not rings_all(ikey) then
+    redis.call('HSET', ikey, 'state', 'offered', 'agent', agents[1])
+  else
+    redis.call('HSET', ikey, 'state', 'offered', 'agent', '')
+    redis.call('SADD', P .. 'ring:' .. iid, unpack(agents))
+  end
+  for _, agent in ipairs(agents) do
+    redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
+    redis.call('HSET', P .. 'a:' .. agent, 'lastoffer', now)
+  end
+  redis.call('ZADD', P .. 'offers', now + timeout_ms, iid)
+end
+-- The candidate the queue's strategy prefers for `iid` (ties go to the lowest id: candidates are sorted).
+local function best_by_strategy(iid, candidates, now)
+  local ikey = P .. 'i:' .. iid
+  local strategy = redis.call('HGET', ikey, 'strategy')
+  local req = redis.call('HGET', ikey, 'req')
+  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local best, best_key = false, nil
+  for _, agent in ipairs(candidates) do
+    local akey = P .. 'a:' .. agent
+    local key
+    if strategy == 'round_robin' then
+      key = tonumber(redis.call('HGET', akey, 'lastoffer') or 0)
+    elseif strategy == 'fewest_interactions' then
+      key = tonumber(redis.call('HGET', akey, 'handled') or 0)
+    elseif strategy == 'best_skill' then
+      local _, skill_total = required_ok(req, redis.call('HGET', akey, 'skills'), waited)
+      key = -skill_total
+    else
+      key = tonumber(redis.call('HGET', akey, 'idle') or 0)
+    end
+    if best_key == nil or key < best_key then best, best_key = agent, key end
+  end
+  return best
+end
+-- Offers the waiting `iid` to the agents it may go to now (to `preferred` when given, unless it rings all)
+-- and appends {iid, timeout_ms, n, agents...} to `out`. False when nobody may take it.
+local function offer_now(iid, now, depth, out, preferred)
+  local ikey = P .. 'i:' .. iid
+  local candidates = ringable_agents(iid, now, depth)
+  if #candidates == 0 then return false end
+  local agents
+  if rings_all(ikey) then
+    agents = candidates
+  elseif preferred then
+    agents = {preferred}
+  else
+    agents = {best_by_strategy(iid, candidates, now)}
+  end
+  local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
+  make_offer(iid, agents, now, timeout_ms)
+  table.insert(out, iid)
+  table.insert(out, timeout_ms)
+  table.insert(out, #agents)
+  for _, agent in ipairs(agents) do table.insert(out, agent) end
+  return true
+end
+-- The agents an offered interaction is with: its one agent, or everyone still ringing.
+local function offered_to(iid)
+  local agent = redis.call('HGET', P .. 'i:' .. iid, 'agent')
+  if agent and agent ~= '' then return {agent} end
+  return redis.call('SMEMBERS', P .. 'ring:' .. iid)
+end
+local function release(agents, channel)
+  for _, agent in ipairs(agents) do redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, -1) end
+end
+-- Withdraws the offer from everyone it is with and puts the interaction back at its old rank.
+local function back_to_queue(iid)
+  local ikey = P .. 'i:' .. iid
+  local agents = offered_to(iid)
+  release(agents, redis.call('HGET', ikey, 'ch'))
+  redis.call('DEL', P .. 'ring:' .. iid)
+  redis.call('HSET', ikey, 'state', 'waiting', 'agent', '')
+  join_queue(iid)
+  redis.call('ZREM', P .. 'offers', iid)
+  return agents
+end
+"""
+
+# ARGV: iid, then field/value pairs of the interaction hash. Puts it in its queue's lanes at its rank; an
+# interaction already with an agent is left alone (returns 0), one waiting elsewhere moves.
+_ENQUEUE = (
+    _COMMON
+    + r"""
+local iid = ARGV[1]
+local ikey = P .. 'i:' .. iid
+local state = redis.call('HGET', ikey, 'state')
+if state == 'offered' or state == 'connected' then return 0 end
+leave_queue(iid)
+redis.call('HSET', ikey, unpack(ARGV, 2))
+redis.call('HSET', ikey, 'state', 'waiting', 'agent', '')
+join_queue(iid)
+return 1
 """
 )
 
-# ARGV: agent, now_ms, scan_depth. Finds the most urgent waiting interaction this agent may take, offers it.
-# Returns {iid, queue} or false. The offer timeout is the queue's, read from its cached settings.
+# ARGV: iid, now_ms, scan_depth. Offers the interaction to whom it may go now: the best eligible agent by its
+# queue's strategy, or every eligible agent for a ring-all voice queue. An eligible agent for whom something
+# older is waiting is offered that first (first in, first out), and the search goes on. Returns the offers
+# made as {iid, timeout_ms, number of agents, agents...} repeated.
+_OFFER_INTERACTION = (
+    _COMMON
+    + r"""
+local iid, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ikey = P .. 'i:' .. iid
+local out = {}
+for _ = 1, 10 do
+  if redis.call('HGET', ikey, 'state') ~= 'waiting' then break end
+  local eligible = eligible_agents(iid, now)
+  if #eligible == 0 or offer_now(iid, now, depth, out, nil) then break end
+  local agent = best_by_strategy(iid, eligible, now)
+  local older = most_urgent_for(agent, now, depth)
+  if not older or not offer_now(older, now, depth, out, agent) then break end
+end
+return out
+"""
+)
+
+# ARGV: agent, now_ms, scan_depth. Offers this agent the most urgent waiting interaction they may take (a
+# ring-all call rings every other agent it may go to as well). Returns the offer as above, or {}.
 _OFFER_AGENT = (
     _COMMON
     + r"""
 local agent, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return false end
-local skills = redis.call('HGET', P .. 'a:' .. agent, 'skills')
-local best, best_rank = false, nil
-for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  local items = redis.call('ZRANGE', P .. 'q:' .. queue, 0, depth - 1, 'WITHSCORES')
-  for i = 1, #items, 2 do
-    local iid, rank = items[i], tonumber(items[i + 1])
-    if best_rank ~= nil and rank >= best_rank then break end
-    local ikey = P .. 'i:' .. iid
-    local channel = redis.call('HGET', ikey, 'ch')
-    if has_room(agent, channel) then
-      local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-      if required_ok(redis.call('HGET', ikey, 'req'), skills, waited) then
-        best, best_rank = iid, rank
-        break
-      end
-    end
-  end
-end
-if not best then return false end
-local ikey = P .. 'i:' .. best
-local timeout_ms = tonumber(redis.call('HGET', ikey, 'timeout') or 20000)
-make_offer(best, agent, redis.call('HGET', ikey, 'ch'), now, timeout_ms)
-return {best, redis.call('HGET', ikey, 'q')}
+if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return {} end
+local best = most_urgent_for(agent, now, depth)
+local out = {}
+if best then offer_now(best, now, depth, out, agent) end
+return out
 """
 )
 
-# ARGV: iid, agent, now_ms. Returns 'ok', or why not: 'not_offered', 'not_yours', 'expired'.
+# ARGV: iid, agent, now_ms. Returns {'ok', agents whose ringing stopped...}, or {why not}: 'not_offered',
+# 'not_yours', 'expired'.
 _ACCEPT = (
     _COMMON
     + r"""
 local iid, agent, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ikey = P .. 'i:' .. iid
-if redis.call('HGET', ikey, 'state') ~= 'offered' then return 'not_offered' end
-if redis.call('HGET', ikey, 'agent') ~= agent then return 'not_yours' end
+if redis.call('HGET', ikey, 'state') ~= 'offered' then return {'not_offered'} end
+local ringing = offered_to(iid)
+local mine = false
+for _, a in ipairs(ringing) do if a == agent then mine = true end end
+if not mine then return {'not_yours'} end
 local expiry = tonumber(redis.call('ZSCORE', P .. 'offers', iid) or 0)
-if expiry <= now then return 'expired' end
+if expiry <= now then return {'expired'} end
+local out = {'ok'}
+for _, a in ipairs(ringing) do
+  if a ~= agent then
+    redis.call('HINCRBY', P .. 'a:' .. a, 'load:' .. redis.call('HGET', ikey, 'ch'), -1)
+    table.insert(out, a)
+  end
+end
+redis.call('DEL', P .. 'ring:' .. iid)
 redis.call('ZREM', P .. 'offers', iid)
-redis.call('HSET', ikey, 'state', 'connected')
+redis.call('HSET', ikey, 'state', 'connected', 'agent', agent)
 redis.call('HINCRBY', P .. 'a:' .. agent, 'handled', 1)
-return 'ok'
+return out
 """
 )
 
-# ARGV: iid, agent. Puts an offered interaction back at its old place. Returns 'ok' or why not.
+# ARGV: iid, agent. The agent declines. Returns 'ok' (back at its old place), 'ringing' (a ring-all offer
+# still rings others), or why not.
 _REJECT = (
     _COMMON
     + r"""
 local iid, agent = ARGV[1], ARGV[2]
 local ikey = P .. 'i:' .. iid
 if redis.call('HGET', ikey, 'state') ~= 'offered' then return 'not_offered' end
-if redis.call('HGET', ikey, 'agent') ~= agent then return 'not_yours' end
+local ring = P .. 'ring:' .. iid
+if redis.call('HGET', ikey, 'agent') == '' then
+  if redis.call('SISMEMBER', ring, agent) == 0 then return 'not_yours' end
+  if redis.call('SCARD', ring) > 1 then
+    redis.call('SREM', ring, agent)
+    release({agent}, redis.call('HGET', ikey, 'ch'))
+    return 'ringing'
+  end
+elseif redis.call('HGET', ikey, 'agent') ~= agent then
+  return 'not_yours'
+end
 back_to_queue(iid)
 return 'ok'
 """
 )
 
-# ARGV: now_ms, limit. Returns expired offers as a flat list iid, agent, ... (each put back at its place).
+# ARGV: now_ms, limit. Returns expired offers as a flat list iid, agent, ... (a ring-all offer once per agent
+# it rang); each interaction is back at its old place.
 _EXPIRE = (
     _COMMON
     + r"""
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
 for _, iid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'offers', '-inf', now, 'LIMIT', 0, limit)) do
-  local agent = back_to_queue(iid)
-  table.insert(out, iid)
-  table.insert(out, agent)
+  for _, agent in ipairs(back_to_queue(iid)) do
+    table.insert(out, iid)
+    table.insert(out, agent)
+  end
 end
 return out
 """
 )
 
-# ARGV: iid. Ends an interaction wherever it is: waiting (leaves its queue) or with an agent (frees capacity).
-# Returns the agent it was with, or ''.
+# ARGV: iid. Ends an interaction wherever it is: waiting (leaves its queue), offered (every agent it rings is
+# freed) or connected (its agent is freed). Returns the agent it was with, or ''.
 _FINISH = (
     _COMMON
     + r"""
@@ -202,15 +352,10 @@ local ikey = P .. 'i:' .. iid
 local state = redis.call('HGET', ikey, 'state')
 if not state then return '' end
 local agent = redis.call('HGET', ikey, 'agent') or ''
-local channel = redis.call('HGET', ikey, 'ch')
-local queue = redis.call('HGET', ikey, 'q')
-redis.call('ZREM', P .. 'q:' .. queue, iid)
-if redis.call('ZCARD', P .. 'q:' .. queue) == 0 then redis.call('SREM', P .. 'queues', queue) end
+leave_queue(iid)
 redis.call('ZREM', P .. 'offers', iid)
-if agent ~= '' and (state == 'offered' or state == 'connected') then
-  redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, -1)
-end
-redis.call('DEL', ikey)
+if state == 'offered' or state == 'connected' then release(offered_to(iid), redis.call('HGET', ikey, 'ch')) end
+redis.call('DEL', ikey, P .. 'ring:' .. iid)
 return agent
 """
 )
@@ -223,7 +368,7 @@ _RESTORE_CONNECTED = (
 local iid, queue, channel, rank, enq, agent = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local ikey = P .. 'i:' .. iid
 if redis.call('HGET', ikey, 'state') == 'connected' then return 0 end
-redis.call('ZREM', P .. 'q:' .. queue, iid)
+leave_queue(iid)
 redis.call('HSET', ikey, 'q', queue, 'ch', channel, 'rank', rank, 'enq', enq, 'state', 'connected', 'agent', agent)
 redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
 return 1
@@ -271,6 +416,29 @@ class AgentRouting:
     idle_since_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """An interaction offered to one agent, or rung at several at once (ring-all)."""
+
+    interaction_id: uuid.UUID
+    agents: tuple[uuid.UUID, ...]
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """The outcome of an agent accepting an offer."""
+
+    verdict: str
+    """`ok`, or why not: `not_offered`, `not_yours`, `expired`."""
+    withdrawn: tuple[uuid.UUID, ...] = ()
+    """Agents a ring-all offer stopped ringing because this one took it."""
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "ok"
+
+
 class Matcher:
     """Atomic routing steps on Redis for one deployment; every method names its tenant."""
 
@@ -278,6 +446,7 @@ class Matcher:
         self._redis = redis
         self._priority_step_ms = priority_step_ms
         self._scan_depth = scan_depth
+        self._enqueue = redis.register_script(_ENQUEUE)
         self._offer_interaction = redis.register_script(_OFFER_INTERACTION)
         self._offer_agent = redis.register_script(_OFFER_AGENT)
         self._accept = redis.register_script(_ACCEPT)
@@ -298,28 +467,19 @@ class Matcher:
 
     async def enqueue(self, tenant_id: uuid.UUID, item: WaitingInteraction, *, rank: int | None = None) -> None:
         """Put an interaction in its queue (at `rank` when restoring an old place)."""
-        p = self.prefix(tenant_id)
-        iid, queue = str(item.interaction_id), str(item.queue_id)
         requirements = json.dumps([[skill, [list(step) for step in steps]] for skill, steps in item.requirements])
-        score = rank if rank is not None else self.rank(item.enqueued_ms, item.priority)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                p + "i:" + iid,
-                mapping={
-                    "q": queue,
-                    "ch": item.channel,
-                    "rank": score,
-                    "enq": item.enqueued_ms,
-                    "req": requirements,
-                    "state": "waiting",
-                    "agent": "",
-                    "timeout": item.offer_timeout_ms,
-                    "strategy": item.strategy,
-                },
-            )
-            pipe.zadd(p + "q:" + queue, {iid: score})
-            pipe.sadd(p + "queues", queue)
-            await pipe.execute()
+        fields: dict[str, str | int] = {
+            "q": str(item.queue_id),
+            "ch": item.channel,
+            "rank": rank if rank is not None else self.rank(item.enqueued_ms, item.priority),
+            "prio": item.priority,
+            "enq": item.enqueued_ms,
+            "req": requirements,
+            "timeout": item.offer_timeout_ms,
+            "strategy": item.strategy,
+        }
+        flat = [part for pair in fields.items() for part in pair]
+        await self._enqueue(keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), *flat])
 
     async def set_agent(self, tenant_id: uuid.UUID, agent: AgentRouting) -> None:
         """Record an agent's availability, capacity and skills (load is kept as it is)."""
@@ -336,32 +496,39 @@ class Matcher:
                 pipe.srem(p + "avail", uid)
             await pipe.execute()
 
-    async def offer_interaction(self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int) -> uuid.UUID | None:
-        """Offer a waiting interaction to the best eligible agent by its queue's strategy, if any."""
-        agent = await self._offer_interaction(
-            keys=[self.prefix(tenant_id)],
-            args=[str(item.interaction_id), now_ms, item.offer_timeout_ms, item.strategy],
+    async def offer_interaction(self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int) -> list[Offer]:
+        """Offer a waiting interaction by its queue's strategy (a ring-all voice queue rings every eligible
+        agent). Agents it could go to who have older work waiting are offered that first, so the offers made
+        may include other interactions; empty when nobody may take anything now."""
+        flat = await self._offer_interaction(
+            keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), now_ms, self._scan_depth]
         )
-        return uuid.UUID(agent) if agent else None
+        return _offers(flat)
 
-    async def offer_agent(self, tenant_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> uuid.UUID | None:
-        """Offer the most urgent waiting interaction this agent may take, if any."""
-        found = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
-        return uuid.UUID(found[0]) if found else None
+    async def offer_agent(self, tenant_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> Offer | None:
+        """Offer the most urgent waiting interaction this agent may take, if any (a ring-all call rings the
+        other agents it may go to as well)."""
+        flat = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
+        offers = _offers(flat)
+        return offers[0] if offers else None
 
-    async def accept(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> str:
-        """`ok`, or why the offer cannot be accepted: `not_offered`, `not_yours`, `expired`."""
+    async def accept(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int
+    ) -> Acceptance:
+        """Connect the agent; a ring-all offer stops ringing everyone else. Refused as `not_offered`,
+        `not_yours` or `expired`."""
         result = await self._accept(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id), now_ms])
-        return str(result)
+        return Acceptance(str(result[0]), tuple(uuid.UUID(a) for a in result[1:]))
 
     async def reject(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID) -> str:
-        """`ok` (back at its old place), or why not."""
+        """`ok` (back at its old place), `ringing` (a ring-all offer goes on ringing others), or why not."""
         return str(await self._reject(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id)]))
 
     async def expire_offers(
         self, tenant_id: uuid.UUID, now_ms: int, limit: int = 100
     ) -> list[tuple[uuid.UUID, uuid.UUID]]:
-        """Offers past their time, each put back at its old place: [(interaction, agent)]."""
+        """Offers past their time, each put back at its old place: [(interaction, agent)], a ring-all offer
+        once per agent it rang."""
         flat = await self._expire(keys=[self.prefix(tenant_id)], args=[now_ms, limit])
         return [(uuid.UUID(flat[i]), uuid.UUID(flat[i + 1])) for i in range(0, len(flat), 2)]
 
@@ -459,6 +626,11 @@ class Matcher:
         members = cast(list[str], await self._redis.zrange(self.prefix(tenant_id) + "q:" + str(queue_id), 0, -1))
         return [uuid.UUID(m) for m in members]
 
+    async def state(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> str | None:
+        """`waiting`, `offered` or `connected`; None when routing does not hold it."""
+        found = await self._redis.hget(self.prefix(tenant_id) + "i:" + str(interaction_id), "state")
+        return cast(str | None, found)
+
     async def position(self, tenant_id: uuid.UUID, queue_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
         """1-based place in the queue, or None when not waiting there."""
         key = self.prefix(tenant_id) + "q:" + str(queue_id)
@@ -469,3 +641,14 @@ class Matcher:
         """The agent's current load per channel."""
         raw = cast(dict[str, str], await self._redis.hgetall(self.prefix(tenant_id) + "a:" + str(agent_id)))
         return {k.removeprefix("load:"): int(v) for k, v in raw.items() if k.startswith("load:")}
+
+
+def _offers(flat: list[Any]) -> list[Offer]:
+    """Offers from a script's flat reply: iid, timeout, number of agents, agents..., repeated."""
+    offers, at = [], 0
+    while at < len(flat):
+        count = int(flat[at + 2])
+        agents = tuple(uuid.UUID(a) for a in flat[at + 3 : at + 3 + count])
+        offers.append(Offer(uuid.UUID(flat[at]), agents, int(flat[at + 1])))
+        at += 3 + count
+    return offers

@@ -1,4 +1,4 @@
-"""The tenant audit log: who changed what, with before and after."""
+"""The audit logs: the tenant's (who changed what, with before and after) and the provider's (what operators did)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.lib.context import client_ip_var, request_id_var
-from backend.tenants.models import AuditEntry
+from backend.tenants.models import AuditEntry, ProviderAuditEntry
 
 log = structlog.get_logger("audit")
 
@@ -52,3 +52,23 @@ async def record(
     )
     session.add(entry)
     log.info("audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id)
+
+
+async def record_provider(
+    session: AsyncSession,
+    *,
+    provider_user_id: uuid.UUID | None,
+    action: str,
+    target_tenant_id: uuid.UUID | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Add one entry to the provider's audit log (what an operator did, to which tenant) in the current transaction."""
+    session.add(
+        ProviderAuditEntry(
+            provider_user_id=provider_user_id,
+            action=action,
+            target_tenant_id=target_tenant_id,
+            detail=dict(detail or {}),
+        )
+    )
+    log.info("provider_audit", action=action, target_tenant_id=str(target_tenant_id) if target_tenant_id else None)

@@ -842,6 +842,35 @@ async def _sip_domain(session: AsyncSession, tenant_id: uuid.UUID) -> str:
     return domain
 
 
+@dataclass(frozen=True, slots=True)
+class SeatIdentity:
+    """A seat and the facts about its user that the SIP directory and registrations need."""
+
+    seat_id: uuid.UUID
+    user_id: uuid.UUID
+    sip_username: str
+    sip_a1_hash: str
+    user_name: str
+    user_status: str
+
+
+async def seat_identity(session: AsyncSession, sip_username: str) -> SeatIdentity | None:
+    """The seat with that SIP user name in the current tenant, with its user (one query)."""
+    row = (
+        await session.execute(
+            select(Seat.id, Seat.user_id, Seat.sip_username, Seat.sip_a1_hash, User.name, User.status)
+            .join(User, (User.tenant_id == Seat.tenant_id) & (User.id == Seat.user_id))
+            .where(Seat.sip_username == sip_username)
+        )
+    ).first()
+    return SeatIdentity(*row) if row is not None else None
+
+
+async def find_tenant_by_sip_domain(session: AsyncSession, domain: str) -> Tenant | None:
+    """The tenant whose SIP domain this is (global table; case-insensitive, as DNS names are)."""
+    return await session.scalar(select(Tenant).where(Tenant.sip_domain == domain.strip().lower()))
+
+
 async def list_seats(
     session: AsyncSession, tenant_id: uuid.UUID, page: PageRequest
 ) -> tuple[list[SeatOut], str | None]:

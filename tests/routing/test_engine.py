@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import pytest
@@ -203,9 +204,60 @@ async def test_many_agents_many_chats_no_double_offers(client, factory, app):
     queue = await factory.queue(ctx)
     agents = [await _available(client, factory, ctx, capacity={"webchat": 2}) for _ in range(4)]
     created = await asyncio.gather(*(_create(client, ctx, queue) for _ in range(12)))
-    offered = [c for c in created if c["state"] == "offered"]
+    # (A create's answer may predate the offer another request's matching made of it: read them again.)
+    now = [(await client.get(f"/api/v1/interactions/{c['id']}", headers=ctx.headers)).json() for c in created]
+    offered = [c for c in now if c["state"] == "offered"]
     assert len(offered) == 8
+    waiting = sorted((c for c in now if c["state"] == "queued"), key=lambda c: c["position"])
+    assert [c["position"] for c in waiting] == [1, 2, 3, 4]
     per_agent = {str(a["id"]): 0 for a in agents}
     for c in offered:
         per_agent[c["agent_id"]] += 1
     assert set(per_agent.values()) == {2}
+
+
+async def test_ring_all_voice_queue_rings_every_registered_agent_and_withdraws_the_rest(
+    client, factory, app, sessionmaker
+):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, strategy="ring_all", wrap_up_seconds=0)
+    agents = [await _available(client, factory, ctx) for _ in range(3)]
+    for agent in agents[:2]:  # the third has no softphone registered: it never rings
+        async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+            await service.set_voice_registration(session, ctx.tenant_id, agent["id"], registered=True)
+        await app.state.routing.sync_agent(ctx.tenant_id, agent["id"])
+    sockets = []
+    async with contextlib.AsyncExitStack() as stack:
+        for agent in agents[:2]:
+            ticket = (await client.post("/api/v1/auth/ws-ticket", headers=agent["headers"])).json()["ticket"]
+            socket = await stack.enter_async_context(
+                websocket_connect(app, "/api/v1/agent/ws", query=f"ticket={ticket}")
+            )
+            assert (await socket.receive_message())["type"] == "websocket.accept"
+            await socket.receive_json()  # hello
+            sockets.append(socket)
+        call = await _create(client, ctx, queue, channel="voice")
+        assert call["state"] == "offered"
+        assert call["agent_id"] is None  # ringing at several phones: nobody has it yet
+        for socket in sockets:
+            offer = await _next_of_type(socket, "offer")
+            assert offer["interaction"]["id"] == call["id"]
+            assert offer["ringing_agents"] == 2
+        taken = await client.post(f"/api/v1/interactions/{call['id']}/accept", headers=agents[1]["headers"])
+        assert taken.status_code == 200, taken.text
+        assert taken.json()["agent_id"] == str(agents[1]["id"])
+        withdrawn = await _next_of_type(sockets[0], "offer_withdrawn")
+        assert withdrawn["interaction_id"] == call["id"]
+        late = await client.post(f"/api/v1/interactions/{call['id']}/accept", headers=agents[0]["headers"])
+        assert late.status_code == 409
+    names = await _timeline(client, ctx, call["id"])
+    assert names.count("offered") == 2
+    assert names[-2:] == ["offer_accepted", "connected"]
+
+
+async def _next_of_type(socket, kind: str) -> dict:
+    for _ in range(20):
+        message = await asyncio.wait_for(socket.receive_json(), 5)
+        if message["type"] == kind:
+            return message
+    raise AssertionError(f"no {kind} message")

@@ -24,6 +24,12 @@ def item(queue, *, enq=NOW, priority=50, channel="voice", strategy="longest_idle
     return WaitingInteraction(uuid.uuid4(), queue, channel, priority, enq, timeout, strategy, req)
 
 
+async def offer(matcher, tenant, it, now):
+    """Offer `it` on arrival; returns who it was offered to (other offers made on the way are checked apart)."""
+    offers = await matcher.offer_interaction(tenant, it, now)
+    return next((o.agents for o in offers if o.interaction_id == it.interaction_id), ())
+
+
 def agent(*, idle=NOW - 1000, capacity=None, skills=None, available=True):
     return AgentRouting(uuid.uuid4(), available, capacity or {"voice": 1, "webchat": 2}, skills or {}, idle)
 
@@ -35,15 +41,15 @@ async def test_longest_idle_agent_gets_the_offer_and_never_two(matcher):
         await matcher.set_agent(tenant, a)
     first = item(queue)
     await matcher.enqueue(tenant, first)
-    assert await matcher.offer_interaction(tenant, first, NOW) == idle_long.user_id
-    assert await matcher.offer_interaction(tenant, first, NOW) is None  # already offered: not twice
+    assert await offer(matcher, tenant, first, NOW) == (idle_long.user_id,)
+    assert await offer(matcher, tenant, first, NOW) == ()  # already offered: not twice
     second = item(queue)
     await matcher.enqueue(tenant, second)
     # idle_long has no voice capacity left; fresh gets the second one.
-    assert await matcher.offer_interaction(tenant, second, NOW) == fresh.user_id
+    assert await offer(matcher, tenant, second, NOW) == (fresh.user_id,)
     third = item(queue)
     await matcher.enqueue(tenant, third)
-    assert await matcher.offer_interaction(tenant, third, NOW) is None
+    assert await offer(matcher, tenant, third, NOW) == ()
     assert await matcher.waiting(tenant, queue) == [third.interaction_id]
 
 
@@ -53,8 +59,8 @@ async def test_skills_relax_over_wait_time(matcher):
     await matcher.set_agent(tenant, junior)
     call = item(queue, req=((skill, ((0, 7), (30, 3))),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW + 10_000) is None  # needs 7 for 30 s
-    assert await matcher.offer_interaction(tenant, call, NOW + 31_000) == junior.user_id  # then 3 will do
+    assert await offer(matcher, tenant, call, NOW + 10_000) == ()  # needs 7 for 30 s
+    assert await offer(matcher, tenant, call, NOW + 31_000) == (junior.user_id,)  # then 3 will do
 
 
 async def test_agent_without_the_skill_is_never_offered(matcher):
@@ -62,7 +68,7 @@ async def test_agent_without_the_skill_is_never_offered(matcher):
     await matcher.set_agent(tenant, agent(skills={}))
     call = item(queue, req=((skill, ((0, 1),)),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW + 999_000) is None
+    assert await offer(matcher, tenant, call, NOW + 999_000) == ()
 
 
 async def test_best_skill_round_robin_and_fewest(matcher):
@@ -72,11 +78,11 @@ async def test_best_skill_round_robin_and_fewest(matcher):
         await matcher.set_agent(tenant, a)
     call = item(queue, strategy="best_skill", req=((skill, ((0, 1),)),))
     await matcher.enqueue(tenant, call)
-    assert await matcher.offer_interaction(tenant, call, NOW) == strong.user_id
-    assert await matcher.accept(tenant, call.interaction_id, strong.user_id, NOW + 1) == "ok"
+    assert await offer(matcher, tenant, call, NOW) == (strong.user_id,)
+    assert (await matcher.accept(tenant, call.interaction_id, strong.user_id, NOW + 1)).verdict == "ok"
     chat = item(queue, channel="webchat", strategy="fewest_interactions")
     await matcher.enqueue(tenant, chat)
-    assert await matcher.offer_interaction(tenant, chat, NOW) == weak.user_id  # strong handled one already
+    assert await offer(matcher, tenant, chat, NOW) == (weak.user_id,)  # strong handled one already
 
 
 async def test_offer_accept_reject_and_timeout_keep_the_old_place(matcher):
@@ -86,22 +92,138 @@ async def test_offer_accept_reject_and_timeout_keep_the_old_place(matcher):
     older, newer = item(queue, enq=NOW - 5_000), item(queue, enq=NOW)
     await matcher.enqueue(tenant, older)
     await matcher.enqueue(tenant, newer)
-    assert await matcher.offer_interaction(tenant, older, NOW) == a.user_id
+    assert await offer(matcher, tenant, older, NOW) == (a.user_id,)
     assert await matcher.waiting(tenant, queue) == [newer.interaction_id]
     assert await matcher.reject(tenant, older.interaction_id, a.user_id) == "ok"
     assert await matcher.waiting(tenant, queue) == [older.interaction_id, newer.interaction_id]
     assert await matcher.load(tenant, a.user_id) == {"voice": 0}
-    assert await matcher.offer_agent(tenant, a.user_id, NOW) == older.interaction_id
+    assert (await matcher.offer_agent(tenant, a.user_id, NOW)).interaction_id == older.interaction_id
     expired = await matcher.expire_offers(tenant, NOW + 20_001)
     assert expired == [(older.interaction_id, a.user_id)]
     assert await matcher.waiting(tenant, queue) == [older.interaction_id, newer.interaction_id]
-    assert await matcher.offer_agent(tenant, a.user_id, NOW + 21_000) == older.interaction_id
-    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 50_000) == "expired"
-    assert await matcher.accept(tenant, older.interaction_id, uuid.uuid4(), NOW + 21_001) == "not_yours"
-    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_001) == "ok"
-    assert await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_002) == "not_offered"
+    assert (await matcher.offer_agent(tenant, a.user_id, NOW + 21_000)).interaction_id == older.interaction_id
+    assert (await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 50_000)).verdict == "expired"
+    assert (await matcher.accept(tenant, older.interaction_id, uuid.uuid4(), NOW + 21_001)).verdict == "not_yours"
+    assert (await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_001)).verdict == "ok"
+    assert (await matcher.accept(tenant, older.interaction_id, a.user_id, NOW + 21_002)).verdict == "not_offered"
     assert await matcher.finish(tenant, older.interaction_id) == a.user_id
     assert await matcher.load(tenant, a.user_id) == {"voice": 0}
+
+
+async def test_ring_all_rings_every_eligible_agent_and_the_first_to_accept_takes_it(matcher):
+    tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    first, second, unskilled = agent(skills={skill: 5}), agent(skills={skill: 8}), agent(skills={})
+    busy = agent(skills={skill: 9}, capacity={"voice": 0})
+    for a in (first, second, unskilled, busy):
+        await matcher.set_agent(tenant, a)
+    call = item(queue, strategy="ring_all", req=((skill, ((0, 1),)),))
+    await matcher.enqueue(tenant, call)
+    rung = await offer(matcher, tenant, call, NOW)
+    assert set(rung) == {first.user_id, second.user_id}
+    for a in (first, second):
+        assert await matcher.load(tenant, a.user_id) == {"voice": 1}  # each phone rings: no second call
+    other = item(queue, strategy="ring_all")
+    await matcher.enqueue(tenant, other)
+    # The two ringing phones have no room; the agent without capacity is skipped; only the last one is left.
+    assert await offer(matcher, tenant, other, NOW) == (unskilled.user_id,)
+    taken = await matcher.accept(tenant, call.interaction_id, second.user_id, NOW + 1)
+    assert taken.verdict == "ok"
+    assert taken.withdrawn == (first.user_id,)
+    assert await matcher.load(tenant, first.user_id) == {"voice": 0}
+    assert (await matcher.accept(tenant, call.interaction_id, first.user_id, NOW + 2)).verdict == "not_offered"
+    assert await matcher.finish(tenant, call.interaction_id) == second.user_id
+    assert await matcher.load(tenant, second.user_id) == {"voice": 0}
+
+
+async def test_ring_all_rejections_and_expiry_return_the_call_to_its_place(matcher):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    one, two = agent(), agent()
+    for a in (one, two):
+        await matcher.set_agent(tenant, a)
+    call = item(queue, strategy="ring_all")
+    await matcher.enqueue(tenant, call)
+    assert len(await offer(matcher, tenant, call, NOW)) == 2
+    assert await matcher.reject(tenant, call.interaction_id, one.user_id) == "ringing"
+    assert await matcher.load(tenant, one.user_id) == {"voice": 0}
+    assert await matcher.reject(tenant, call.interaction_id, one.user_id) == "not_yours"
+    assert await matcher.reject(tenant, call.interaction_id, two.user_id) == "ok"
+    assert await matcher.waiting(tenant, queue) == [call.interaction_id]
+    # Offered again (an agent freed up): ring-all rings both again; nobody answers in time.
+    offered = await matcher.offer_agent(tenant, one.user_id, NOW + 1_000)
+    assert offered is not None
+    assert set(offered.agents) == {one.user_id, two.user_id}
+    expired = await matcher.expire_offers(tenant, NOW + 21_001)
+    assert sorted(expired) == sorted([(call.interaction_id, one.user_id), (call.interaction_id, two.user_id)])
+    assert await matcher.waiting(tenant, queue) == [call.interaction_id]
+    assert await matcher.load(tenant, one.user_id) == {"voice": 0}
+    assert await matcher.load(tenant, two.user_id) == {"voice": 0}
+    # A ringing call that ends (the caller hangs up) frees every phone it rang.
+    await offer(matcher, tenant, call, NOW + 30_000)
+    assert await matcher.finish(tenant, call.interaction_id) is None
+    assert await matcher.load(tenant, one.user_id) == {"voice": 0}
+    assert await matcher.load(tenant, two.user_id) == {"voice": 0}
+
+
+async def test_ring_all_is_for_voice_only(matcher):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    idle_long, fresh = agent(idle=NOW - 60_000), agent(idle=NOW)
+    for a in (idle_long, fresh):
+        await matcher.set_agent(tenant, a)
+    chat = item(queue, channel="webchat", strategy="ring_all")
+    await matcher.enqueue(tenant, chat)
+    assert await offer(matcher, tenant, chat, NOW) == (idle_long.user_id,)
+
+
+async def test_an_agent_with_room_only_for_chats_finds_the_chat_behind_many_calls(redis):
+    matcher = Matcher(redis, scan_depth=5)
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    calls = [item(queue, enq=NOW + i) for i in range(20)]
+    chat = item(queue, enq=NOW + 100, channel="webchat")
+    for it in (*calls, chat):
+        await matcher.enqueue(tenant, it)
+    chatter = agent(capacity={"voice": 0, "webchat": 1})
+    await matcher.set_agent(tenant, chatter)
+    offered = await matcher.offer_agent(tenant, chatter.user_id, NOW + 200)
+    assert offered is not None
+    assert offered.interaction_id == chat.interaction_id
+    assert await matcher.position(tenant, queue, calls[0].interaction_id) == 1
+
+
+async def test_a_new_arrival_does_not_jump_older_work_the_agent_could_take(matcher):
+    """The agent became available but has not been offered the older chat yet: the older one goes first, and
+    the newcomer goes to the next agent with room (here the same agent's second slot)."""
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    older = item(queue, enq=NOW, channel="webchat")
+    await matcher.enqueue(tenant, older)
+    a = agent(capacity={"webchat": 2})
+    await matcher.set_agent(tenant, a)
+    newer = item(queue, enq=NOW + 1, channel="webchat")
+    await matcher.enqueue(tenant, newer)
+    offers = await matcher.offer_interaction(tenant, newer, NOW + 2)
+    assert [(o.interaction_id, o.agents) for o in offers] == [
+        (older.interaction_id, (a.user_id,)),
+        (newer.interaction_id, (a.user_id,)),
+    ]
+    assert offers[0].timeout_ms == 20_000
+    assert await matcher.load(tenant, a.user_id) == {"webchat": 2}
+
+
+async def test_enqueue_is_idempotent_and_leaves_an_offered_interaction_alone(matcher):
+    tenant, queue, other_queue = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    a = agent()
+    await matcher.set_agent(tenant, a)
+    call = item(queue)
+    await matcher.enqueue(tenant, call)
+    await matcher.enqueue(tenant, call)
+    assert await matcher.waiting(tenant, queue) == [call.interaction_id]
+    moved = WaitingInteraction(call.interaction_id, other_queue, "voice", 50, NOW, 20_000, "longest_idle")
+    await matcher.enqueue(tenant, moved)
+    assert await matcher.waiting(tenant, queue) == []
+    assert await matcher.waiting(tenant, other_queue) == [call.interaction_id]
+    assert await offer(matcher, tenant, moved, NOW) == (a.user_id,)
+    await matcher.enqueue(tenant, moved)  # a late duplicate must not undo the offer
+    assert await matcher.waiting(tenant, other_queue) == []
+    assert await matcher.load(tenant, a.user_id) == {"voice": 1}
 
 
 async def test_priority_ages(matcher):
@@ -126,7 +248,7 @@ async def test_tenants_do_not_see_each_other(matcher):
     await matcher.set_agent(a_tenant, a_agent)
     call = item(queue)
     await matcher.enqueue(b_tenant, call)
-    assert await matcher.offer_interaction(b_tenant, call, NOW) is None
+    assert await offer(matcher, b_tenant, call, NOW) == ()
     assert await matcher.offer_agent(a_tenant, a_agent.user_id, NOW) is None
 
 
@@ -157,15 +279,15 @@ async def test_concurrent_matchers_never_double_assign_or_overrun(redis):
     async def worker(m: Matcher, chunk: list[WaitingInteraction]) -> None:
         for it in chunk:
             await m.enqueue(tenant, it)
-            got = await m.offer_interaction(tenant, it, NOW + 1_000)
-            if got is not None:
-                assert it.interaction_id not in offers
-                offers[it.interaction_id] = got
+            for made in await m.offer_interaction(tenant, it, NOW + 1_000):
+                assert made.interaction_id not in offers
+                (offers[made.interaction_id],) = made.agents
             for a in rng.sample(agents, 3):
                 offered = await m.offer_agent(tenant, a.user_id, NOW + 1_000)
                 if offered is not None:
-                    assert offered not in offers
-                    offers[offered] = a.user_id
+                    assert offered.interaction_id not in offers
+                    assert offered.agents == (a.user_id,)
+                    offers[offered.interaction_id] = a.user_id
             if offers and rng.random() < 0.5:
                 # Forget the offer before Redis does: once the step is done another worker may re-offer it.
                 iid = rng.choice(list(offers))

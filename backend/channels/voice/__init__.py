@@ -1,1 +1,1 @@
-"""The voice channel: FreeSWITCH integration over ESL and xml_curl."""
+"""The voice channel: FreeSWITCH nodes, xml_curl, numbers, CDRs, registrations; the ESL library and switch simulator."""

@@ -49,10 +49,12 @@ class SimulatorConfig:
     """gateway-url of the xml_curl binding for directory and dialplan; empty: only the static dialplan."""
     xml_curl_timeout: float = field(default_factory=lambda: _float("CC_SIM_XML_CURL_TIMEOUT", 3.0))
     """xml_curl's `timeout` (seconds); past it FreeSWITCH falls back to its static XML."""
-    xml_curl_secret: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_SECRET", ""))
-    """Sent as HTTP basic-auth password (xml_curl's `gateway-credentials`) when set."""
+    xml_curl_credentials: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_CREDENTIALS", ""))
+    """xml_curl's `gateway-credentials`, `user:password`, sent as HTTP basic auth when set."""
     cdr_url: str = field(default_factory=lambda: _env("CC_SIM_CDR_URL", ""))
     """mod_json_cdr `url`; empty disables CDR posting."""
+    cdr_credentials: str = field(default_factory=lambda: _env("CC_SIM_CDR_CREDENTIALS", ""))
+    """mod_json_cdr `cred`, `user:password`, sent as HTTP basic auth when set."""
     cdr_retries: int = field(default_factory=lambda: _int("CC_SIM_CDR_RETRIES", 2))
     """mod_json_cdr `retries`: extra attempts after the first."""
     cdr_delay: float = field(default_factory=lambda: _float("CC_SIM_CDR_DELAY", 1.0))

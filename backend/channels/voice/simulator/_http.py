@@ -30,7 +30,7 @@ async def post(
     content_type: str,
     user_agent: str,
     timeout: float,
-    password: str = "",
+    credentials: str = "",
     content_type_first: bool = False,
 ) -> HttpResult:
     """One POST on a new connection, headers in libcurl's order (Host, User-Agent, Accept, then ours)."""
@@ -41,8 +41,8 @@ async def post(
     if parts.query:
         target += "?" + parts.query
     lines = [f"POST {target} HTTP/1.1", f"Host: {parts.netloc}"]
-    if password:
-        token = base64.b64encode(f"freeswitch:{password}".encode()).decode()
+    if credentials:
+        token = base64.b64encode(credentials.encode()).decode()
         lines.append(f"Authorization: Basic {token}")
     lines += [f"User-Agent: {user_agent}", "Accept: */*"]
     if content_type_first:

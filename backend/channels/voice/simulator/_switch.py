@@ -632,7 +632,7 @@ class Switch:
             content_type="application/x-www-form-urlencoded",
             user_agent="freeswitch-xml/1.0",
             timeout=self.config.xml_curl_timeout,
-            password=self.config.xml_curl_secret,
+            credentials=self.config.xml_curl_credentials,
         )
         if result.status != 200:
             if result.status == 0:
@@ -1343,6 +1343,7 @@ async def post_cdr(switch: Switch, uuid: str, body: bytes) -> HttpResult:
         content_type="application/json",
         user_agent="freeswitch-json/1.0",
         timeout=switch.config.cdr_timeout,
+        credentials=switch.config.cdr_credentials,
         content_type_first=True,
     )
 

@@ -1,0 +1,437 @@
+"""CDRs: one row per call leg, whichever way FreeSWITCH reported it, written before it is acknowledged.
+
+Three sources report a leg's end, and a leg may arrive from several of them,
+or several times from one: the CHANNEL_HANGUP_COMPLETE event on the inbound
+event socket, mod_json_cdr's HTTP post (retried by FreeSWITCH until it gets a
+2xx), and the files mod_json_cdr leaves in its err-log-dir when it gives up.
+They all become the same `LegFacts`, and `record` stores them once per
+(tenant, leg UUID): the first report creates the row, later ones only fill in
+what it lacked. A leg closed by us because its node was lost (`node_failure`)
+gives way to FreeSWITCH's own report if one comes after all.
+
+After the row is committed, listeners hear about it: the interaction
+timeline (through the routing engine) now, billing later. A listener's failure
+never loses the CDR; every listener must be idempotent because a repeated
+report calls them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import structlog
+from sqlalchemy import literal_column, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from backend.channels.voice import numbers
+from backend.channels.voice.legs import Event, LegError, LegFacts, e164, leg_from_event, leg_from_json_cdr
+from backend.channels.voice.models import CallLeg, SwitchNode, UnattributedLeg
+from backend.channels.voice.schemas import CdrOut
+from backend.db.tenancy import set_tenant
+from backend.lib.pagination import PageRequest, paginate
+from backend.routing.engine import RoutingEngine
+from backend.tenants import service as tenants
+
+log = structlog.get_logger("voice.cdrs")
+
+Source = Literal["event", "json_cdr", "err_log", "node_failure"]
+Outcome = Literal["created", "merged", "duplicate", "unattributed"]
+REAL_SOURCES = frozenset({"event", "json_cdr", "err_log"})
+_MERGED_SOURCES = "ARRAY(SELECT DISTINCT s FROM unnest(unattributed_cdrs.sources || excluded.sources) AS s ORDER BY s)"
+MAX_CDR_FILE_BYTES = 4 * 1024 * 1024
+
+
+class CdrListener(Protocol):
+    """Told about every CDR once it is durable (the interaction timeline; billing's rating later)."""
+
+    async def leg_recorded(self, tenant_id: uuid.UUID, cdr_id: uuid.UUID, leg: LegFacts, outcome: Outcome) -> None:
+        """React to a stored leg; must be idempotent (a repeated report calls it again with `duplicate`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What became of a reported leg."""
+
+    outcome: Outcome
+    leg_uuid: uuid.UUID
+    tenant_id: uuid.UUID | None
+    cdr_id: uuid.UUID | None
+
+
+async def attribute(session: AsyncSession, leg: LegFacts) -> tuple[uuid.UUID | None, str]:
+    """The tenant a leg belongs to: our variables first, then its SIP domains, then (inbound) the number dialled."""
+    if leg.tenant_hint is not None and await tenants.find_tenant(session, leg.tenant_hint) is not None:
+        return leg.tenant_hint, "variable"
+    for domain in leg.domains:
+        tenant = await tenants.find_tenant_by_sip_domain(session, domain)
+        if tenant is not None:
+            return tenant.id, "domain"
+    if leg.direction == "inbound":
+        did = leg.did or e164(leg.destination_number)
+        number = await numbers.number_for_did(session, did) if did else None
+        if number is not None and number.tenant_id is not None:
+            return number.tenant_id, "number"
+    return None, "no tenant variable, known SIP domain or assigned number"
+
+
+def _columns(leg: LegFacts) -> dict[str, Any]:
+    assert leg.ended_at is not None
+    return {
+        "call_uuid": leg.call_uuid,
+        "node_name": leg.node_name,
+        "direction": leg.direction,
+        "caller_number": leg.caller_number,
+        "caller_name": leg.caller_name,
+        "destination_number": leg.destination_number,
+        "did": leg.did,
+        "queue_id": leg.queue_id,
+        "agent_id": leg.agent_id,
+        "interaction_id": leg.interaction_id,
+        "started_at": leg.started_at,
+        "ringing_at": leg.ringing_at,
+        "answered_at": leg.answered_at,
+        "bridged_at": leg.bridged_at,
+        "ended_at": leg.ended_at,
+        "duration_ms": leg.duration_ms,
+        "billable_ms": leg.billable_ms,
+        "hangup_cause": leg.hangup_cause,
+        "hangup_cause_q850": leg.hangup_cause_q850,
+        "disposition": leg.disposition,
+        "details": {**leg.details, **({"core_uuid": leg.core_uuid} if leg.core_uuid else {})},
+    }
+
+
+_FILLABLE = (
+    "call_uuid",
+    "did",
+    "queue_id",
+    "agent_id",
+    "interaction_id",
+    "ringing_at",
+    "answered_at",
+    "bridged_at",
+    "hangup_cause",
+    "hangup_cause_q850",
+)
+_TEXT_FILLABLE = ("node_name", "caller_number", "caller_name", "destination_number")
+
+
+def merge(row: CallLeg, leg: LegFacts, source: Source) -> bool:
+    """Fold a further report of a leg into its row; returns whether anything changed.
+
+    FreeSWITCH's own reports agree with each other (the same channel's variables), so a later one
+    only fills what the row lacks. A row we closed for a lost node is replaced by FreeSWITCH's report.
+    """
+    if source in row.sources and (source in REAL_SOURCES or not REAL_SOURCES.intersection(row.sources)):
+        return False
+    if source == "node_failure" and REAL_SOURCES.intersection(row.sources):
+        return False
+    columns = _columns(leg)
+    if source in REAL_SOURCES and not REAL_SOURCES.intersection(row.sources):
+        for name, value in columns.items():
+            merged = {**row.details, **value} if name == "details" else value
+            if merged is not None or name in {"answered_at", "bridged_at", "ringing_at", "hangup_cause"}:
+                setattr(row, name, merged)
+    else:
+        for name in _FILLABLE:
+            if getattr(row, name) is None and columns[name] is not None:
+                setattr(row, name, columns[name])
+        for name in _TEXT_FILLABLE:
+            if not getattr(row, name) and columns[name]:
+                setattr(row, name, columns[name])
+        row.details = {**columns["details"], **row.details}
+    row.sources = sorted({*row.sources, source})
+    return True
+
+
+class CdrRecorder:
+    """Stores legs idempotently and tells the listeners."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], listeners: Sequence[CdrListener] = ()) -> None:
+        self.sessionmaker = sessionmaker
+        self.listeners = list(listeners)
+
+    async def record(self, leg: LegFacts, source: Source, node_id: uuid.UUID | None = None) -> Recorded:
+        """Store the leg (once per leg UUID) and commit; then notify the listeners."""
+        if leg.ended_at is None:
+            raise LegError("the leg has no end time")
+        async with self.sessionmaker() as session, session.begin():
+            if node_id is None and leg.node_name:
+                node_id = await session.scalar(select(SwitchNode.id).where(SwitchNode.name == leg.node_name))
+            tenant_id, how = await attribute(session, leg)
+            if tenant_id is None:
+                await self._unattributed(session, leg, source, how)
+                result = Recorded("unattributed", leg.leg_uuid, None, None)
+            else:
+                await set_tenant(session, tenant_id)
+                if leg.did is None and how == "number":
+                    leg = _with_did(leg)
+                outcome, cdr_id = await self._store(session, tenant_id, leg, source, node_id)
+                result = Recorded(outcome, leg.leg_uuid, tenant_id, cdr_id)
+        log.info(
+            "cdr_recorded",
+            leg=str(leg.leg_uuid),
+            outcome=result.outcome,
+            source=source,
+            tenant_id=str(tenant_id) if tenant_id else None,
+            disposition=leg.disposition,
+            node=leg.node_name,
+        )
+        if result.tenant_id is not None and result.cdr_id is not None:
+            for listener in self.listeners:
+                try:
+                    await listener.leg_recorded(result.tenant_id, result.cdr_id, leg, result.outcome)
+                except Exception:
+                    log.exception("cdr_listener_failed", leg=str(leg.leg_uuid), listener=type(listener).__name__)
+        return result
+
+    async def record_event(self, event: Event, node_id: uuid.UUID | None = None) -> Recorded:
+        """A CHANNEL_HANGUP_COMPLETE event from a node's inbound event socket."""
+        return await self.record(leg_from_event(event), "event", node_id)
+
+    async def record_json_cdr(self, document: Mapping[str, Any], source: Source = "json_cdr") -> Recorded:
+        """A mod_json_cdr document, posted or read from its err-log-dir."""
+        return await self.record(leg_from_json_cdr(document), source)
+
+    @staticmethod
+    async def _store(
+        session: AsyncSession, tenant_id: uuid.UUID, leg: LegFacts, source: Source, node_id: uuid.UUID | None
+    ) -> tuple[Outcome, uuid.UUID]:
+        row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
+        if row is None:
+            new_id = uuid.uuid4()
+            inserted = await session.scalar(
+                insert(CallLeg)
+                .values(
+                    tenant_id=tenant_id,
+                    id=new_id,
+                    leg_uuid=leg.leg_uuid,
+                    node_id=node_id,
+                    sources=[source],
+                    **_columns(leg),
+                )
+                .on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"])
+                .returning(CallLeg.id)
+            )
+            if inserted is not None:
+                return "created", inserted
+            # Another process stored the same leg a moment ago: fold into its row.
+            row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
+            assert row is not None
+        if row.node_id is None and node_id is not None:
+            row.node_id = node_id
+        changed = merge(row, leg, source)
+        await session.flush()
+        return ("merged" if changed else "duplicate"), row.id
+
+    @staticmethod
+    async def _unattributed(session: AsyncSession, leg: LegFacts, source: Source, reason: str) -> None:
+        log.warning("cdr_unattributed", leg=str(leg.leg_uuid), node=leg.node_name, reason=reason, source=source)
+        await session.execute(
+            insert(UnattributedLeg)
+            .values(
+                id=uuid.uuid4(),
+                leg_uuid=leg.leg_uuid,
+                node_name=leg.node_name,
+                reason=reason[:120],
+                sources=[source],
+                leg=leg.to_json(),
+            )
+            .on_conflict_do_update(
+                index_elements=["leg_uuid"],
+                set_={"sources": literal_column(_MERGED_SOURCES)},
+            )
+        )
+
+
+def _with_did(leg: LegFacts) -> LegFacts:
+    return replace(leg, did=e164(leg.destination_number))
+
+
+class InteractionTimeline:
+    """Ends a call's interaction when its caller leg ends (hang-up, or its node lost), through the routing engine."""
+
+    def __init__(self, routing: RoutingEngine) -> None:
+        self.routing = routing
+
+    async def leg_recorded(self, tenant_id: uuid.UUID, cdr_id: uuid.UUID, leg: LegFacts, outcome: Outcome) -> None:
+        """The caller's leg ended: the interaction ends too (idempotent; an ended interaction is left alone)."""
+        if leg.interaction_id is None or not leg.is_caller_leg:
+            return
+        await self.routing.end_from_channel(
+            tenant_id,
+            leg.interaction_id,
+            outcome="node_failure" if leg.lost else None,
+            at=leg.ended_at,
+            leg_uuid=str(leg.leg_uuid),
+            hangup_cause=leg.hangup_cause,
+            disposition=leg.disposition,
+            billable_ms=leg.billable_ms,
+        )
+
+
+# --- reading CDRs ---------------------------------------------------------------------------------
+
+
+def cdr_out(row: CallLeg) -> CdrOut:
+    """The API's view of a CDR."""
+    return CdrOut(
+        id=row.id,
+        leg_uuid=row.leg_uuid,
+        call_uuid=row.call_uuid,
+        direction=row.direction,
+        caller_number=row.caller_number,
+        caller_name=row.caller_name,
+        destination_number=row.destination_number,
+        did=row.did,
+        queue_id=row.queue_id,
+        agent_id=row.agent_id,
+        interaction_id=row.interaction_id,
+        node_name=row.node_name,
+        started_at=row.started_at,
+        ringing_at=row.ringing_at,
+        answered_at=row.answered_at,
+        bridged_at=row.bridged_at,
+        ended_at=row.ended_at,
+        duration_ms=row.duration_ms,
+        billable_ms=row.billable_ms,
+        hangup_cause=row.hangup_cause,
+        disposition=row.disposition,
+        sources=list(row.sources),
+    )
+
+
+async def list_cdrs(
+    session: AsyncSession,
+    page: PageRequest,
+    *,
+    interaction_id: uuid.UUID | None = None,
+    call_uuid: uuid.UUID | None = None,
+    disposition: str | None = None,
+) -> tuple[list[CdrOut], str | None]:
+    """The tenant's CDRs (row-level security scopes them), newest first by default."""
+    statement = select(CallLeg)
+    if interaction_id is not None:
+        statement = statement.where(CallLeg.interaction_id == interaction_id)
+    if call_uuid is not None:
+        statement = statement.where(CallLeg.call_uuid == call_uuid)
+    if disposition is not None:
+        statement = statement.where(CallLeg.disposition == disposition)
+    rows, cursor = await paginate(
+        session,
+        statement,
+        page,
+        sortable={"ended_at": CallLeg.ended_at},
+        default_sort="-ended_at",
+        id_column=CallLeg.id,
+    )
+    return [cdr_out(r) for r in rows], cursor
+
+
+# --- mod_json_cdr's err-log-dir --------------------------------------------------------------------
+
+
+def parse_cdr_body(body: bytes, content_type: str = "application/json") -> dict[str, Any]:
+    """A mod_json_cdr body: JSON (`encode=false`), or a form with `cdr=<urlencoded JSON>` (`encode=true`)."""
+    from urllib.parse import parse_qs
+
+    raw = body
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        values = parse_qs(body.decode("ascii", errors="strict"), max_num_fields=10).get("cdr")
+        if not values:
+            raise LegError("the form carries no `cdr` field")
+        raw = values[0].encode()
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LegError(f"the CDR is not JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(document, dict):
+        raise LegError("the CDR is not a JSON object")
+    return document
+
+
+@dataclass
+class ImportReport:
+    """What an err-log-dir import did."""
+
+    imported: int = 0
+    duplicates: int = 0
+    unattributed: int = 0
+    rejected: int = 0
+    failed: int = 0
+
+
+REJECTED_DIR = ".rejected"
+
+
+def _cdr_files(directory: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / name for name in sorted(files) if name.endswith(".cdr.json")]
+    return found
+
+
+def _read(path: Path) -> bytes:
+    if path.stat().st_size > MAX_CDR_FILE_BYTES:
+        raise LegError("the file is larger than any CDR")
+    return path.read_bytes()
+
+
+def _reject(path: Path) -> None:
+    rejected = path.parent / REJECTED_DIR
+    rejected.mkdir(exist_ok=True)
+    shutil.move(str(path), str(rejected / path.name))
+
+
+def _done(path: Path, done_directory: Path | None) -> None:
+    if done_directory is None:
+        path.unlink()
+        return
+    done_directory.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(path), str(done_directory / path.name))
+
+
+async def import_cdr_directory(
+    recorder: CdrRecorder, directory: Path, done_directory: Path | None = None
+) -> ImportReport:
+    """Import every `*.cdr.json` mod_json_cdr left in its err-log-dir (and its dated subfolders).
+
+    Each file is stored (idempotently: a leg already known is a duplicate, not a second row) and
+    only then moved to `done_directory`, or deleted when there is none. A file that is not a CDR
+    goes to `.rejected/` beside it; a file whose import failed (database down) stays for next time.
+    """
+    report = ImportReport()
+    for path in await asyncio.to_thread(_cdr_files, directory):
+        try:
+            document = parse_cdr_body(await asyncio.to_thread(_read, path))
+            result = await recorder.record_json_cdr(document, source="err_log")
+        except LegError as exc:
+            log.warning("cdr_file_rejected", path=str(path), error=str(exc))
+            await asyncio.to_thread(_reject, path)
+            report.rejected += 1
+            continue
+        except Exception:
+            log.exception("cdr_file_import_failed", path=str(path))
+            report.failed += 1
+            continue
+        if result.outcome == "duplicate":
+            report.duplicates += 1
+        elif result.outcome == "unattributed":
+            report.unattributed += 1
+        else:
+            report.imported += 1
+        await asyncio.to_thread(_done, path, done_directory)
+    if report.imported or report.rejected or report.failed or report.duplicates or report.unattributed:
+        log.info("cdr_directory_imported", directory=str(directory), **vars(report))
+    return report

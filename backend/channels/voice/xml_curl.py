@@ -1,0 +1,291 @@
+"""mod_xml_curl's two questions, answered: who is this SIP user (directory) and where does this call go (dialplan).
+
+FreeSWITCH POSTs a form: `hostname`, `section`, `tag_name`, `key_name`,
+`key_value`, then the request's event headers (see the xml_curl captures).
+Whatever we cannot or will not answer gets FreeSWITCH's "not found" document,
+which makes it fall back to its static configuration; the product's static
+configuration has no users and no routes, so that fails closed.
+
+Lookups cross tenants only through global tables (a tenant's SIP domain, the
+number pool); once the tenant is known, the transaction is scoped to it
+(`SET LOCAL app.tenant_id`) and everything else is read under row-level security.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.channels.voice import numbers
+from backend.channels.voice.admission import CallAdmission, CallAttempt
+from backend.channels.voice.legs import (
+    VAR_AGENT,
+    VAR_CALL,
+    VAR_DID,
+    VAR_DIRECTION,
+    VAR_IVR_FLOW,
+    VAR_NODE,
+    VAR_NUMBER,
+    VAR_QUEUE,
+    VAR_REFUSAL,
+    VAR_SEAT,
+    VAR_TENANT,
+    VAR_USER,
+    as_uuid,
+    e164,
+)
+from backend.channels.voice.nodes import KnownNode, NodeAddressBook, NodeHealth
+from backend.channels.voice.xml_documents import NOT_FOUND, dialplan, directory_user, switch_text
+from backend.db.tenancy import set_tenant
+from backend.lib.problems import InvalidInput, NotFound
+from backend.routing import service as routing
+from backend.tenants import service as tenants
+
+log = structlog.get_logger("voice.xml_curl")
+
+SEAT_CONTEXT = "seats"
+"""The dialplan context of calls placed by seats (`user_context`); FreeSWITCH's static dialplan has none."""
+MAX_FIELDS = 2000
+_SIP_USER = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_CONTEXT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+
+
+@dataclass(frozen=True, slots=True)
+class XmlCurlForm:
+    """The fields of one mod_xml_curl request; the first occurrence of a name wins.
+
+    FreeSWITCH writes its own fields (`hostname`, `section`, ...) first and URL-encodes every
+    value, so nothing a caller controls can stand in for them.
+    """
+
+    fields: Mapping[str, str]
+
+    def get(self, name: str) -> str | None:
+        """A field's value, or None when absent or empty."""
+        value = self.fields.get(name)
+        return value if value else None
+
+    @property
+    def section(self) -> str:
+        """`directory`, `dialplan`, `configuration`, ..."""
+        return self.fields.get("section", "")
+
+    @property
+    def hostname(self) -> str | None:
+        """The node's switchname."""
+        return self.get("hostname")
+
+
+def parse_form(body: bytes) -> XmlCurlForm:
+    """Read the urlencoded body mod_xml_curl sends (`,` left unencoded, spaces as `%20`)."""
+    try:
+        decoded = body.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput.field("body", "is not an urlencoded form (mod_xml_curl encodes every byte)") from exc
+    try:
+        pairs = parse_qsl(decoded, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="replace")
+    except ValueError as exc:
+        raise InvalidInput.field("body", f"has more than {MAX_FIELDS} fields") from exc
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        fields.setdefault(name, value)
+    if "section" not in fields:
+        raise InvalidInput.field("section", "is required (this is not a mod_xml_curl request)")
+    return XmlCurlForm(fields)
+
+
+def _refusal(context: str, reason: str, cause: str, tenant_id: uuid.UUID | None = None) -> bytes:
+    """An extension that refuses the call with a hangup cause (mod_sofia turns it into the SIP status)."""
+    actions = [("set", f"{VAR_TENANT}={tenant_id}")] if tenant_id else []
+    actions += [("set", f"{VAR_REFUSAL}={reason}"), ("hangup", cause)]
+    return dialplan(context, "cc_refused", actions)
+
+
+class XmlCurl:
+    """Answers the directory and dialplan requests of the switch nodes."""
+
+    def __init__(
+        self,
+        nodes: NodeAddressBook,
+        health: NodeHealth,
+        admission: CallAdmission,
+        call_control_address: str,
+    ) -> None:
+        if not _ADDRESS.fullmatch(call_control_address):
+            raise ValueError(f"the call-control address must be host:port, not {call_control_address!r}")
+        self.nodes = nodes
+        self.health = health
+        self.admission = admission
+        self.call_control = call_control_address
+
+    # --- directory ----------------------------------------------------------------------------
+
+    async def directory(self, session: AsyncSession, form: XmlCurlForm, source: str) -> bytes:
+        """A seat of a tenant's SIP domain: its digest `a1-hash` when authenticating, and its variables."""
+        if form.section != "directory":
+            log.warning("xml_curl_wrong_section", wanted="directory", section=form.section[:40])
+            return NOT_FOUND
+        user = form.get("user")
+        domain = form.get("domain") or (form.get("key_value") if form.get("key_name") == "name" else None)
+        if form.get("purpose") or not user or not domain:
+            return NOT_FOUND  # gateways, network lists, domain-only lookups: FreeSWITCH's own configuration
+        node = await self.nodes.identify(source, form.hostname)
+        if node is None:
+            log.warning("xml_curl_unknown_node", source=source, hostname=(form.hostname or "")[:64])
+            return NOT_FOUND
+        if not _SIP_USER.fullmatch(user):
+            log.info("directory_bad_user", node=node.name, user=user[:80])
+            return NOT_FOUND
+        tenant = await tenants.find_tenant_by_sip_domain(session, domain)
+        if tenant is None:
+            log.info("directory_unknown_domain", node=node.name, domain=domain[:255], user=user)
+            return NOT_FOUND
+        if tenant.status == "suspended":
+            log.info("directory_tenant_suspended", node=node.name, tenant_id=str(tenant.id), user=user)
+            return NOT_FOUND
+        await set_tenant(session, tenant.id)
+        seat = await tenants.seat_identity(session, user)
+        if seat is None or seat.user_status == "disabled":
+            log.info("directory_unknown_user", node=node.name, tenant_id=str(tenant.id), user=user)
+            return NOT_FOUND
+        action = form.get("action")
+        # The a1-hash is as good as the password for SIP digest: only the authentication lookup gets it.
+        params = [("a1-hash", seat.sip_a1_hash)] if action == "sip_auth" else []
+        variables = [
+            ("user_context", SEAT_CONTEXT),
+            (VAR_TENANT, str(tenant.id)),
+            (VAR_USER, str(seat.user_id)),
+            (VAR_SEAT, str(seat.seat_id)),
+            ("effective_caller_id_name", switch_text(seat.user_name) or seat.sip_username),
+            ("effective_caller_id_number", seat.sip_username),
+        ]
+        outbound = await numbers.first_number(session, tenant.id)
+        if outbound:
+            variables += [("outbound_caller_id_number", outbound)]
+        log.debug("directory_user", node=node.name, tenant_id=str(tenant.id), user=user, action=action)
+        return directory_user(tenant.sip_domain, seat.sip_username, params=params, variables=variables)
+
+    # --- dialplan -----------------------------------------------------------------------------
+
+    async def dialplan(self, session: AsyncSession, form: XmlCurlForm, source: str) -> bytes:
+        """Where a new call goes: a tenant's number or seat hands it to call control; anything else is refused."""
+        if form.section != "dialplan":
+            log.warning("xml_curl_wrong_section", wanted="dialplan", section=form.section[:40])
+            return NOT_FOUND
+        leg = as_uuid(form.get("Unique-ID") or form.get("Caller-Unique-ID"))
+        if leg is None:
+            raise InvalidInput.field("Unique-ID", "is required and must be a UUID")
+        context = form.get("Hunt-Context") or form.get("Caller-Context") or "default"
+        if not _CONTEXT.fullmatch(context):
+            raise InvalidInput.field("Caller-Context", "is not a dialplan context name")
+        node = await self.nodes.identify(source, form.hostname)
+        if node is None:
+            log.warning("xml_curl_unknown_node", source=source, hostname=(form.hostname or "")[:64], leg=str(leg))
+            return _refusal(context, "unknown_node", "NORMAL_TEMPORARY_FAILURE")
+        if not await self.health.accepting(session, node.id):
+            log.warning("dialplan_node_not_accepting", node=node.name, leg=str(leg))
+            return _refusal(context, "node_unavailable", "NORMAL_TEMPORARY_FAILURE")
+        destination = form.get("Hunt-Destination-Number") or form.get("Caller-Destination-Number") or ""
+        caller_number = form.get("Hunt-Caller-ID-Number") or form.get("Caller-Caller-ID-Number") or ""
+        caller_name = form.get("Hunt-Caller-ID-Name") or form.get("Caller-Caller-ID-Name") or ""
+        if form.get(f"variable_{VAR_TENANT}"):
+            return await self._from_seat(session, form, node, leg, context, caller_number, destination)
+        return await self._to_number(session, node, leg, context, caller_number, caller_name, destination)
+
+    async def _to_number(
+        self,
+        session: AsyncSession,
+        node: KnownNode,
+        leg: uuid.UUID,
+        context: str,
+        caller_number: str,
+        caller_name: str,
+        destination: str,
+    ) -> bytes:
+        did = e164(destination)
+        number = await numbers.number_for_did(session, did) if did else None
+        if number is None or number.tenant_id is None or did is None:
+            log.info("dialplan_unknown_number", node=node.name, leg=str(leg), destination=destination[:64])
+            return _refusal(context, "unknown_number", "UNALLOCATED_NUMBER")
+        tenant = await tenants.find_tenant(session, number.tenant_id)
+        if tenant is None:
+            return _refusal(context, "unknown_number", "UNALLOCATED_NUMBER")
+        if tenant.status == "suspended":
+            log.info("dialplan_tenant_suspended", node=node.name, leg=str(leg), tenant_id=str(tenant.id))
+            return _refusal(context, "tenant_suspended", "INCOMING_CALL_BARRED", tenant.id)
+        admission = await self.admission.check(CallAttempt(tenant.id, "inbound", caller_number, did, did))
+        if not admission.admitted:
+            log.info("dialplan_not_admitted", leg=str(leg), tenant_id=str(tenant.id), reason=admission.reason)
+            return _refusal(context, "not_admitted", admission.hangup_cause, tenant.id)
+        if number.queue_id is None and number.ivr_flow_id is None:
+            log.info("dialplan_number_without_target", leg=str(leg), tenant_id=str(tenant.id), did=did)
+            return _refusal(context, "no_target", "NO_ROUTE_DESTINATION", tenant.id)
+        await set_tenant(session, tenant.id)
+        actions = [
+            ("export", f"{VAR_TENANT}={tenant.id}"),
+            ("export", f"{VAR_CALL}={leg}"),
+            ("export", f"{VAR_DIRECTION}=inbound"),
+            ("export", f"{VAR_DID}={did}"),
+            ("export", f"{VAR_NUMBER}={number.id}"),
+        ]
+        shown = switch_text(caller_name) or switch_text(caller_number)
+        if number.ivr_flow_id is not None:
+            actions.append(("export", f"{VAR_IVR_FLOW}={number.ivr_flow_id}"))
+        if number.queue_id is not None:
+            actions.append(("export", f"{VAR_QUEUE}={number.queue_id}"))
+            try:
+                queue = await routing.get_queue(session, number.queue_id)
+            except NotFound:
+                queue = None
+            if queue is not None:
+                # What the agent's phone shows: the queue the call came through, then the caller.
+                shown = switch_text(f"{switch_text(queue.name, 40)}: {shown}")
+        actions.append(("set", f"{VAR_NODE}={node.id}"))
+        if shown:
+            actions.append(("set", f"effective_caller_id_name={shown}"))
+        actions.append(("socket", f"{self.call_control} async full"))
+        log.info("dialplan_inbound", node=node.name, leg=str(leg), tenant_id=str(tenant.id), did=did)
+        return dialplan(context, "cc_inbound", actions)
+
+    async def _from_seat(
+        self,
+        session: AsyncSession,
+        form: XmlCurlForm,
+        node: KnownNode,
+        leg: uuid.UUID,
+        context: str,
+        caller_number: str,
+        destination: str,
+    ) -> bytes:
+        tenant_id = as_uuid(form.get(f"variable_{VAR_TENANT}"))
+        tenant = await tenants.find_tenant(session, tenant_id) if tenant_id else None
+        domain = (form.get("variable_domain_name") or "").lower()
+        # The variables come from our own directory answer; a seat's domain must agree with them.
+        if tenant is None or domain != tenant.sip_domain:
+            log.warning("dialplan_seat_mismatch", node=node.name, leg=str(leg), domain=domain[:255])
+            return _refusal(context, "seat_mismatch", "CALL_REJECTED")
+        if tenant.status == "suspended":
+            log.info("dialplan_tenant_suspended", node=node.name, leg=str(leg), tenant_id=str(tenant.id))
+            return _refusal(context, "tenant_suspended", "OUTGOING_CALL_BARRED", tenant.id)
+        admission = await self.admission.check(CallAttempt(tenant.id, "outbound", caller_number, destination))
+        if not admission.admitted:
+            log.info("dialplan_not_admitted", leg=str(leg), tenant_id=str(tenant.id), reason=admission.reason)
+            return _refusal(context, "not_admitted", admission.hangup_cause, tenant.id)
+        user_id = as_uuid(form.get(f"variable_{VAR_USER}"))
+        actions = [
+            ("export", f"{VAR_TENANT}={tenant.id}"),
+            ("export", f"{VAR_CALL}={leg}"),
+            ("export", f"{VAR_DIRECTION}=outbound"),
+        ]
+        if user_id is not None:
+            actions.append(("export", f"{VAR_AGENT}={user_id}"))
+        actions += [("set", f"{VAR_NODE}={node.id}"), ("socket", f"{self.call_control} async full")]
+        log.info("dialplan_outbound", node=node.name, leg=str(leg), tenant_id=str(tenant.id))
+        return dialplan(context, "cc_outbound", actions)

@@ -1,0 +1,446 @@
+"""mod_xml_curl's directory and dialplan, driven with the exact bodies FreeSWITCH 1.10.12 sends.
+
+Each test replays a captured request (`xml_curl/*.request.txt`), changing only
+the fields that name our tenant's domain, seat or number, and parses the answer
+with an XML parser to check its structure: nothing a tenant or a caller
+controls can add an element, an attribute or a FreeSWITCH variable expansion.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import httpx
+import pytest
+
+from backend.channels.voice.admission import Admission, CallAttempt
+from backend.channels.voice.xml_curl import XmlCurl, parse_form
+from backend.channels.voice.xml_documents import NOT_FOUND
+from tests.factories import Factory, TenantCtx
+from tests.support.freeswitch_captures import A_LEG, fixture, rewrite_form, xml_curl_body
+
+pytestmark = pytest.mark.integration
+
+DIRECTORY = "/api/v1/switch/directory"
+DIALPLAN = "/api/v1/switch/dialplan"
+EVIL_NAME = 'Eve"/><variable name="cc_tenant_id" value="00000000-0000-0000-0000-000000000000"/><x y="${system(id)}'
+EVIL_QUEUE = 'Sales"/><action application="bridge" data="sofia/gateway/evil/0900123"/><a b="$${hold_music}'
+EVIL_CALLER = "</condition><action application='bridge' data='x'/>${api(system rm -rf /)}"
+
+
+def _present(body: bytes, names: dict[str, str]) -> dict[str, str]:
+    text = "&" + body.decode("ascii")
+    return {name: value for name, value in names.items() if f"&{name}=" in text}
+
+
+def seat_request(capture: str, seat: dict[str, Any], **extra: str) -> bytes:
+    """A captured directory request, as if for our seat in our tenant's domain."""
+    body = xml_curl_body(capture)
+    domain, user = seat["domain"], seat["username"]
+    changes = _present(
+        body,
+        {
+            "key_value": domain,
+            "domain": domain,
+            "user": user,
+            "sip_auth_username": user,
+            "sip_auth_realm": domain,
+            "sip_from_user": user,
+            "sip_from_host": domain,
+            "sip_to_host": domain,
+            "sip_contact_user": user,
+        },
+    )
+    return rewrite_form(body, {**changes, **extra})
+
+
+def dialplan_request(destination: str, **extra: str) -> bytes:
+    """The captured dialplan request of the inbound call, dialling `destination`."""
+    body = xml_curl_body("c08_dialplan_inbound_call_7400.request.txt")
+    return rewrite_form(
+        body,
+        {
+            "Caller-Destination-Number": destination,
+            "Hunt-Destination-Number": destination,
+            "variable_sip_req_user": destination,
+            "variable_sip_to_user": destination,
+            **extra,
+        },
+    )
+
+
+def _user(response: httpx.Response) -> tuple[ET.Element, dict[str, str], dict[str, str], dict[str, str]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/xml")
+    document = ET.fromstring(response.content)
+    assert document.tag == "document" and document.get("type") == "freeswitch/xml"
+    sections = document.findall("section")
+    assert [s.get("name") for s in sections] == ["directory"]
+    domains = sections[0].findall("domain")
+    assert len(domains) == 1
+    users = domains[0].findall("groups/group/users/user")
+    assert len(users) == 1
+    user = users[0]
+    domain_params = {p.get("name"): p.get("value") for p in domains[0].findall("params/param")}
+    params = {p.get("name"): p.get("value") for p in user.findall("params/param")}
+    variables = [(v.get("name"), v.get("value")) for v in user.findall("variables/variable")]
+    assert len(variables) == len(dict(variables)), "a variable appears twice"
+    return user, domain_params, params, dict(variables)  # type: ignore[arg-type,return-value]
+
+
+def _actions(response: httpx.Response, context: str = "default") -> list[tuple[str, str]]:
+    assert response.status_code == 200, response.text
+    document = ET.fromstring(response.content)
+    sections = document.findall("section")
+    assert [s.get("name") for s in sections] == ["dialplan"]
+    contexts = sections[0].findall("context")
+    assert [c.get("name") for c in contexts] == [context]
+    extensions = contexts[0].findall("extension")
+    assert len(extensions) == 1
+    conditions = extensions[0].findall("condition")
+    assert len(conditions) == 1 and conditions[0].get("field") is None  # FreeSWITCH's "absolute condition"
+    assert len(list(conditions[0])) == len(conditions[0].findall("action"))
+    return [(a.get("application"), a.get("data", "")) for a in conditions[0].findall("action")]  # type: ignore[misc]
+
+
+async def _post(client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    return await client.post(
+        path, content=body, headers={**headers, "content-type": "application/x-www-form-urlencoded"}
+    )
+
+
+# --- directory ------------------------------------------------------------------------------------
+
+
+async def test_register_gets_the_seats_a1_hash_and_variables(factory: Factory, client, node_up, switch_headers):
+    """c05: the digest-authenticated REGISTER; FreeSWITCH checks the response against the served a1-hash."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    response = await _post(
+        client, DIRECTORY, seat_request("c05_directory_sip_auth_register_1001.request.txt", seat), switch_headers
+    )
+    user, domain_params, params, variables = _user(response)
+    assert user.get("id") == seat["username"]
+    expected_a1 = hashlib.md5(f"{seat['username']}:{seat['domain']}:{seat['password']}".encode()).hexdigest()
+    assert params == {"a1-hash": expected_a1}
+    assert "sofia_contact" in domain_params["dial-string"]
+    assert variables["cc_tenant_id"] == str(ctx.tenant_id)
+    assert variables["cc_user_id"] == str(seat["user_id"])
+    assert variables["cc_seat_id"] == str(seat["seat_id"])
+    assert variables["user_context"] == "seats"
+    assert variables["effective_caller_id_number"] == seat["username"]
+    assert variables["effective_caller_id_name"] == "Some User"
+
+
+async def test_webrtc_and_invite_authentication_get_the_same_credentials(
+    factory: Factory, client, node_up, switch_headers
+):
+    """c07 (the INVITE's proxy authentication), also as a browser softphone over WSS would send it."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    number = await factory.number(ctx)
+    answers = []
+    for extra in ({}, {"sip_via_protocol": "wss", "sip_user_agent": "JsSIP 3.10.1"}):
+        body = seat_request("c07_directory_sip_auth_invite_1000_a1hash.request.txt", seat, **extra)
+        answers.append(_user(await _post(client, DIRECTORY, body, switch_headers)))
+    assert answers[0][2] == answers[1][2] and "a1-hash" in answers[0][2]
+    assert answers[0][3] == answers[1][3]
+    assert answers[0][3]["outbound_caller_id_number"] == number["number"]
+
+
+@pytest.mark.parametrize(
+    "capture",
+    [
+        "c09_directory_user_call_1001_bridge.request.txt",
+        "c06_directory_message_count_1001.request.txt",
+        "c11_directory_user_data_api_1001.request.txt",
+    ],
+)
+async def test_lookups_that_are_not_authentication_get_no_secret(
+    capture, factory: Factory, client, node_up, switch_headers
+):
+    """`bridge user/...`, voicemail's message count and `user_data` find the seat but never its a1-hash."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    user, domain_params, params, variables = _user(
+        await _post(client, DIRECTORY, seat_request(capture, seat), switch_headers)
+    )
+    assert params == {}
+    assert "dial-string" in domain_params
+    assert variables["cc_user_id"] == str(seat["user_id"])
+
+
+async def test_what_we_do_not_know_is_freeswitchs_not_found(factory: Factory, client, node_up, switch_headers, app):
+    """Unknown users and domains, other tenants' seats, suspended tenants, gateways: FreeSWITCH's "not found"."""
+    a = await factory.tenant()
+    b = await factory.tenant()
+    seat_a = await factory.sip_seat(a)
+    await factory.sip_seat(b)
+    seat_b = await factory.sip_seat(b)  # 1001: tenant A has no such seat
+    assert seat_b["username"] != seat_a["username"]
+    unknown = dict(seat_a, username="9876")
+    b_in_a = dict(seat_b, domain=seat_a["domain"])
+    bodies = [
+        xml_curl_body("c05_directory_sip_auth_register_1001.request.txt"),  # the capture's domain is nobody's
+        xml_curl_body("c03_directory_purpose_gateways.request.txt"),
+        xml_curl_body("c04_directory_purpose_network_list.request.txt"),
+        seat_request("c10_directory_user_call_nonexistent_9876.request.txt", unknown),
+        seat_request("c05_directory_sip_auth_register_1001.request.txt", b_in_a),
+        seat_request("c05_directory_sip_auth_register_1001.request.txt", dict(seat_a, username="10'00")),
+        seat_request("c05_directory_sip_auth_register_1001.request.txt", dict(seat_a, domain="X" + seat_a["domain"])),
+    ]
+    served = fixture("xml_curl", "served_not_found.xml").read_bytes()
+    assert served == NOT_FOUND
+    for body in bodies:
+        response = await _post(client, DIRECTORY, body, switch_headers)
+        assert response.status_code == 200
+        assert response.content == served, body[:200]
+
+    ops = await factory.provider_headers()
+    suspended = await client.post(f"/api/v1/ops/tenants/{a.tenant_id}/suspend", json={"reason": "unpaid"}, headers=ops)
+    assert suspended.status_code == 200, suspended.text
+    response = await _post(
+        client, DIRECTORY, seat_request("c05_directory_sip_auth_register_1001.request.txt", seat_a), switch_headers
+    )
+    assert response.content == served
+
+
+async def test_a_malicious_user_name_cannot_inject_xml_or_variables(factory: Factory, client, node_up, switch_headers):
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    renamed = await client.patch(f"/api/v1/users/{seat['user_id']}", json={"name": EVIL_NAME}, headers=ctx.headers)
+    assert renamed.status_code == 200, renamed.text
+    _, _, params, variables = _user(
+        await _post(
+            client, DIRECTORY, seat_request("c05_directory_sip_auth_register_1001.request.txt", seat), switch_headers
+        )
+    )
+    assert set(variables) == {
+        "user_context",
+        "cc_tenant_id",
+        "cc_user_id",
+        "cc_seat_id",
+        "effective_caller_id_name",
+        "effective_caller_id_number",
+    }
+    assert variables["cc_tenant_id"] == str(ctx.tenant_id)
+    shown = variables["effective_caller_id_name"]
+    assert not set(shown) & set('${}<>"\\')
+    assert shown.startswith("Eve/variable name=cc_tenant_id")
+    assert set(params) == {"a1-hash"}
+
+
+# --- who may ask ---------------------------------------------------------------------------------
+
+
+async def test_freeswitch_basic_auth_credentials_are_accepted(factory: Factory, client, node_up, settings_obj):
+    """mod_xml_curl can only send `gateway-credentials` (HTTP basic); the secret is its password."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    body = seat_request("c05_directory_sip_auth_register_1001.request.txt", seat)
+    token = base64.b64encode(f"fs-node-1:{settings_obj.switch_shared_secret}".encode()).decode()
+    response = await _post(client, DIRECTORY, body, {"Authorization": f"Basic {token}"})
+    assert "a1-hash" in _user(response)[2]
+    wrong = base64.b64encode(b"fs-node-1:guess").decode()
+    for headers in ({"Authorization": f"Basic {wrong}"}, {"Authorization": "Basic !!!"}, {}, {"x-switch-secret": "x"}):
+        refused = await _post(client, DIRECTORY, body, headers)
+        assert refused.status_code == 401, headers
+        assert refused.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_only_registered_source_addresses_reach_the_switch_routes(app, node_up, switch_headers):
+    """The right secret from an address no node is registered at: 403, before anything is read."""
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as outsider:
+        for path in (DIRECTORY, DIALPLAN, "/api/v1/switch/cdr"):
+            response = await _post(outsider, path, b"section=directory", switch_headers)
+            assert response.status_code == 403, path
+            assert response.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_a_node_is_known_by_its_name_and_address(factory: Factory, client, node_up, switch_headers):
+    """From a registered address but naming another switch: not answered as that switch."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    body = seat_request("c05_directory_sip_auth_register_1001.request.txt", seat, hostname="fs-impostor")
+    assert (await _post(client, DIRECTORY, body, switch_headers)).content == NOT_FOUND
+    number = await factory.number(ctx, queue_id=await factory.queue(ctx))
+    body = dialplan_request(number["number"], hostname="fs-impostor")
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == [
+        ("set", "cc_refusal=unknown_node"),
+        ("hangup", "NORMAL_TEMPORARY_FAILURE"),
+    ]
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe\x00garbage", b"hostname=fs-node-1&tag_name=", b""])
+async def test_garbage_is_a_problem_not_a_crash(body, client, node_up, switch_headers):
+    for path in (DIRECTORY, DIALPLAN):
+        response = await _post(client, path, body, switch_headers)
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["errors"], problem
+
+
+async def test_a_dialplan_request_without_a_leg_is_refused_as_input(client, node_up, switch_headers):
+    body = rewrite_form(
+        xml_curl_body("c08_dialplan_inbound_call_7400.request.txt"), {"Unique-ID": "x", "Caller-Unique-ID": "y"}
+    )
+    response = await _post(client, DIALPLAN, body, switch_headers)
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "Unique-ID"
+
+
+# --- dialplan -------------------------------------------------------------------------------------
+
+
+async def _queue_named(factory: Factory, ctx: TenantCtx, name: str) -> uuid.UUID:
+    response = await factory.client.post("/api/v1/routing/queues", json={"name": name}, headers=ctx.headers)
+    assert response.status_code == 201, response.text
+    return uuid.UUID(response.json()["id"])
+
+
+async def test_a_call_to_a_tenants_number_goes_to_call_control(
+    factory: Factory, client, node_up, switch_headers, settings_obj
+):
+    """c08 dialling the tenant's DID (as a carrier sends it, without +) with a malicious queue and caller name."""
+    ctx = await factory.tenant()
+    queue = await _queue_named(factory, ctx, EVIL_QUEUE)
+    number = await factory.number(ctx, queue_id=queue)
+    body = dialplan_request(
+        number["number"].lstrip("+"), **{"Hunt-Caller-ID-Name": EVIL_CALLER, "Caller-Caller-ID-Name": EVIL_CALLER}
+    )
+    actions = _actions(await _post(client, DIALPLAN, body, switch_headers))
+    shown = dict(a[1].split("=", 1) for a in actions if a[0] == "set")["effective_caller_id_name"]
+    assert actions == [
+        ("export", f"cc_tenant_id={ctx.tenant_id}"),
+        ("export", f"cc_call_id={A_LEG}"),
+        ("export", "cc_direction=inbound"),
+        ("export", f"cc_did={number['number']}"),
+        ("export", f"cc_number_id={number['id']}"),
+        ("export", f"cc_queue_id={queue}"),
+        ("set", f"cc_node_id={node_up}"),
+        ("set", f"effective_caller_id_name={shown}"),
+        ("socket", f"{settings_obj.call_control_address} async full"),
+    ]
+    assert not set(shown) & set("${}<>\"'\\")
+    assert shown.startswith("Sales/action application=bridge")
+
+
+async def test_calls_that_may_not_go_on_are_refused_with_a_sip_cause(factory: Factory, client, node_up, switch_headers):
+    ctx = await factory.tenant()
+    routed = await factory.number(ctx, queue_id=await factory.queue(ctx))
+    bare = await factory.number(ctx)
+    expectations = [
+        # the capture itself: 7400 is nobody's number -> 404
+        (xml_curl_body("c08_dialplan_inbound_call_7400.request.txt"), None, "unknown_number", "UNALLOCATED_NUMBER"),
+        (dialplan_request("+999123"), None, "unknown_number", "UNALLOCATED_NUMBER"),
+        # an assigned number pointed nowhere -> 404
+        (dialplan_request(bare["number"]), ctx.tenant_id, "no_target", "NO_ROUTE_DESTINATION"),
+    ]
+    for body, tenant, reason, cause in expectations:
+        expected = ([("set", f"cc_tenant_id={tenant}")] if tenant else []) + [
+            ("set", f"cc_refusal={reason}"),
+            ("hangup", cause),
+        ]
+        assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == expected
+
+    ops = await factory.provider_headers()
+    await client.post(f"/api/v1/ops/tenants/{ctx.tenant_id}/suspend", json={"reason": "unpaid"}, headers=ops)
+    assert _actions(await _post(client, DIALPLAN, dialplan_request(routed["number"]), switch_headers)) == [
+        ("set", f"cc_tenant_id={ctx.tenant_id}"),
+        ("set", "cc_refusal=tenant_suspended"),
+        ("hangup", "INCOMING_CALL_BARRED"),  # mod_sofia answers 403
+    ]
+
+
+async def test_a_released_number_stops_reaching_its_tenant(factory: Factory, client, node_up, switch_headers):
+    ctx = await factory.tenant()
+    number = await factory.number(ctx, queue_id=await factory.queue(ctx))
+    assert (
+        _actions(await _post(client, DIALPLAN, dialplan_request(number["number"]), switch_headers))[-1][0] == "socket"
+    )
+    ops = await factory.provider_headers()
+    released = await client.post(f"/api/v1/ops/numbers/{number['id']}/release", headers=ops)
+    assert released.status_code == 200, released.text
+    assert _actions(await _post(client, DIALPLAN, dialplan_request(number["number"]), switch_headers))[-1] == (
+        "hangup",
+        "UNALLOCATED_NUMBER",
+    )
+
+
+async def test_a_draining_or_silent_node_gets_no_new_calls(factory: Factory, client, app, switch_headers):
+    ctx = await factory.tenant()
+    number = await factory.number(ctx, queue_id=await factory.queue(ctx))
+    node = await factory.switch_node()
+    body = dialplan_request(number["number"], hostname=node["name"])
+    refused = [("set", "cc_refusal=node_unavailable"), ("hangup", "NORMAL_TEMPORARY_FAILURE")]
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == refused  # never heard from
+    await app.state.voice.heartbeat(node["id"])
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers))[-1][0] == "socket"
+    ops = await factory.provider_headers()
+    drained = await client.post(f"/api/v1/ops/switch-nodes/{node['id']}/drain", headers=ops)
+    assert drained.json()["status"] == "draining"
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == refused
+    await client.post(f"/api/v1/ops/switch-nodes/{node['id']}/undrain", headers=ops)
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers))[-1][0] == "socket"
+
+
+async def test_a_seat_places_a_call_through_call_control(
+    factory: Factory, client, node_up, switch_headers, settings_obj
+):
+    """A call from an authenticated seat carries the variables our directory gave it."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    seat_vars = {
+        "variable_cc_tenant_id": str(ctx.tenant_id),
+        "variable_cc_user_id": str(seat["user_id"]),
+        "variable_domain_name": seat["domain"],
+    }
+    body = dialplan_request("+14155550100", **seat_vars, **{"Caller-Context": "seats", "Hunt-Context": "seats"})
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers), context="seats") == [
+        ("export", f"cc_tenant_id={ctx.tenant_id}"),
+        ("export", f"cc_call_id={A_LEG}"),
+        ("export", "cc_direction=outbound"),
+        ("export", f"cc_agent_id={seat['user_id']}"),
+        ("set", f"cc_node_id={node_up}"),
+        ("socket", f"{settings_obj.call_control_address} async full"),
+    ]
+    other = await factory.tenant()
+    forged = dialplan_request("+14155550100", **{**seat_vars, "variable_cc_tenant_id": str(other.tenant_id)})
+    assert _actions(await _post(client, DIALPLAN, forged, switch_headers))[-1] == ("hangup", "CALL_REJECTED")
+
+
+class RefuseEverything:
+    def __init__(self) -> None:
+        self.seen: list[CallAttempt] = []
+
+    async def check(self, attempt: CallAttempt) -> Admission:
+        self.seen.append(attempt)
+        return Admission(admitted=False, hangup_cause="OUTGOING_CALL_BARRED", reason="no balance")
+
+
+async def test_the_admission_check_can_refuse_a_call(factory: Factory, app, sessionmaker, node_up):
+    """Billing plugs in behind one interface; a refusal becomes the hangup cause it names."""
+    ctx = await factory.tenant()
+    number = await factory.number(ctx, queue_id=await factory.queue(ctx))
+    admission = RefuseEverything()
+    xml_curl = XmlCurl(app.state.switch_sources, app.state.voice.health, admission, "127.0.0.1:8084")
+    form = parse_form(dialplan_request(number["number"]))
+    async with sessionmaker() as session, session.begin():
+        document = await xml_curl.dialplan(session, form, "127.0.0.1")
+    actions = [(a.get("application"), a.get("data")) for a in ET.fromstring(document).iter("action")]
+    assert actions == [
+        ("set", f"cc_tenant_id={ctx.tenant_id}"),
+        ("set", "cc_refusal=not_admitted"),
+        ("hangup", "OUTGOING_CALL_BARRED"),
+    ]
+    assert admission.seen == [CallAttempt(ctx.tenant_id, "inbound", "1000", number["number"], number["number"])]
+
+
+def test_the_call_control_address_is_checked():
+    with pytest.raises(ValueError, match="host:port"):
+        XmlCurl(None, None, None, "127.0.0.1 async full; bridge")  # type: ignore[arg-type]
