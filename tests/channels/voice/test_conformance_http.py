@@ -136,3 +136,26 @@ async def test_json_cdr_posts_each_leg_once_b_leg_first(tmp_path):
     targets = [r.target for r in backend.requests]
     assert len(targets) == 2 and targets[1] == f"/cdr?uuid={uuid}"
     assert not list(tmp_path.iterdir())
+
+
+async def test_directory_and_dialplan_can_have_bindings_of_their_own():
+    directory = BackendStandIn(fixture_responder(A08_DIALPLAN))
+    dialplan = BackendStandIn(fixture_responder(A08_DIALPLAN))
+    await directory.start()
+    await dialplan.start()
+    config = simulator_config(
+        xml_curl_directory_url=f"{directory.url}/directory",
+        xml_curl_dialplan_url=f"{dialplan.url}/dialplan",
+        xml_curl_credentials="fs-node-1:dev-switch-secret",
+    )
+    async with SwitchSimulator(config) as simulator:
+        assert await simulator.switch.register(Endpoint("1001", "127.0.0.1"))
+        await simulator.switch.place_call("7499")
+        await until(lambda: dialplan.requests and not simulator.switch.legs)
+    await directory.close()
+    await dialplan.close()
+    assert {r.field("section") for r in directory.requests} == {"directory"}
+    assert {r.field("section") for r in dialplan.requests} == {"dialplan"}
+    authorization = dict(dialplan.requests[0].headers)["Authorization"]
+    assert authorization == "Basic ZnMtbm9kZS0xOmRldi1zd2l0Y2gtc2VjcmV0"
+    assert [h for h, _ in dialplan.requests[0].headers][:3] == ["Host", "Authorization", "User-Agent"]

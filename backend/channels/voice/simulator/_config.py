@@ -47,6 +47,10 @@ class SimulatorConfig:
     """The test-control HTTP port; 0 picks a free one."""
     xml_curl_url: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_URL", ""))
     """gateway-url of the xml_curl binding for directory and dialplan; empty: only the static dialplan."""
+    xml_curl_directory_url: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_DIRECTORY_URL", ""))
+    """A binding of its own for `directory` (FreeSWITCH allows one per section); empty: xml_curl_url."""
+    xml_curl_dialplan_url: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_DIALPLAN_URL", ""))
+    """A binding of its own for `dialplan`; empty: xml_curl_url."""
     xml_curl_timeout: float = field(default_factory=lambda: _float("CC_SIM_XML_CURL_TIMEOUT", 3.0))
     """xml_curl's `timeout` (seconds); past it FreeSWITCH falls back to its static XML."""
     xml_curl_credentials: str = field(default_factory=lambda: _env("CC_SIM_XML_CURL_CREDENTIALS", ""))

@@ -613,7 +613,9 @@ class Switch:
 
     async def xml_fetch(self, section: str, tag: str, key: str, value: str, params: Pairs) -> str | None:
         """POST an xml_curl request with FreeSWITCH's fields in its order; None when FreeSWITCH would fall back."""
-        url = self.config.xml_curl_url
+        config = self.config
+        per_section = {"directory": config.xml_curl_directory_url, "dialplan": config.xml_curl_dialplan_url}
+        url = per_section.get(section) or config.xml_curl_url
         if not url:
             return None
         fields = [
@@ -697,7 +699,8 @@ class Switch:
             return {}
         if document is None:
             # No directory answer: the static directory has no such user (the vanilla 1000-1019 are removed).
-            return None if self.config.xml_curl_url else {"user_context": "default"}
+            bound = self.config.xml_curl_url or self.config.xml_curl_directory_url
+            return None if bound else {"user_context": "default"}
         return parse_directory_user(document, endpoint.user)
 
     async def dialplan(self, leg: CallLeg) -> tuple[str, list[tuple[str, str]]] | None:
