@@ -1,9 +1,10 @@
-"""The `contactcenter` command: serve, worker, migrate, demo, create-provider-user, import-cdrs."""
+"""The `contactcenter` command: serve, worker, migrate, demo, create-provider-user, import-cdrs, switch-sim."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import click
 
@@ -80,6 +81,54 @@ def create_provider_user(email: str, name: str, password: str) -> None:
 
     asyncio.run(ensure_provider_user(email, name, password))
     click.echo(f"provider operator {email} ready")
+
+
+@main.command("switch-sim")
+@click.option("--esl-port", type=int, default=None, help="Inbound event socket port (CC_SIM_ESL_PORT, 8021; 0: any)")
+@click.option("--control-port", type=int, default=None, help="Test-control HTTP port (CC_SIM_CONTROL_PORT, 8099)")
+@click.option("--password", default=None, help="Event-socket password (CC_SIM_ESL_PASSWORD, ClueCon)")
+@click.option("--hostname", default=None, help="The node's FreeSWITCH-Hostname (CC_SIM_HOSTNAME)")
+@click.option("--xml-curl-url", default=None, help="xml_curl gateway-url for directory and dialplan")
+@click.option("--cdr-url", default=None, help="mod_json_cdr url")
+@click.option("--heartbeat", type=float, default=None, help="HEARTBEAT interval in seconds (CC_SIM_HEARTBEAT, 20)")
+@click.option("--time-scale", type=float, default=None, help="Multiply media and ring durations (CC_SIM_TIME_SCALE)")
+@click.option("--scenario", "scenarios", multiple=True, help="Scenario file (JSON or YAML) to play; repeatable")
+def switch_sim(
+    esl_port: int | None,
+    control_port: int | None,
+    password: str | None,
+    hostname: str | None,
+    xml_curl_url: str | None,
+    cdr_url: str | None,
+    heartbeat: float | None,
+    time_scale: float | None,
+    scenarios: tuple[str, ...],
+) -> None:
+    """Run a simulated FreeSWITCH node (ESL, xml_curl, json_cdr) for tests and the demo."""
+    import logging
+    from dataclasses import replace
+
+    from backend.channels.voice.simulator import SimulatorConfig, load_scenario_file, serve
+
+    logging.basicConfig(level=os.environ.get("CC_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
+    config = SimulatorConfig()
+    overrides: dict[str, Any] = {
+        "esl_port": esl_port,
+        "control_port": control_port,
+        "esl_password": password,
+        "hostname": hostname,
+        "xml_curl_url": xml_curl_url,
+        "cdr_url": cdr_url,
+        "heartbeat_interval": heartbeat,
+        "time_scale": time_scale,
+    }
+    config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
+    plans = [load_scenario_file(path) for path in scenarios]
+    if config.scenario_dir:
+        from pathlib import Path
+
+        plans += [load_scenario_file(p) for p in sorted(Path(config.scenario_dir).glob("*")) if p.is_file()]
+    asyncio.run(serve(config, plans))
 
 
 @main.command("import-cdrs")

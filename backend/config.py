@@ -96,6 +96,30 @@ class Settings:
     """An API key's last use is written at most this often."""
     switch_shared_secret: str = field(default_factory=lambda: _env("CC_SWITCH_SECRET", "dev-switch-secret"))
     """Secret FreeSWITCH nodes present on xml_curl and CDR requests."""
+    esl_connect_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_ESL_CONNECT_TIMEOUT", "5"))
+    )
+    """Seconds to open a switch's event socket and be greeted."""
+    esl_command_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_ESL_COMMAND_TIMEOUT", "10"))
+    )
+    """Seconds to wait for an ESL command's reply before the connection is dropped and re-made."""
+    esl_api_timeout_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_API_TIMEOUT", "30")))
+    """Seconds to wait for an `api` answer (slow commands go through bgapi)."""
+    esl_job_timeout_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_JOB_TIMEOUT", "120")))
+    """Seconds to wait for a bgapi job's BACKGROUND_JOB (an originate rings for up to a minute)."""
+    esl_reconnect_initial_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_ESL_RECONNECT_INITIAL", "0.5"))
+    )
+    """First delay before reconnecting to a switch; it doubles after each failure."""
+    esl_reconnect_max_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_ESL_RECONNECT_MAX", "10"))
+    )
+    """Longest delay between reconnection attempts."""
+    esl_reconnect_jitter: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_RECONNECT_JITTER", "0.2")))
+    """Random spread of reconnection delays (0.2 = +/-20%) so processes do not retry in step."""
+    esl_event_queue_size: int = field(default_factory=lambda: _env_int("CC_ESL_EVENT_QUEUE", 10_000))
+    """Events buffered between the ESL reader and our handlers; beyond it events are dropped, counted and logged."""
     switch_source_cache_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_SOURCE_CACHE", "5"))
     )

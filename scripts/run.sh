@@ -43,6 +43,11 @@ demo_lines="$(contactcenter demo 2>/dev/null)"
 
 contactcenter worker >"$STATE/worker.log" 2>&1 &
 pids+=($!)
+# The switch simulator stands in for a FreeSWITCH node (ESL 8021, control API 8099); CC_SIM_* settings apply.
+export CC_SIM_RECORDINGS="${CC_SIM_RECORDINGS:-$STATE/recordings}"
+export CC_SIM_CDR_ERR_LOG_DIR="${CC_SIM_CDR_ERR_LOG_DIR:-$STATE/json_cdr_err}"
+contactcenter switch-sim >"$STATE/switch-sim.log" 2>&1 &
+pids+=($!)
 contactcenter serve --host 127.0.0.1 --port "$API_PORT" --workers "${CC_WORKERS:-2}" &
 pids+=($!)
 
@@ -59,6 +64,8 @@ cat <<INFO
   API reference http://127.0.0.1:$API_PORT/schema  (Swagger UI: /schema/swagger)
   Health        http://127.0.0.1:$API_PORT/healthz   /readyz   /metrics
   Worker log    $STATE/worker.log
+  Switch sim    ESL 127.0.0.1:${CC_SIM_ESL_PORT:-8021} (password ${CC_SIM_ESL_PASSWORD:-ClueCon}),
+                control http://127.0.0.1:${CC_SIM_CONTROL_PORT:-8099}/state, log $STATE/switch-sim.log
 
   Demo logins (POST /api/v1/auth/login with {"workspace", "email", "password"}):
 $(printf '%s\n' "$demo_lines" | sed 's/^/    /')

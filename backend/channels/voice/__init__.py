@@ -1,1 +1,1 @@
-"""The voice channel: FreeSWITCH nodes, xml_curl directory and dialplan, numbers, CDRs, registrations."""
+"""The voice channel: FreeSWITCH nodes, xml_curl, numbers, CDRs, registrations; the ESL library and switch simulator."""

@@ -1,0 +1,83 @@
+"""Our asyncio FreeSWITCH event-socket (ESL) library: inbound client, outbound server, sans-IO framing."""
+
+from backend.channels.voice.esl._client import InboundClient
+from backend.channels.voice.esl._config import Backoff, ClientConfig
+from backend.channels.voice.esl._connection import BackgroundJob, EventBuffer
+from backend.channels.voice.esl._exceptions import (
+    AccessDenied,
+    AuthenticationError,
+    ChannelGone,
+    CommandError,
+    ConnectError,
+    ConnectionLost,
+    ESLError,
+    NotConnected,
+    ProtocolError,
+    RefusedError,
+    Timeout,
+    TransportError,
+)
+from backend.channels.voice.esl._models import (
+    ApiResponse,
+    AuthRequest,
+    Command,
+    CommandReply,
+    DisconnectNotice,
+    Event,
+    EventFormat,
+    Frame,
+    Headers,
+    LogLine,
+    Message,
+    RudeRejection,
+    UnknownFrame,
+    decode_frame,
+    parse_json_event,
+    parse_plain_event,
+)
+from backend.channels.voice.esl._outbound import CallHandler, OutboundServer, OutboundSession
+from backend.channels.voice.esl._parser import CommandParser, FrameParser
+from backend.channels.voice.esl._wire import encode_command, url_encode
+
+__all__ = [
+    "AccessDenied",
+    "ApiResponse",
+    "AuthRequest",
+    "AuthenticationError",
+    "BackgroundJob",
+    "Backoff",
+    "CallHandler",
+    "ChannelGone",
+    "ClientConfig",
+    "Command",
+    "CommandError",
+    "CommandParser",
+    "CommandReply",
+    "ConnectError",
+    "ConnectionLost",
+    "DisconnectNotice",
+    "ESLError",
+    "Event",
+    "EventBuffer",
+    "EventFormat",
+    "Frame",
+    "FrameParser",
+    "Headers",
+    "InboundClient",
+    "LogLine",
+    "Message",
+    "NotConnected",
+    "OutboundServer",
+    "OutboundSession",
+    "ProtocolError",
+    "RefusedError",
+    "RudeRejection",
+    "Timeout",
+    "TransportError",
+    "UnknownFrame",
+    "decode_frame",
+    "encode_command",
+    "parse_json_event",
+    "parse_plain_event",
+    "url_encode",
+]

@@ -1,0 +1,382 @@
+"""API commands (`api`/`bgapi`): status, originate, uuid_*, show, sofia status, reloadxml."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from backend.channels.voice.simulator._apps import (
+    bridge_legs,
+    execute,
+    originate_leg,
+    schedule_hangup,
+    start_recording,
+    stop_recording,
+    strip_variables,
+)
+from backend.channels.voice.simulator._switch import FREESWITCH_VERSION, CallLeg, HungUp, Switch
+
+if TYPE_CHECKING:
+    from backend.channels.voice.simulator._esl import Listener
+
+logger = logging.getLogger("backend.channels.voice.simulator")
+
+NO_CHANNEL = "-ERR No such channel!\n"
+
+ApiFunction = Callable[[Switch, str], Awaitable[str]]
+
+
+async def execute_api(switch: Switch, name: str, argument: str, listener: Listener | None = None) -> str:
+    """switch_api_execute: fire the API event, run the command, return its output."""
+    switch.record("api", command=name, argument=argument)
+    function = API_COMMANDS.get(name)
+    if function is None:
+        return f"-ERR {name} Command not found!\n"
+    switch.fire(
+        "API",
+        calling=("switch_loadable_module.c", "switch_api_execute", 2954),
+        post=[("API-Command", name), *([("API-Command-Argument", argument)] if argument else [])],
+    )
+    try:
+        return await function(switch, argument.strip())
+    except (ValueError, IndexError) as error:
+        return f"-USAGE: {name} ({error})\n"
+
+
+async def api_status(switch: Switch, argument: str) -> str:
+    up = time.time() - switch.started
+    count = len(switch.legs)
+    return (
+        f"UP {switch.uptime_text(up)}\n"
+        f"FreeSWITCH (Version {FREESWITCH_VERSION}) is ready\n"
+        f"{switch.sessions_since_startup} session(s) since startup\n"
+        f"{count} session(s) - peak {switch.peak_sessions}, last 5min {switch.peak_sessions} \n"
+        "0 session(s) per Sec out of max 30, peak 0, last 5min 0 \n"
+        f"{switch.config.max_sessions} session(s) max\n"
+        "min idle cpu 0.00/99.00\n"
+        "Current Stack Size/Max 240K/8192K\n"
+    )
+
+
+def _leg(switch: Switch, uuid: str) -> CallLeg | None:
+    return switch.find(uuid.strip())
+
+
+async def api_uuid_kill(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    await switch.hangup(leg, parts[1] if len(parts) > 1 else "NORMAL_CLEARING")
+    return "+OK\n"
+
+
+async def api_sched_hangup(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    if len(parts) < 2:
+        return "-USAGE: [+]<time> <uuid> [<cause>]\n"
+    leg = _leg(switch, parts[1])
+    if leg is None:
+        return NO_CHANNEL
+    seconds = int(parts[0].lstrip("+"))
+    schedule_hangup(switch, leg, seconds, parts[2] if len(parts) > 2 else "ALLOTTED_TIMEOUT")
+    return "+OK\n"
+
+
+async def api_uuid_setvar(switch: Switch, argument: str) -> str:
+    parts = argument.split(" ", 2)
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None or len(parts) < 2:
+        return NO_CHANNEL if leg is None else "-USAGE: <uuid> <var> [value]\n"
+    leg.channel.variables.set(parts[1], parts[2] if len(parts) > 2 else None)
+    return "+OK\n"
+
+
+async def api_uuid_getvar(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None or len(parts) < 2:
+        return NO_CHANNEL if leg is None else "-USAGE: <uuid> <var>\n"
+    return leg.channel.variables.get(parts[1]) or "_undef_"
+
+
+async def api_uuid_dump(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    return switch.channel_dump(leg, len(parts) > 1 and parts[1] == "json")
+
+
+async def api_uuid_record(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    action, path = (parts[1], parts[2]) if len(parts) > 2 else (parts[1] if len(parts) > 1 else "", "all")
+    if action == "start":
+        start_recording(switch, leg, path)
+        return "+OK Success\n"
+    if action == "stop":
+        return "+OK Success\n" if stop_recording(switch, leg, path) else "-ERR Cannot stop record session!\n"
+    return "-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>]\n"
+
+
+async def api_uuid_hold(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    mode = "on"
+    if parts and parts[0] in ("off", "toggle"):
+        mode = parts.pop(0)
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    channel = leg.channel
+    held = channel.callstate == "HELD"
+    if mode == "toggle":
+        mode = "off" if held else "on"
+    if mode == "on" and not held:
+        switch.set_callstate(leg, "HELD")
+        switch.fire("CHANNEL_HOLD", channel, calling=("switch_channel.c", "switch_channel_perform_mark_hold", 1))
+    elif mode == "off" and held:
+        switch.set_callstate(leg, "ACTIVE")
+        switch.fire("CHANNEL_UNHOLD", channel, calling=("switch_channel.c", "switch_channel_perform_mark_hold", 1))
+    return "+OK Success\n"
+
+
+async def api_uuid_broadcast(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    path = parts[1] if len(parts) > 1 else ""
+    application, _, data = path.partition("::")
+    if not data:
+        application, data = "playback", path
+
+    async def run() -> None:
+        with contextlib.suppress(HungUp):
+            await execute(switch, leg, application, data)
+
+    switch.spawn(run(), f"broadcast-{leg.channel.uuid}")
+    return "+OK Message sent\n"
+
+
+async def api_uuid_transfer(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    parts = parts[1:]
+    target = leg
+    if parts and parts[0] in ("-bleg", "-both"):
+        which = parts.pop(0)
+        if which == "-bleg" and leg.channel.partner:
+            target = switch.find(leg.channel.partner) or leg
+    if not parts:
+        return "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
+    profile = target.channel.profile
+    context = parts[2] if len(parts) > 2 else (profile.context if profile else "default")
+    target.transfer_to = (parts[0], parts[1] if len(parts) > 1 else "XML", context)
+    # Break whatever the channel is doing (a bridge ends by hanging up the other leg, as FreeSWITCH does).
+    partner = switch.find(target.channel.partner) if target.channel.partner else None
+    if partner is not None and not partner.channel.down:
+        await switch.hangup(partner, "NORMAL_CLEARING")
+    target.dtmf_signal.set()
+    target.private_ready.set()
+    return "+OK\n"
+
+
+async def api_uuid_bridge(switch: Switch, argument: str) -> str:
+    parts = argument.split()
+    a = _leg(switch, parts[0]) if parts else None
+    b = _leg(switch, parts[1]) if len(parts) > 1 else None
+    if a is None or b is None:
+        return "-ERR Invalid uuid\n"
+
+    async def run() -> None:
+        with contextlib.suppress(HungUp):
+            await bridge_legs(switch, a, b)
+        for leg in a.deferred_teardown:
+            switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+        a.deferred_teardown.clear()
+        if a.channel.down and not b.channel.down:
+            await switch.hangup(b, "NORMAL_CLEARING")
+
+    switch.spawn(run(), f"uuid-bridge-{a.channel.uuid}")
+    return f"+OK {b.channel.uuid}\n"
+
+
+async def api_originate(switch: Switch, argument: str) -> str:
+    """originate <dial string> <&app(args) | extension> [dialplan] [context] [cid name] [cid number] [timeout]."""
+    dial, _, rest = argument.partition(" ")
+    if dial.startswith("{"):
+        # The variables may hold spaces: the dial string ends after the closing brace's target.
+        end = argument.find("}")
+        head = argument[: end + 1]
+        tail = argument[end + 1 :]
+        target, _, rest = tail.partition(" ")
+        dial = head + target
+    words = rest.split(" ")
+    if not words or not words[0]:
+        return "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>]\n"
+    timeout = float(words[6]) if len(words) > 6 and words[6].isdigit() else None
+    variables, _ = strip_variables(dial)
+    outcome = await originate_leg(switch, dial, originator=None, timeout=timeout)
+    if isinstance(outcome, str):
+        return f"-ERR {outcome}\n"
+    leg = outcome
+    action = rest.strip()
+    if action.startswith("&"):
+        name, _, args = action[1:].partition("(")
+        args = args.rsplit(")", 1)[0]
+        leg.task = asyncio.create_task(run_originated(switch, leg, [(name, args)]), name=f"orig-{leg.channel.uuid}")
+    else:
+        destination = words[0]
+        context = words[2] if len(words) > 2 else "default"
+        assert leg.channel.profile is not None
+        leg.channel.profile.destination_number = destination
+        leg.channel.profile.context = context
+        leg.task = asyncio.create_task(run_routed(switch, leg), name=f"orig-{leg.channel.uuid}")
+    del variables
+    return f"+OK {leg.channel.uuid}\n"
+
+
+async def run_originated(switch: Switch, leg: CallLeg, actions: list[tuple[str, str]]) -> None:
+    from backend.channels.voice.simulator._apps import run_extension
+
+    try:
+        leg.channel.extension = actions[0][0]
+        switch.set_state(leg, "CS_EXECUTE")
+        await run_extension(switch, leg, actions)
+        if not leg.channel.down:
+            await switch.hangup(leg, "NORMAL_CLEARING")
+    finally:
+        await switch.teardown(leg)
+
+
+async def run_routed(switch: Switch, leg: CallLeg) -> None:
+    from backend.channels.voice.simulator._apps import run_extension
+
+    try:
+        found = await switch.dialplan(leg)
+        if found is None:
+            await switch.hangup(leg, "NO_ROUTE_DESTINATION")
+        else:
+            leg.channel.extension, actions = found
+            switch.set_state(leg, "CS_EXECUTE")
+            await run_extension(switch, leg, actions)
+            if not leg.channel.down:
+                await switch.hangup(leg, "NORMAL_CLEARING")
+    finally:
+        await switch.teardown(leg)
+
+
+async def api_show(switch: Switch, argument: str) -> str:
+    words = argument.split()
+    what = words[0] if words else ""
+    as_json = words[-2:] == ["as", "json"]
+    if what in ("channels", "calls"):
+        document = switch.show_channels()
+        if as_json:
+            return json.dumps(document, separators=(",", ":"))
+        rows = document.get("rows", [])
+        assert isinstance(rows, list)
+        return "".join(f"{row['uuid']},{row['direction']},{row['name']},{row['state']}\n" for row in rows) + (
+            f"\n{len(rows)} total.\n"
+        )
+    if what == "registrations":
+        rows = [
+            {
+                "reg_user": endpoint.user,
+                "realm": endpoint.domain,
+                "token": endpoint.call_id,
+                "url": f"sofia/internal/{endpoint.contact}",
+                "expires": str(endpoint.expires_at),
+                "network_ip": "127.0.0.1",
+                "network_port": str(endpoint.contact_port),
+                "network_proto": endpoint.transport,
+                "hostname": switch.config.hostname,
+                "metadata": "",
+            }
+            for endpoint in switch.registrations()
+        ]
+        if as_json:
+            return json.dumps({"row_count": len(rows), "rows": rows} if rows else {"row_count": 0})
+        return "".join(f"{row['reg_user']},{row['realm']},{row['url']}\n" for row in rows) + f"\n{len(rows)} total.\n"
+    return f"-USAGE: show {what}\n"
+
+
+async def api_sofia(switch: Switch, argument: str) -> str:
+    words = argument.split()
+    if words[:1] != ["status"]:
+        return "-ERR Unknown command\n"
+    if len(words) >= 4 and words[1] == "profile" and words[3] == "reg":
+        lines = ["", "Registrations:", "=" * 97]
+        endpoints = switch.registrations()
+        for endpoint in endpoints:
+            remaining = max(0, endpoint.expires_at - int(time.time()))
+            lines += [
+                f"Call-ID:    \t{endpoint.call_id}",
+                f"User:       \t{endpoint.user}@{endpoint.domain}",
+                f'Contact:    \t"" <{endpoint.contact}>',
+                f"Agent:      \t{endpoint.user_agent}",
+                f"Status:     \tRegistered({endpoint.transport.upper()})(unknown) EXPSECS({remaining})",
+                "Ping-Status:\tReachable",
+                "Ping-Time:\t0.00",
+                f"Host:       \t{switch.config.hostname}",
+                "IP:         \t127.0.0.1",
+                f"Port:       \t{endpoint.contact_port}",
+                f"Auth-User:  \t{endpoint.user}",
+                f"Auth-Realm: \t{endpoint.domain}",
+                f"MWI-Account:\t{endpoint.user}@{endpoint.domain}",
+                "",
+            ]
+        lines += [f"Total items returned: {len(endpoints)}", "=" * 97, ""]
+        return "\n".join(lines)
+    rule = "=" * 97
+    address = f"sip:mod_sofia@{switch.config.ipv4}:{switch.config.sip_port}"
+    return (
+        f"{'Name':>20}\t{'Type':>10}\t{'Data':<50}\tState\n{rule}\n"
+        f"{'internal':>20}\t{'profile':>10}\t{address:<50}\tRUNNING (0)\n{rule}\n1 profile 0 aliases\n"
+    )
+
+
+async def api_reloadxml(switch: Switch, argument: str) -> str:
+    return "+OK [Success]\n"
+
+
+async def api_hupall(switch: Switch, argument: str) -> str:
+    cause = argument.split(maxsplit=1)[0] if argument else "MANAGER_REQUEST"
+    for leg in list(switch.legs.values()):
+        await switch.hangup(leg, cause)
+    return "+OK\n"
+
+
+async def api_version(switch: Switch, argument: str) -> str:
+    return f"FreeSWITCH Version {FREESWITCH_VERSION}\n"
+
+
+API_COMMANDS: dict[str, ApiFunction] = {
+    "status": api_status,
+    "version": api_version,
+    "originate": api_originate,
+    "uuid_kill": api_uuid_kill,
+    "sched_hangup": api_sched_hangup,
+    "uuid_setvar": api_uuid_setvar,
+    "uuid_getvar": api_uuid_getvar,
+    "uuid_dump": api_uuid_dump,
+    "uuid_record": api_uuid_record,
+    "uuid_hold": api_uuid_hold,
+    "uuid_broadcast": api_uuid_broadcast,
+    "uuid_transfer": api_uuid_transfer,
+    "uuid_bridge": api_uuid_bridge,
+    "show": api_show,
+    "sofia": api_sofia,
+    "reloadxml": api_reloadxml,
+    "hupall": api_hupall,
+}

@@ -1,0 +1,929 @@
+"""Dialplan applications (mod_dptools and friends) with the events FreeSWITCH fires around them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from backend.channels.voice.esl._models import Command
+from backend.channels.voice.simulator._channel import Channel, now_us
+from backend.channels.voice.simulator._switch import SESSION_RUN, CallLeg, Endpoint, HungUp, Switch
+
+logger = logging.getLogger("backend.channels.voice.simulator")
+
+Application = Callable[[Switch, CallLeg, str], Awaitable[None]]
+
+
+class Transferred(Exception):
+    """The channel was transferred: stop this extension and route again."""
+
+
+# ----- running applications -----
+
+
+async def run_extension(switch: Switch, leg: CallLeg, actions: list[tuple[str, str]]) -> None:
+    """Execute an extension's actions in order until one hangs up or transfers the channel."""
+    for application, data in actions:
+        if leg.channel.down:
+            return
+        try:
+            await execute(switch, leg, application, data)
+        except Transferred:
+            return
+        except HungUp:
+            return
+        finally:
+            await flush_deferred(switch, leg)
+        await process_private(switch, leg)
+
+
+async def flush_deferred(switch: Switch, leg: CallLeg) -> None:
+    """Tear down b-legs that ended a bridge, after the bridge's EXECUTE_COMPLETE (b01's order)."""
+    while leg.deferred_teardown:
+        await switch.teardown(leg.deferred_teardown.pop(0))
+
+
+async def execute(
+    switch: Switch, leg: CallLeg, application: str, data: str, *, app_uuid: str | None = None
+) -> str | None:
+    """switch_core_session_exec: CHANNEL_EXECUTE, the application, CHANNEL_EXECUTE_COMPLETE."""
+    channel = leg.channel
+    function = APPLICATIONS.get(application)
+    if function is None:
+        logger.error("Invalid Application %s", application)
+        await switch.hangup(leg, "DESTINATION_OUT_OF_ORDER")
+        return None
+    expanded = switch.expand(leg, data) if data else ""
+    uuid = app_uuid or Channel.new_uuid()
+    channel.app_log.append((application, expanded))
+    variables = channel.variables
+    variables.set("current_application", application)
+    variables.set("current_application_data", expanded)
+    variables.set("current_application_response", None)
+    post = [("Application", application)]
+    if expanded:
+        post.append(("Application-Data", expanded))
+    switch.fire(
+        "CHANNEL_EXECUTE",
+        channel,
+        calling=("switch_core_session.c", "switch_core_session_exec", 2950),
+        post=[*post, ("Application-UUID", uuid)],
+    )
+    variables.set("current_application", application)
+    hung_up = False
+    try:
+        await function(switch, leg, expanded)
+    except HungUp:
+        hung_up = True
+    response = variables.get("current_application_response") or "_none_"
+    switch.fire(
+        "CHANNEL_EXECUTE_COMPLETE",
+        channel,
+        calling=("switch_core_session.c", "switch_core_session_exec", 2975),
+        post=[*post, ("Application-Response", response), ("Application-UUID", uuid)],
+    )
+    if hung_up:
+        raise HungUp
+    if leg.transfer_to is not None:
+        raise Transferred
+    return response
+
+
+async def wait(leg: CallLeg, seconds: float | None, *, dtmf: bool = False) -> str:
+    """Sleep, waking on hangup (raises HungUp) or, with `dtmf`, on a key press; returns why it woke."""
+    if leg.channel.down:
+        raise HungUp
+    waiters = [asyncio.ensure_future(leg.hangup_signal.wait())]
+    if dtmf:
+        if leg.channel.digits:
+            for waiter in waiters:
+                waiter.cancel()
+            return "dtmf"
+        leg.dtmf_signal.clear()
+        waiters.append(asyncio.ensure_future(leg.dtmf_signal.wait()))
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if leg.channel.down:
+        raise HungUp
+    if dtmf and leg.channel.digits:
+        return "dtmf"
+    return "timeout" if not done else "signal"
+
+
+def media_seconds(switch: Switch, path: str) -> float:
+    """How long a file or stream plays: tone_stream cadences and silence_stream lengths are honoured."""
+    if path.startswith("silence_stream://"):
+        millis = path[len("silence_stream://") :].split(",", maxsplit=1)[0]
+        return switch.scaled(int(millis) / 1000 if millis.isdigit() else 1.0)
+    if path.startswith("tone_stream://"):
+        total = 0
+        for on, off in re.findall(r"%\((\d+),(\d+),", path):
+            total += int(on) + int(off)
+        loops = re.search(r"loops=(-?\d+)", path)
+        count = int(loops.group(1)) if loops else 1
+        return switch.scaled(total * max(count, 1) / 1000)
+    return switch.scaled(switch.config.default_playback_seconds)
+
+
+async def play(switch: Switch, leg: CallLeg, path: str, *, interruptible: bool = False) -> str:
+    """switch_ivr_play_file: PLAYBACK_START, the media, PLAYBACK_STOP, and the playback_* variables."""
+    channel = leg.channel
+    kind = path.split("://", 1)[0] if "://" in path else "file"
+    file_headers = [("Playback-File-Type", kind), ("Playback-File-Path", path)]
+    switch.fire(
+        "PLAYBACK_START",
+        channel,
+        calling=("switch_ivr_play_say.c", "switch_ivr_play_file", 1646),
+        post=file_headers,
+    )
+    started = time.monotonic()
+    status = "done"
+    try:
+        woke = await wait(leg, media_seconds(switch, path), dtmf=interruptible)
+        if woke == "dtmf":
+            status = "break"
+    finally:
+        elapsed = time.monotonic() - started
+        samples = int(elapsed * 8000)
+        for name, value in (
+            ("playback_last_offset_pos", str(samples)),
+            ("playback_seconds", str(int(elapsed))),
+            ("playback_ms", str(int(elapsed * 1000))),
+            ("playback_samples", str(samples)),
+        ):
+            channel.variables.set(name, value)
+        switch.fire(
+            "PLAYBACK_STOP",
+            channel,
+            calling=("switch_ivr_play_say.c", "switch_ivr_play_file", 2020),
+            post=[*file_headers, ("Playback-Status", status)],
+        )
+    channel.variables.set("current_application_response", "FILE PLAYED")
+    return status
+
+
+# ----- applications -----
+
+
+async def app_answer(switch: Switch, leg: CallLeg, data: str) -> None:
+    switch.mark_answered(leg)
+
+
+async def app_pre_answer(switch: Switch, leg: CallLeg, data: str) -> None:
+    channel = leg.channel
+    if not channel.early_media and not channel.answered:
+        if not channel.codec:
+            switch.codec_events(leg)
+        channel.early_media = True
+        if channel.profile:
+            channel.profile.progress_media = now_us()
+        switch.fire(
+            "CHANNEL_PROGRESS_MEDIA",
+            channel,
+            calling=("switch_channel.c", "switch_channel_perform_mark_pre_answered", 3765),
+        )
+        switch.set_callstate(leg, "EARLY")
+
+
+async def app_ring_ready(switch: Switch, leg: CallLeg, data: str) -> None:
+    channel = leg.channel
+    if channel.profile and not channel.profile.progress:
+        channel.profile.progress = now_us()
+        switch.fire(
+            "CHANNEL_PROGRESS", channel, calling=("switch_channel.c", "switch_channel_perform_mark_ring_ready_value", 1)
+        )
+
+
+async def app_playback(switch: Switch, leg: CallLeg, data: str) -> None:
+    await play(switch, leg, data)
+
+
+async def app_speak(switch: Switch, leg: CallLeg, data: str) -> None:
+    text = data.split("|", 2)[-1]
+    await wait(leg, switch.scaled(len(text) * switch.config.speak_seconds_per_char))
+
+
+async def app_sleep(switch: Switch, leg: CallLeg, data: str) -> None:
+    millis = int(data) if data.strip().isdigit() else 0
+    await wait(leg, switch.scaled(millis / 1000))
+
+
+async def collect_digits(
+    switch: Switch, leg: CallLeg, *, maximum: int, timeout: float, terminators: str, digit_timeout: float
+) -> tuple[str, bool]:
+    """Digits until `maximum`, a terminator, or silence; returns them and whether time ran out first."""
+    channel = leg.channel
+    collected = ""
+    limit = timeout
+    while len(collected) < maximum:
+        if not channel.digits:
+            woke = await wait(leg, limit, dtmf=True)
+            if woke != "dtmf":
+                return collected, True
+        digit = channel.digits.pop(0)
+        if digit in terminators:
+            return collected, False
+        collected += digit
+        limit = digit_timeout
+    return collected, False
+
+
+async def app_play_and_get_digits(switch: Switch, leg: CallLeg, data: str) -> None:
+    """min max tries timeout terminators file invalid_file var_name regexp [digit_timeout] [transfer_on_failure]."""
+    parts = data.split()
+    if len(parts) < 9:
+        logger.error("play_and_get_digits: usage error [%s]", data)
+        return
+    minimum, maximum, tries = int(parts[0]), int(parts[1]), int(parts[2])
+    timeout = switch.scaled(int(parts[3]) / 1000)
+    terminators = parts[4] if parts[4] != "none" else ""
+    prompt, invalid, variable, expression = parts[5], parts[6], parts[7], parts[8]
+    digit_timeout = switch.scaled(int(parts[9]) / 1000) if len(parts) > 9 and parts[9].isdigit() else timeout
+    transfer_on_failure = parts[10] if len(parts) > 10 else ""
+    channel = leg.channel
+    for _ in range(max(tries, 1)):
+        if not channel.digits:
+            await play(switch, leg, prompt, interruptible=True)
+        digits, _timed_out = await collect_digits(
+            switch, leg, maximum=maximum, timeout=timeout, terminators=terminators, digit_timeout=digit_timeout
+        )
+        if len(digits) >= minimum and re.fullmatch(expression, digits):
+            channel.variables.set("read_result", "success")
+            channel.variables.set(variable, digits)
+            return
+        if invalid and not invalid.startswith("silence_stream"):
+            await play(switch, leg, invalid, interruptible=True)
+    channel.variables.set("read_result", "failure")
+    channel.variables.set(variable, None)
+    if transfer_on_failure:
+        target = transfer_on_failure.split()
+        leg.transfer_to = (target[0], target[1] if len(target) > 1 else "XML", target[2] if len(target) > 2 else "")
+        if not leg.transfer_to[2] and channel.profile:
+            leg.transfer_to = (target[0], "XML", channel.profile.context)
+
+
+async def app_read(switch: Switch, leg: CallLeg, data: str) -> None:
+    """min max file var_name timeout terminators."""
+    parts = data.split()
+    minimum, maximum, prompt, variable = int(parts[0]), int(parts[1]), parts[2], parts[3]
+    timeout = switch.scaled(int(parts[4]) / 1000) if len(parts) > 4 else switch.scaled(5)
+    terminators = parts[5] if len(parts) > 5 else "#"
+    if not leg.channel.digits:
+        await play(switch, leg, prompt, interruptible=True)
+    digits, timed_out = await collect_digits(
+        switch, leg, maximum=maximum, timeout=timeout, terminators=terminators, digit_timeout=timeout
+    )
+    ok = len(digits) >= minimum
+    leg.channel.variables.set("read_result", "success" if ok else ("timeout" if timed_out else "failure"))
+    leg.channel.variables.set(variable, digits or None)
+
+
+async def app_record_session(switch: Switch, leg: CallLeg, data: str) -> None:
+    start_recording(switch, leg, data.split(maxsplit=1)[0] if data else "")
+
+
+def start_recording(switch: Switch, leg: CallLeg, path: str) -> None:
+    if not path:
+        return
+    channel = leg.channel
+    leg.recording.append((path, time.time()))
+    switch.fire(
+        "RECORD_START",
+        channel,
+        calling=("switch_ivr_async.c", "record_callback", 1481),
+        post=[("Record-File-Path", path)],
+    )
+    switch.fire(
+        "MEDIA_BUG_START",
+        channel,
+        calling=("switch_core_media_bug.c", "switch_core_media_bug_add", 1014),
+        pre=[("Media-Bug-Function", "session_record"), ("Media-Bug-Target", path)],
+    )
+
+
+def stop_recording(switch: Switch, leg: CallLeg, path: str) -> bool:
+    keep = [(p, t) for p, t in leg.recording if path not in ("all", p)]
+    stopping = [(p, t) for p, t in leg.recording if path in ("all", p)]
+    if not stopping:
+        return False
+    leg.recording = stopping
+    switch.stop_recordings(leg)
+    leg.recording = keep
+    return True
+
+
+async def app_stop_record_session(switch: Switch, leg: CallLeg, data: str) -> None:
+    stop_recording(switch, leg, data.strip() or "all")
+
+
+async def app_set(switch: Switch, leg: CallLeg, data: str) -> None:
+    name, _, value = data.partition("=")
+    leg.channel.variables.set(name.strip(), value or None)
+
+
+async def app_unset(switch: Switch, leg: CallLeg, data: str) -> None:
+    leg.channel.variables.set(data.strip(), None)
+
+
+async def app_export(switch: Switch, leg: CallLeg, data: str) -> None:
+    name, _, value = data.partition("=")
+    name = name.strip().removeprefix("nolocal:")
+    variables = leg.channel.variables
+    variables.set(name, value or None)
+    exported = [item for item in (variables.get("export_vars") or "").split(",") if item]
+    if name not in exported:
+        exported.append(name)
+    variables.set("export_vars", ",".join(exported))
+
+
+async def app_hash(switch: Switch, leg: CallLeg, data: str) -> None:
+    parts = data.split("/", 3)
+    if parts[0] == "insert" and len(parts) == 4:
+        switch.hash_store[f"{parts[1]}/{parts[2]}"] = parts[3]
+    elif parts[0] == "delete" and len(parts) >= 3:
+        switch.hash_store.pop(f"{parts[1]}/{parts[2]}", None)
+
+
+async def app_hangup(switch: Switch, leg: CallLeg, data: str) -> None:
+    await switch.hangup(leg, data.strip() or "NORMAL_CLEARING")
+    raise HungUp
+
+
+async def app_sched_hangup(switch: Switch, leg: CallLeg, data: str) -> None:
+    parts = data.split()
+    seconds = int(parts[0].lstrip("+")) if parts and parts[0].lstrip("+").isdigit() else 0
+    schedule_hangup(switch, leg, seconds, parts[1] if len(parts) > 1 else "ALLOTTED_TIMEOUT")
+
+
+def schedule_hangup(switch: Switch, leg: CallLeg, seconds: float, cause: str) -> None:
+    async def later() -> None:
+        await asyncio.sleep(switch.scaled(seconds))
+        await switch.hangup(leg, cause)
+
+    switch.spawn(later(), f"sched-hangup-{leg.channel.uuid}")
+
+
+async def app_park(switch: Switch, leg: CallLeg, data: str) -> None:
+    """Wait for commands (sendmsg), a transfer or the hangup."""
+    while not leg.channel.down and leg.transfer_to is None:
+        await process_private(switch, leg)
+        if leg.transfer_to is not None:
+            return
+        leg.dtmf_signal.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait_private_or_hangup(leg), None)
+    if leg.channel.down:
+        raise HungUp
+
+
+async def wait_private_or_hangup(leg: CallLeg) -> None:
+    if not leg.private.empty() or leg.channel.down:
+        return
+    getter = asyncio.ensure_future(leg.private_ready.wait())
+    hangup = asyncio.ensure_future(leg.hangup_signal.wait())
+    try:
+        await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        getter.cancel()
+        hangup.cancel()
+        leg.private_ready.clear()
+
+
+def nudge(switch: Switch, leg: CallLeg) -> None:
+    """A sendmsg arrived for this channel: wake whatever is waiting for commands."""
+    leg.private_ready.set()
+
+
+async def process_private(switch: Switch, leg: CallLeg) -> None:
+    """switch_ivr_parse_all_events: run queued sendmsg commands (execute, hangup) in order."""
+    while not leg.private.empty():
+        command = leg.private.get_nowait()
+        if not isinstance(command, Command):
+            continue
+        call_command = (command.get("call-command") or "").lower()
+        if call_command == "execute":
+            application = command.get("execute-app-name") or ""
+            argument = command.get("execute-app-arg") or ""
+            if not argument and (command.get("content-type") or "").lower() == "text/plain":
+                argument = command.body.decode("utf-8", errors="replace")
+            loops = int(command.get("loops") or "1")
+            hung_up = False
+            for _ in range(max(loops, 1)):
+                try:
+                    await execute(switch, leg, application, argument, app_uuid=command.get("Event-UUID"))
+                except HungUp:
+                    hung_up = True
+                    break
+                except Transferred:
+                    break
+            private_command_event(switch, leg, command)
+            await flush_deferred(switch, leg)
+            if hung_up:
+                raise HungUp
+        elif call_command == "hangup":
+            await switch.hangup(leg, command.get("hangup-cause") or "NORMAL_CLEARING")
+            private_command_event(switch, leg, command)
+            raise HungUp
+        else:
+            private_command_event(switch, leg, command)
+
+
+def private_command_event(switch: Switch, leg: CallLeg, command: Command) -> None:
+    """The sendmsg itself, fired as PRIVATE_COMMAND once parsed (switch_ivr_parse_next_event)."""
+    if leg.parked_first:
+        # As captured (b01): the first message of a freshly parked socket call fired no PRIVATE_COMMAND.
+        leg.parked_first = False
+        return
+    leading = [("Command", command.line), *command.headers]
+    switch.fire(
+        "PRIVATE_COMMAND",
+        leg.channel,
+        calling=("switch_ivr.c", "switch_ivr_parse_next_event", 803),
+        leading=leading,
+        extended=False,
+    )
+
+
+async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
+    """Outbound ESL: connect to host:port, let the application control the call until it lets go."""
+    from backend.channels.voice.simulator._esl import Listener
+
+    parts = data.split()
+    host, _, port = parts[0].rpartition(":")
+    async_mode = "async" in parts[1:]
+    full = "full" in parts[1:]
+    channel = leg.channel
+    channel.variables.set("socket_host", host)
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError as error:
+        logger.error("Socket Error! %s:%s %s", host, port, error)
+        channel.variables.set("current_application_response", "-ERR")
+        return
+    listener = Listener(switch, reader, writer, session=leg, async_mode=async_mode, full=full)
+    switch.listeners.append(listener)
+    leg.listener = listener
+    reading = switch.spawn(listener.run(), f"socket-{channel.uuid}")
+    leg.parked_first = True
+    parked = False
+    try:
+        while not channel.down and not listener.closed.is_set():
+            if not leg.private.empty():
+                if not parked:
+                    parked = True
+                    switch.fire("CHANNEL_PARK", channel, calling=("switch_ivr.c", "switch_ivr_park", 1002))
+                await process_private(switch, leg)
+                continue
+            closed = asyncio.ensure_future(listener.closed.wait())
+            ready = asyncio.ensure_future(leg.private_ready.wait())
+            hangup = asyncio.ensure_future(leg.hangup_signal.wait())
+            try:
+                await asyncio.wait({closed, ready, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (closed, ready, hangup):
+                    waiter.cancel()
+                leg.private_ready.clear()
+    except HungUp:
+        pass
+    if parked:
+        switch.fire("CHANNEL_UNPARK", channel, calling=("switch_ivr.c", "switch_ivr_park", 1155))
+    if channel.down:
+        # The listener stays for the linger notice, which teardown sends after HANGUP_COMPLETE.
+        return
+    del reading
+
+
+async def app_transfer(switch: Switch, leg: CallLeg, data: str) -> None:
+    parts = data.split()
+    context = parts[2] if len(parts) > 2 else (leg.channel.profile.context if leg.channel.profile else "default")
+    leg.transfer_to = (parts[0], parts[1] if len(parts) > 1 else "XML", context)
+
+
+async def app_eavesdrop(switch: Switch, leg: CallLeg, data: str) -> None:
+    """Listen to another call (a media bug on it) until either side hangs up, as e02/e04 show."""
+    target = switch.find(data.strip())
+    if target is None:
+        leg.channel.variables.set("current_application_response", "-ERR no such channel")
+        return
+    if not leg.channel.answered:
+        switch.mark_answered(leg)
+    read_codec_event(switch, leg)
+    bug = [("Media-Bug-Function", "eavesdrop"), ("Media-Bug-Target", target.channel.uuid)]
+    media_bug = ("switch_core_media_bug.c", "switch_core_media_bug_add", 1014)
+    switch.fire("MEDIA_BUG_START", target.channel, calling=media_bug, pre=bug)
+    hangup = asyncio.ensure_future(target.hangup_signal.wait())
+    mine = asyncio.ensure_future(leg.hangup_signal.wait())
+    try:
+        await asyncio.wait({hangup, mine}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        mine.cancel()
+    read_codec_event(switch, leg)
+    if not target.torn_down:
+        stop = ("switch_core_media_bug.c", "switch_core_media_bug_destroy", 1287)
+        switch.fire("MEDIA_BUG_STOP", target.channel, calling=stop, pre=bug)
+    if leg.channel.down:
+        raise HungUp
+
+
+def read_codec_event(switch: Switch, leg: CallLeg) -> None:
+    channel = leg.channel
+    switch.fire(
+        "CODEC",
+        channel,
+        calling=("switch_core_codec.c", "switch_core_session_set_read_codec", 279),
+        post=[
+            ("channel-read-codec-name", channel.codec_name),
+            ("channel-read-codec-rate", "8000"),
+            ("channel-read-codec-bit-rate", channel.codec_bits),
+        ],
+    )
+
+
+async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
+    """Call the endpoint(s) in the dial string; when one answers, bridge, and return when the bridge ends."""
+    channel = leg.channel
+    targets = [item for item in re.split(r"[,|]", strip_variables(data)[1]) if item]
+    cause = "NO_ROUTE_DESTINATION"
+    for target in targets or [data]:
+        outcome = await originate_leg(switch, data if len(targets) <= 1 else target, originator=leg)
+        if isinstance(outcome, CallLeg):
+            await bridge_legs(switch, leg, outcome)
+            return
+        cause = outcome
+        if channel.down:
+            raise HungUp
+    if channel.callstate == "RING_WAIT":
+        switch.set_callstate(leg, "ACTIVE" if channel.answered else "RINGING")
+    channel.variables.set("originate_disposition", cause)
+    channel.variables.set("DIALSTATUS", dialstatus(cause))
+    channel.variables.set("current_application_response", cause)
+
+
+def dialstatus(cause: str) -> str:
+    return {
+        "USER_BUSY": "BUSY",
+        "NO_ANSWER": "NOANSWER",
+        "NO_USER_RESPONSE": "NOANSWER",
+        "SUCCESS": "SUCCESS",
+        "CALL_REJECTED": "BUSY",
+        "SUBSCRIBER_ABSENT": "CHANUNAVAIL",
+        "USER_NOT_REGISTERED": "CHANUNAVAIL",
+        "ORIGINATOR_CANCEL": "CANCEL",
+    }.get(cause, "CHANUNAVAIL")
+
+
+def strip_variables(dial: str) -> tuple[dict[str, str], str]:
+    """`{a=b,c=d}[e=f]target` into the variables and the target."""
+    variables: dict[str, str] = {}
+    while dial and dial[0] in "{[<":
+        close = {"{": "}", "[": "]", "<": ">"}[dial[0]]
+        end = dial.find(close)
+        if end < 0:
+            break
+        for item in re.split(r",(?![^']*'\s*$)", dial[1:end]):
+            if "=" in item:
+                key, _, value = item.partition("=")
+                variables[key.strip().lstrip("^:")] = value.strip().strip("'")
+        dial = dial[end + 1 :]
+    return variables, dial
+
+
+async def originate_leg(
+    switch: Switch, dial: str, *, originator: CallLeg | None, timeout: float | None = None
+) -> CallLeg | str:
+    """Create and ring an outbound leg; the answered leg, or the hangup cause."""
+    variables, target = strip_variables(dial)
+    timeout = float(variables.get("originate_timeout") or variables.get("call_timeout") or 0) or timeout
+    timeout = switch.scaled(timeout) if timeout else switch.scaled(switch.config.ring_timeout)
+    if target.startswith("error/"):
+        return target[6:].upper() or "NORMAL_CLEARING"
+    if target.startswith("loopback/"):
+        return await originate_loopback(switch, target, variables, originator)
+    if target.startswith("user/"):
+        user, _, domain = target[5:].partition("@")
+    elif target.startswith("sofia/"):
+        user = target.rsplit("/", 1)[-1].split("@")[0]
+        domain = switch.config.domain
+    else:
+        return "INVALID_GATEWAY"
+    domain = domain or switch.config.domain
+    if originator is not None and originator.channel.callstate != "RING_WAIT":
+        switch.set_callstate(originator, "RING_WAIT")
+    probe = Endpoint(user, domain)
+    exported: list[tuple[str, str]] = []
+    if originator is not None:
+        names = originator.channel.variables.get("export_vars")
+        if names:
+            exported.append(("export_vars", names))
+            exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
+    await switch.directory_user(probe, action="user_call", exported=exported)
+    if originator is not None:
+        switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
+    endpoint = switch.endpoints.get(user)
+    if endpoint is None:
+        return "SUBSCRIBER_ABSENT" if originator is None else "USER_NOT_REGISTERED"
+    a_profile = originator.channel.profile if originator else None
+    name = f"sofia/internal/{user}@127.0.0.1:{endpoint.contact_port}"
+    leg = switch.new_leg(
+        name=name,
+        direction="outbound",
+        caller_id_name=variables.get("origination_caller_id_name")
+        or (a_profile.caller_id_name if a_profile else "Outbound Call"),
+        caller_id_number=variables.get("origination_caller_id_number")
+        or (a_profile.caller_id_number if a_profile else "0000000000"),
+        destination=user,
+        username=a_profile.username if a_profile else "",
+        context=a_profile.context if a_profile else "default",
+        uuid=variables.get("origination_uuid"),
+    )
+    channel = leg.channel
+    channel.hit_dialplan = False
+    assert channel.profile is not None
+    channel.profile.callee_id_name = "Outbound Call"
+    channel.profile.callee_id_number = user
+    if originator is not None and a_profile is not None:
+        channel.other_type = "originator"
+        channel.other_profile = dataclasses.replace(a_profile)
+    switch.fire(
+        "CHANNEL_OUTGOING",
+        channel,
+        calling=("switch_core_session.c", "switch_core_session_outgoing_channel", 721),
+        extended=False,
+    )
+    v = channel.variables
+    for key, value in (
+        ("direction", "outbound"),
+        ("is_outbound", "true"),
+        ("uuid", channel.uuid),
+        ("session_id", str(channel.session_id)),
+        ("sip_profile_name", "internal"),
+        ("text_media_flow", "disabled"),
+        ("channel_name", name),
+        ("sip_destination_url", endpoint.contact),
+        ("dialed_user", user),
+        ("dialed_domain", domain),
+        ("sip_invite_domain", domain),
+        ("presence_id", f"{user}@{domain}"),
+        ("audio_media_flow", "sendrecv"),
+        ("video_media_flow", "disabled"),
+    ):
+        v.set(key, value)
+    for key, value in endpoint.variables.items():
+        v.set(key, value)
+    for key, value in (
+        ("sip_from_user", a_profile.caller_id_number if a_profile else "0000000000"),
+        ("sip_to_user", user),
+        ("sip_call_id", f"{channel.uuid[:12]}@127.0.0.1"),
+        ("call_uuid", channel.uuid),
+    ):
+        v.set(key, value)
+    for key, value in variables.items():
+        if key != "origination_uuid":
+            v.set(key, value)
+    if originator is not None:
+        a_vars = originator.channel.variables
+        v.set("originator_codec", "PCMU@8000h@20i@64000b")
+        v.set("originator", originator.channel.uuid)
+        for name in (a_vars.get("export_vars") or "").split(","):
+            if name and a_vars.get(name):
+                v.set(name, a_vars.get(name))
+        if a_vars.get("export_vars"):
+            v.set("export_vars", a_vars.get("export_vars"))
+        v.set("originate_early_media", "false")
+        v.set("originating_leg_uuid", originator.channel.uuid)
+        v.set("originate_endpoint", "user")
+        a_vars.set("dialed_user", user)
+        a_vars.set("dialed_domain", domain)
+    switch.set_state(leg, "CS_INIT")
+    switch.fire("CHANNEL_CREATE", channel, calling=SESSION_RUN)
+    switch.fire("CHANNEL_ORIGINATE", channel, calling=SESSION_RUN)
+    switch.set_state(leg, "CS_ROUTING")
+    switch.presence(leg, "CS_ROUTING", "alerting")
+    switch.set_state(leg, "CS_CONSUME_MEDIA")
+    if endpoint.behaviour in ("busy", "reject"):
+        cause = "USER_BUSY" if endpoint.behaviour == "busy" else "CALL_REJECTED"
+        await finish_failed_leg(switch, leg, cause, originator)
+        return cause
+    assert channel.profile is not None
+    channel.profile.progress = now_us()
+    switch.fire(
+        "CHANNEL_PROGRESS", channel, calling=("switch_channel.c", "switch_channel_perform_mark_ring_ready_value", 1)
+    )
+    switch.set_callstate(leg, "RINGING")
+    delay = switch.scaled(endpoint.answer_delay if endpoint.answer_delay is not None else switch.config.answer_delay)
+    answers = endpoint.behaviour == "answer" and delay <= timeout
+    waiters = [asyncio.ensure_future(leg.hangup_signal.wait())]
+    if originator is not None:
+        waiters.append(asyncio.ensure_future(originator.hangup_signal.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=delay if answers else timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if originator is not None and originator.channel.down:
+        await finish_failed_leg(switch, leg, "ORIGINATOR_CANCEL", originator)
+        return "ORIGINATOR_CANCEL"
+    if channel.down or not answers:
+        cause = channel.hangup_cause or "NO_ANSWER"
+        await finish_failed_leg(switch, leg, cause, originator)
+        return cause
+    switch.codec_events(leg)
+    channel.answered = True
+    channel.profile.answered = now_us()
+    channel.profile.callee_id_name = "Outbound Call"
+    channel.profile.callee_id_number = user
+    v.set("endpoint_disposition", "ANSWER")
+    switch.fire("CHANNEL_ANSWER", channel, calling=("switch_channel.c", "switch_channel_perform_mark_answered", 3998))
+    switch.presence(leg, "Answered", "active")
+    switch.set_callstate(leg, "ACTIVE")
+    if endpoint.hangup_after is not None:
+        schedule_hangup_seconds(switch, leg, switch.scaled(endpoint.hangup_after))
+    return leg
+
+
+def schedule_hangup_seconds(switch: Switch, leg: CallLeg, seconds: float) -> None:
+    async def later() -> None:
+        await asyncio.sleep(seconds)
+        await switch.hangup(leg, "NORMAL_CLEARING")
+
+    switch.spawn(later(), f"agent-hangup-{leg.channel.uuid}")
+
+
+async def finish_failed_leg(switch: Switch, leg: CallLeg, cause: str, originator: CallLeg | None) -> None:
+    await switch.hangup(leg, cause)
+    if originator is not None and not originator.channel.down and originator.channel.callstate == "RING_WAIT":
+        switch.set_callstate(originator, "ACTIVE" if originator.channel.answered else "RINGING")
+    await switch.teardown(leg)
+
+
+async def originate_loopback(
+    switch: Switch, target: str, variables: dict[str, str], originator: CallLeg | None
+) -> CallLeg | str:
+    """loopback/<exten>[/<context>]: a leg that runs the dialplan extension itself, answered at once."""
+    parts = target.split("/")
+    destination = parts[1] if len(parts) > 1 else ""
+    context = parts[2] if len(parts) > 2 else "default"
+    leg = switch.new_leg(
+        name=f"loopback/{destination}-a",
+        direction="outbound",
+        caller_id_name="",
+        caller_id_number=variables.get("origination_caller_id_number", "0000000000"),
+        destination=destination,
+        context=context,
+        uuid=variables.get("origination_uuid"),
+        source="mod_loopback",
+    )
+    channel = leg.channel
+    channel.hit_dialplan = False
+    channel.codec, channel.codec_name, channel.codec_bits = True, "L16", "128000"
+    profile = channel.profile
+    assert profile is not None
+    # mod_loopback's a-leg as e04 shows it: no caller name, the callee is "Outbound Call"/<context>.
+    profile.dialplan, profile.network_addr, profile.username = "xml", "", ""
+    profile.caller_id_name = variables.get("origination_caller_id_name", "")
+    profile.callee_id_name, profile.callee_id_number = "Outbound Call", context
+    if variables.get("origination_uuid"):
+        channel.running_state, channel.state = "CS_NONE", "CS_INIT"
+        switch.fire(
+            "CHANNEL_UUID",
+            channel,
+            calling=("switch_core_session.c", "switch_core_session_set_uuid", 2051),
+            pre=[("Old-Unique-ID", Channel.new_uuid())],
+        )
+    outgoing = ("switch_core_session.c", "switch_core_session_outgoing_channel", 721)
+    switch.fire("CHANNEL_OUTGOING", channel, calling=outgoing, extended=False)
+    switch.set_state(leg, "CS_INIT")
+    switch.fire("CHANNEL_CREATE", channel, calling=SESSION_RUN)
+    switch.fire("CHANNEL_ORIGINATE", channel, calling=SESSION_RUN)
+    switch.set_state(leg, "CS_ROUTING")
+    switch.set_state(leg, "CS_CONSUME_MEDIA")
+    channel.answered = True
+    assert channel.profile is not None
+    channel.profile.answered = now_us()
+    switch.fire("CHANNEL_ANSWER", channel, calling=("switch_channel.c", "switch_channel_perform_mark_answered", 3998))
+    switch.set_callstate(leg, "ACTIVE")
+    channel.hit_dialplan = True
+    # The loopback flips caller and callee ids when it answers (channel_cid_flipped).
+    profile.orig_caller_id_name, profile.orig_caller_id_number = profile.caller_id_name, profile.caller_id_number
+    profile.caller_id_name, profile.caller_id_number = profile.callee_id_name or "", profile.callee_id_number or ""
+    profile.callee_id_name, profile.callee_id_number = None, profile.orig_caller_id_number
+    channel.variables.set("channel_cid_flipped", "yes")
+    switch.fire(
+        "CALL_UPDATE",
+        channel,
+        calling=("switch_channel.c", "switch_channel_flip_cid", 3277),
+        pre=[("Direction", "RECV")],
+    )
+    return leg
+
+
+async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
+    """CHANNEL_BRIDGE on the a-leg, then wait until one side hangs up; tear the b-leg down in FreeSWITCH's order."""
+    a_channel, b_channel = a.channel, b.channel
+    assert a_channel.profile is not None and b_channel.profile is not None
+    if not a_channel.answered:
+        switch.mark_answered(a)
+    a_channel.profile.callee_id_name = "Outbound Call"
+    a_channel.profile.callee_id_number = b_channel.profile.destination_number
+    a_channel.other_type = "originatee"
+    a_channel.other_profile = dataclasses.replace(b_channel.profile)
+    if a_channel.callstate == "RING_WAIT":
+        switch.set_callstate(a, "ACTIVE")
+    if b_channel.other_type == "originator":
+        b_channel.other_profile = dataclasses.replace(a_channel.profile)
+    switch.fire(
+        "CHANNEL_OUTGOING",
+        b_channel,
+        calling=("switch_core_session.c", "switch_core_session_outgoing_channel", 721),
+        extended=False,
+    )
+    stamp = now_us()
+    a_channel.profile.bridged = stamp
+    b_channel.profile.bridged = stamp
+    a_channel.partner = b_channel.uuid
+    b_channel.partner = a_channel.uuid
+    av, bv = a_channel.variables, b_channel.variables
+    av.set("originated_legs", f"ARRAY::{b_channel.uuid};Outbound Call;{b_channel.profile.destination_number}")
+    av.set("originate_causes", f"ARRAY::{b_channel.uuid};NONE")
+    av.set("originate_disposition", "SUCCESS")
+    av.set("DIALSTATUS", "SUCCESS")
+    for variables, other in ((av, b_channel), (bv, a_channel)):
+        variables.set("last_bridge_to", other.uuid)
+        variables.set("bridge_channel", other.name)
+        variables.set("bridge_uuid", other.uuid)
+        variables.set("signal_bond", other.uuid)
+    switch.fire(
+        "CHANNEL_BRIDGE",
+        a_channel,
+        calling=("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1700),
+        pre=[("Bridge-A-Unique-ID", a_channel.uuid), ("Bridge-B-Unique-ID", b_channel.uuid)],
+    )
+    switch.set_state(b, "CS_EXCHANGE_MEDIA")
+    for leg, other in ((a, b_channel), (b, a_channel)):
+        switch.fire(
+            "CALL_UPDATE",
+            leg.channel,
+            calling=("mod_sofia.c", "sofia_receive_message", 2100),
+            pre=[
+                ("Direction", "SEND"),
+                ("Sent-Callee-ID-Name", "Outbound Call"),
+                ("Sent-Callee-ID-Number", b_channel.profile.destination_number),
+                ("Bridged-To", other.uuid),
+            ],
+        )
+    waiters = [asyncio.ensure_future(a.hangup_signal.wait()), asyncio.ensure_future(b.hangup_signal.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    unbridge = {
+        "calling": ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1800),
+        "pre": [("Bridge-A-Unique-ID", a_channel.uuid), ("Bridge-B-Unique-ID", b_channel.uuid)],
+    }
+    if a_channel.down:
+        # The caller hung up: the b-leg goes with it (a08's order, the b-leg reported first).
+        await switch.hangup(b, "NORMAL_CLEARING")
+        switch.set_state(b, "CS_HANGUP")
+        switch.set_callstate(b, "HANGUP")
+        switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+        a.partner_teardown = b
+        raise HungUp
+    # The agent hung up: the caller stays and the extension goes on.
+    switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+    av.set("bridge_hangup_cause", b_channel.hangup_cause or "NORMAL_CLEARING")
+    a.deferred_teardown.append(b)
+
+
+APPLICATIONS: dict[str, Application] = {
+    "answer": app_answer,
+    "pre_answer": app_pre_answer,
+    "ring_ready": app_ring_ready,
+    "playback": app_playback,
+    "speak": app_speak,
+    "sleep": app_sleep,
+    "play_and_get_digits": app_play_and_get_digits,
+    "read": app_read,
+    "record_session": app_record_session,
+    "stop_record_session": app_stop_record_session,
+    "set": app_set,
+    "unset": app_unset,
+    "export": app_export,
+    "hash": app_hash,
+    "hangup": app_hangup,
+    "sched_hangup": app_sched_hangup,
+    "park": app_park,
+    "socket": app_socket,
+    "transfer": app_transfer,
+    "eavesdrop": app_eavesdrop,
+    "bridge": app_bridge,
+}

@@ -1,0 +1,243 @@
+"""Our ESL client and outbound server against the simulator and against misbehaving peers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import pytest
+
+from backend.channels.voice.esl import (
+    Backoff,
+    ChannelGone,
+    ClientConfig,
+    CommandError,
+    ConnectionLost,
+    InboundClient,
+    OutboundServer,
+    OutboundSession,
+    ProtocolError,
+    Timeout,
+)
+from backend.channels.voice.simulator import Endpoint, SwitchSimulator
+from tests.channels.voice.support import BackendStandIn, fixture_responder, socket_dialplan, until
+from tests.channels.voice.test_conformance_inbound import simulator_config
+
+pytestmark = pytest.mark.integration
+
+FAST = ClientConfig(
+    connect_timeout=2,
+    command_timeout=1,
+    api_timeout=2,
+    job_timeout=5,
+    backoff=Backoff(initial=0.02, maximum=0.1, multiplier=2, jitter=0.2),
+)
+
+
+@pytest.mark.unit
+def test_the_backends_settings_configure_the_client(monkeypatch):
+    from backend.channels.voice.esl_config import client_config
+    from backend.config import Settings
+
+    monkeypatch.setenv("CC_ESL_COMMAND_TIMEOUT", "3")
+    monkeypatch.setenv("CC_ESL_RECONNECT_MAX", "4")
+    config = client_config(Settings())
+    assert config.command_timeout == 3 and config.backoff.maximum == 4 and config.event_format == "json"
+
+
+@pytest.mark.unit
+def test_backoff_grows_exponentially_within_its_jitter_and_cap():
+    backoff = Backoff(initial=0.5, maximum=30, multiplier=2, jitter=0.2)
+    rng = random.Random(7)
+    for attempt, base in enumerate([0.5, 1, 2, 4, 8, 16, 30, 30]):
+        delay = backoff.delay(attempt, rng)
+        assert base * 0.8 <= delay <= base * 1.2
+
+
+async def test_api_bgapi_and_concurrent_jobs_are_matched_by_job_uuid():
+    simulator = SwitchSimulator(simulator_config())
+    await simulator.start()
+    async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
+        status = (await client.api("status")).raise_for_error()
+        assert "is ready" in status.body
+        unknown = await client.api("no_such_command arg1")
+        assert not unknown.ok
+        with pytest.raises(CommandError):
+            unknown.raise_for_error()
+        commands = [f"uuid_getvar 00000000-0000-4000-8000-{i:012d} x" for i in range(20)] + ["status"] * 5
+        jobs = await asyncio.gather(*(client.bgapi(command) for command in commands))
+        assert len({job.job_uuid for job in jobs}) == len(commands)
+        results = await asyncio.gather(*(job.result() for job in jobs))
+        assert all(r.body == "-ERR No such channel!\n" for r in results[:20])
+        assert all("is ready" in r.body for r in results[20:])
+        mine = await client.bgapi("status", job_uuid="6f1c3e2a-0000-4000-8000-000000000001")
+        assert mine.job_uuid == "6f1c3e2a-0000-4000-8000-000000000001" and (await mine).ok
+        # A filter would hide BACKGROUND_JOB; the client lets it through for its own jobs.
+        await client.add_filter("Unique-ID", "00000000-0000-4000-8000-000000000000")
+        assert (await (await client.bgapi("status")).result()).ok
+        reply = await client.command("no_such_esl_command")
+        assert reply.text == "-ERR command not found"
+        with pytest.raises(CommandError):
+            reply.raise_for_error()
+    await simulator.stop()
+
+
+async def test_reconnects_with_back_off_and_resubscribes_after_the_switch_restarts():
+    connects: list[int] = []
+
+    async def on_connect(client: InboundClient) -> None:
+        connects.append(client.connections)
+        # Where the switch-node manager re-reads the truth after (re)connecting.
+        assert (await client.api("show channels as json")).json() == {"row_count": 0}
+
+    simulator = SwitchSimulator(simulator_config())
+    await simulator.start()
+    port = simulator.esl_port
+    client = InboundClient("127.0.0.1", port, "ClueCon", config=FAST, on_connect=on_connect)
+    await client.start(timeout=5)
+    await client.subscribe("HEARTBEAT")
+    await simulator.stop()  # the node goes away
+    await until(lambda: not client.connected)
+    simulator = SwitchSimulator(simulator_config(esl_port=port))
+    await simulator.start()  # and comes back on the same address
+    await client.wait_connected(timeout=5)
+    assert connects == [1, 2]
+    simulator.switch.fire_heartbeat()
+    async with asyncio.timeout(5):
+        event = await anext(aiter(client.events()))
+    assert event.name == "HEARTBEAT"
+    await client.close()
+    await simulator.stop()
+
+
+async def test_a_slow_consumer_loses_events_but_never_blocks_the_reader():
+    lost: list[int] = []
+    config = ClientConfig(event_queue_size=5, command_timeout=2)
+    async with SwitchSimulator(simulator_config()) as simulator:
+        client = InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=config, on_events_lost=lost.append)
+        await client.start(timeout=5)
+        await client.subscribe("HEARTBEAT")
+        for _ in range(50):
+            simulator.switch.fire_heartbeat()
+        assert (await client.api("status")).ok  # replies still flow while nobody reads events
+        await until(lambda: client.dropped_events >= 45)
+        assert lost[-1] == client.dropped_events
+        await client.close()
+
+
+async def fake_switch(script) -> tuple[asyncio.Server, int]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_garbage_from_the_peer_is_a_protocol_error_with_a_log_line(caplog):
+    async def script(reader, writer):
+        writer.write(b"Content-Type: auth/request\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nServer: not-freeswitch\r\n\r\n\n\n")
+        await asyncio.sleep(1)
+
+    server, port = await fake_switch(script)
+    caplog.set_level(logging.ERROR, logger="backend.channels.voice.esl")
+    client = InboundClient("127.0.0.1", port, "ClueCon", config=FAST)
+    with pytest.raises((ProtocolError, ConnectionLost)):
+        await client.connect()
+    assert "not ESL" in caplog.text
+    server.close()
+
+
+async def test_an_unanswered_command_times_out_and_drops_the_connection():
+    async def script(reader, writer):
+        writer.write(b"Content-Type: auth/request\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK event listener enabled json\n\n")
+        await asyncio.sleep(5)  # never answers the api command
+
+    server, port = await fake_switch(script)
+    client = InboundClient("127.0.0.1", port, "ClueCon", config=FAST)
+    await client.connect()
+    with pytest.raises(Timeout):
+        await client.api("status", timeout=0.2)
+    assert not client.connected
+    server.close()
+
+
+async def test_truncated_and_oversized_frames_close_the_connection():
+    async def truncated(reader, writer):
+        writer.write(b"Content-Type: auth/request\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nReply-Text: +OK event listener enabled json\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: api/response\nContent-Length: 1000\n\npartial")
+
+    server, port = await fake_switch(truncated)
+    client = InboundClient("127.0.0.1", port, "ClueCon", config=FAST)
+    await client.connect()
+    with pytest.raises(ConnectionLost):
+        await client.api("status")
+    server.close()
+
+    async def oversized(reader, writer):
+        writer.write(b"Content-Type: auth/request\n\n")
+        await reader.readuntil(b"\n\n")
+        writer.write(b"Content-Type: command/reply\nContent-Length: 999999999999\n\n")
+        await asyncio.sleep(1)
+
+    server, port = await fake_switch(oversized)
+    with pytest.raises((ProtocolError, ConnectionLost)):
+        await InboundClient("127.0.0.1", port, "ClueCon", config=FAST).connect()
+    server.close()
+
+
+async def test_execute_on_a_parked_call_returns_its_execute_complete():
+    async with SwitchSimulator(simulator_config()) as simulator:
+        assert await simulator.switch.register(Endpoint("1001", "127.0.0.1", answer_delay=0))
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
+            await client.subscribe("CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE")
+            reply = (await client.api("originate user/1001@127.0.0.1 &park()")).raise_for_error()
+            uuid = reply.text.split()[1]
+            done = await client.execute(uuid, "playback", "silence_stream://100", wait=True, timeout=5)
+            assert done is not None and done.get("Application") == "playback" and done.unique_id == uuid
+            assert done.get("Application-Response") == "FILE PLAYED"
+            await client.hangup(uuid, "NORMAL_CLEARING")
+            async with asyncio.timeout(5):
+                async for event in client.events():
+                    if event.name == "CHANNEL_HANGUP_COMPLETE" and event.unique_id == uuid:
+                        assert event.get("Hangup-Cause") == "NORMAL_CLEARING"
+                        break
+
+
+async def test_outbound_execute_fails_with_channel_gone_when_the_node_dies():
+    outcome: dict[str, object] = {}
+
+    async def handler(session: OutboundSession) -> None:
+        await session.answer()
+        try:
+            await session.execute("playback", "silence_stream://60000")
+        except ChannelGone as error:
+            outcome["error"] = error
+
+    server = OutboundServer(handler, "127.0.0.1", 0, config=FAST)
+    await server.start()
+    backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, "7401")))
+    await backend.start()
+    simulator = SwitchSimulator(simulator_config(time_scale=1.0, xml_curl_url=f"{backend.url}/fsapi"))
+    await simulator.start()
+    await simulator.switch.place_call("7401")
+    await until(lambda: any(r.get("command") == "sendmsg" for r in simulator.switch.requests if r["kind"] == "esl"))
+    await asyncio.sleep(0.1)
+    await simulator.stop()
+    await until(lambda: "error" in outcome)
+    await server.close()
+    await backend.close()

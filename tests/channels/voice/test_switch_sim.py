@@ -1,0 +1,171 @@
+"""The switch simulator as a process and as a peer: control API, scenarios, load, recordings, API commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import wave
+
+import httpx
+import pytest
+
+from backend.channels.voice.esl import ClientConfig, InboundClient
+from backend.channels.voice.simulator import Endpoint, SwitchSimulator, load_scenario_file, run_scenario
+from tests.channels.voice.fixtures import REPO_ROOT
+from tests.channels.voice.support import until
+from tests.channels.voice.test_conformance_inbound import simulator_config
+
+pytestmark = pytest.mark.integration
+
+
+async def test_switch_sim_runs_as_a_separate_process_with_a_control_api(tmp_path):
+    environment = {
+        **os.environ,
+        "CC_SIM_ESL_PORT": "0",
+        "CC_SIM_CONTROL_PORT": "0",
+        "CC_SIM_TIME_SCALE": "0.01",
+        "CC_SIM_HEARTBEAT": "0.2",
+        "CC_SIM_RECORDINGS": str(tmp_path),
+        "CC_LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "backend.cli",
+        "switch-sim",
+        "--password",
+        "s3cret",
+        "--hostname",
+        "fs-sim-test",
+        cwd=REPO_ROOT,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            ready = json.loads(await process.stdout.readline())
+        assert ready["ready"] and ready["hostname"] == "fs-sim-test"
+        control = f"http://127.0.0.1:{ready['control_port']}"
+        client = InboundClient("127.0.0.1", ready["esl_port"], "s3cret", config=ClientConfig(command_timeout=5))
+        await client.start(timeout=10)
+        await client.subscribe("HEARTBEAT", "CHANNEL_HANGUP_COMPLETE", "CUSTOM", "sofia::register")
+        async with httpx.AsyncClient(base_url=control, timeout=5) as http:
+            assert (await http.get("/health")).json()["status"] == "ok"
+            registered = await http.post("/registrations", json={"user": "1001", "transport": "wss"})
+            assert registered.json() == {"registered": True}
+            call = await http.post("/calls", json={"destination": "7499", "caller_number": "15550100"})
+            uuid = call.json()["uuid"]
+            names: set[str] = set()
+            async with asyncio.timeout(10):
+                async for event in client.events():
+                    names.add(event.subclass or event.name)
+                    if event.name == "CHANNEL_HANGUP_COMPLETE" and event.unique_id == uuid:
+                        names.add(uuid)
+                    if {"HEARTBEAT", "sofia::register", uuid} <= names:
+                        break
+            registrations = (await client.api("show registrations as json")).json()
+            assert registrations["rows"][0]["reg_user"] == "1001"
+            assert "transport=wss" in registrations["rows"][0]["url"]
+            asked = (await http.get("/requests", params={"kind": "esl"})).json()["requests"]
+            assert any(item["command"] == "api show registrations as json" for item in asked)
+            assert (await http.post("/calls/nope/dtmf", json={"digits": "1"})).status_code == 404
+        await client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await process.wait() == 0
+
+
+SCENARIO = """
+registrations:
+  - {user: "1001", domain: "127.0.0.1", behaviour: answer, answer_delay: 0.5}
+  - {user: "1002", domain: "127.0.0.1", behaviour: busy}
+calls:
+  - destination: "7400"
+    caller_number: "4930123456"
+    caller_name: Alice
+    steps:
+      - {after: 3, press: "0"}
+      - {after: 2, press: "5", via: info}
+      - {after: 1, hangup: true}
+  - destination: "7498"
+    caller_number: "4930999999"
+    at: 0.5
+    steps:
+      - {after: 1, hangup: true}
+"""
+
+
+async def test_a_scenario_file_registers_phones_places_calls_presses_digits_and_abandons(tmp_path):
+    path = tmp_path / "scenario.yaml"
+    path.write_text(SCENARIO)
+    scenario = load_scenario_file(path)
+    async with SwitchSimulator(simulator_config(time_scale=0.05, recordings_dir=str(tmp_path))) as simulator:
+        client = InboundClient("127.0.0.1", simulator.esl_port, "ClueCon")
+        await client.start(timeout=5)
+        await client.subscribe("DTMF", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_BRIDGE")
+        uuids = await run_scenario(simulator.switch, scenario)
+        seen = []
+        async with asyncio.timeout(10):
+            async for event in client.events():
+                seen.append(event)
+                if sum(1 for e in seen if e.name == "CHANNEL_HANGUP_COMPLETE" and e.unique_id in uuids) == 2:
+                    break
+        await client.close()
+    digits = [e.get("DTMF-Digit") for e in seen if e.name == "DTMF" and e.unique_id == uuids[0]]
+    assert digits == ["0", "5"]
+    assert any(e.name == "CHANNEL_BRIDGE" and e.unique_id == uuids[0] for e in seen)
+    first = next(e for e in seen if e.name == "CHANNEL_HANGUP_COMPLETE" and e.unique_id == uuids[0])
+    assert first.variable("fixture_digit") == "0" and first.variable("read_result") == "success"
+    recording = tmp_path / f"fixture_{uuids[0]}.wav"
+    with wave.open(str(recording)) as audio:  # record_session wrote a real WAV file
+        assert audio.getframerate() == 8000 and audio.getnframes() > 0
+    assert first.variable("record_completion_cause") == "success-silence"
+
+
+async def test_originate_outcomes_and_uuid_commands():
+    config = simulator_config(ring_timeout=0.2, time_scale=1.0)
+    async with SwitchSimulator(config) as simulator:
+        switch = simulator.switch
+        for user, behaviour in (("1001", "answer"), ("1002", "busy"), ("1003", "no_answer"), ("1004", "reject")):
+            assert await switch.register(Endpoint(user, "127.0.0.1", behaviour=behaviour, answer_delay=0))
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon") as client:
+            assert (await client.api("originate user/1002@127.0.0.1 &park()")).text == "-ERR USER_BUSY"
+            assert (await client.api("originate user/1003@127.0.0.1 &park()")).text == "-ERR NO_ANSWER"
+            assert (await client.api("originate user/1004@127.0.0.1 &park()")).text == "-ERR CALL_REJECTED"
+            job = await client.bgapi(
+                "originate {origination_uuid=5e1f0000-0000-4000-8000-000000000001}user/1001 &park()"
+            )
+            assert (await job).text == "+OK 5e1f0000-0000-4000-8000-000000000001"
+            uuid = "5e1f0000-0000-4000-8000-000000000001"
+            assert (await client.api(f"uuid_setvar {uuid} cc_interaction 42")).text == "+OK"
+            assert (await client.api(f"uuid_getvar {uuid} cc_interaction")).text == "42"
+            assert (await client.api(f"uuid_getvar {uuid} nothing")).text == "_undef_"
+            dump = (await client.api(f"uuid_dump {uuid} json")).json()
+            assert dump["Event-Name"] == "CHANNEL_DATA" and dump["variable_cc_interaction"] == "42"
+            assert (await client.api(f"uuid_record {uuid} start /tmp/cc-sim-test.wav")).text == "+OK Success"
+            assert (await client.api(f"uuid_hold {uuid}")).ok
+            assert (await client.api(f"uuid_hold off {uuid}")).ok
+            assert (await client.api(f"uuid_broadcast {uuid} silence_stream://10")).ok
+            channels = (await client.api("show channels as json")).json()
+            assert channels["row_count"] == 1 and channels["rows"][0]["uuid"] == uuid
+            assert "internal" in (await client.api("sofia status")).body
+            assert (await client.api("reloadxml")).text == "+OK [Success]"
+            assert (await client.api("uuid_kill 00000000-0000-4000-8000-000000000000")).text == "-ERR No such channel!"
+            assert (await client.api(f"sched_hangup +0 {uuid} ALLOTTED_TIMEOUT")).text == "+OK"
+            await until(lambda: not switch.legs)
+
+
+async def test_load_mode_places_calls_at_the_asked_rate():
+    from backend.channels.voice.simulator import LoadPlan, Scenario
+
+    async with SwitchSimulator(simulator_config(time_scale=0.01)) as simulator:
+        plan = Scenario(load=LoadPlan(destination="7499", calls_per_second=40, duration=0.5, hold=1))
+        await run_scenario(simulator.switch, plan)
+        await until(lambda: not simulator.switch.legs)
+        placed = simulator.switch.sessions_since_startup
+    assert 15 <= placed <= 25
