@@ -219,6 +219,10 @@ class RoutingEngine:
         """Record the offer durably (group-committed with concurrent offers), then push it to the agent, or to
         every agent a ring-all call rings."""
         offered = await self.offers.record(tenant_id, interaction_id, agents, timeout_ms)
+        if offered is None:
+            # It ended (the customer left) between the match and the write: free the agents it took.
+            await self.matcher.finish(tenant_id, interaction_id)
+            return
         payload = {
             "type": "offer",
             "interaction": _plain(offered),
@@ -237,6 +241,9 @@ class RoutingEngine:
             await self._explain_refusal(tenant_id, interaction_id, acceptance.verdict)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
+            if interaction.state == "ended":
+                # The customer left between the offer and the answer; ending it frees the agent in routing.
+                raise Conflict("The customer has left", kind="interaction-ended")
             interaction.state = "connected"
             interaction.agent_id = agent
             interaction.connected_at = utcnow()
@@ -270,7 +277,8 @@ class RoutingEngine:
             # A ring-all call goes on ringing the others; only this agent's refusal is recorded.
             async with tenant_transaction(self.sessionmaker, tenant_id) as session:
                 interaction = await interactions.lock(session, interaction_id)
-                await interactions.record(session, interaction, "offer_rejected", agent_id=agent)
+                if interaction.state != "ended":
+                    await interactions.record(session, interaction, "offer_rejected", agent_id=agent)
             return
         if result != "ok":
             await self._explain_refusal(tenant_id, interaction_id, result)
@@ -282,8 +290,10 @@ class RoutingEngine:
         """The offer ended without an answer: record it per agent, then offer the interaction again."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
+            if interaction.state == "ended":
+                return  # the customer left meanwhile: nothing to put back
             # Another process may have offered it again already (Redis decides): then its offer stands.
-            if await self.matcher.state(tenant_id, interaction_id) in ("waiting", None):
+            if await self.matcher.state(tenant_id, interaction_id) == "waiting":
                 interaction.state = "queued"
                 interaction.agent_id = None
             for agent in agents or (None,):

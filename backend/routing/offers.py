@@ -42,7 +42,7 @@ moved AS (
   UPDATE interactions AS i
   SET state = 'offered', agent_id = x.holder, last_seq = i.last_seq + x.n
   FROM (SELECT DISTINCT id, n, holder FROM input) AS x
-  WHERE i.tenant_id = CAST(:tenant AS uuid) AND i.id = x.id
+  WHERE i.tenant_id = CAST(:tenant AS uuid) AND i.id = x.id AND i.state IN ('queued', 'offered')
   RETURNING i.*
 ),
 written AS (
@@ -62,7 +62,9 @@ class _Pending:
     interaction_id: uuid.UUID
     agents: tuple[uuid.UUID, ...]
     timeout_ms: int
-    done: asyncio.Future[InteractionOut] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[InteractionOut | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class OfferRecorder:
@@ -78,8 +80,9 @@ class OfferRecorder:
 
     async def record(
         self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], timeout_ms: int
-    ) -> InteractionOut:
-        """Write the offer durably; returns the interaction as offered once its batch has committed."""
+    ) -> InteractionOut | None:
+        """Write the offer durably; returns the interaction as offered once its batch has committed, or None
+        when it is no longer waiting (it ended meanwhile, or this tenant has no such interaction)."""
         pending = _Pending(tenant_id, interaction_id, tuple(agents), timeout_ms)
         self._pending.append(pending)
         if self._flusher is None or self._flusher.done():
@@ -110,13 +113,8 @@ class OfferRecorder:
                         pending.done.set_exception(exc)
                 continue
             for pending in batch:
-                found = written.get((pending.tenant_id, pending.interaction_id))
-                if pending.done.done():
-                    continue
-                if found is None:
-                    pending.done.set_exception(LookupError(f"interaction {pending.interaction_id} not found"))
-                else:
-                    pending.done.set_result(found)
+                if not pending.done.done():
+                    pending.done.set_result(written.get((pending.tenant_id, pending.interaction_id)))
 
     async def _write(self, batch: list[_Pending]) -> dict[tuple[uuid.UUID, uuid.UUID], InteractionOut]:
         by_tenant: dict[uuid.UUID, list[_Pending]] = {}

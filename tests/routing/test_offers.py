@@ -40,7 +40,7 @@ async def test_concurrent_offers_share_commits_and_keep_each_timeline_in_order(f
         assert row.last_seq == len(timeline)
 
 
-async def test_an_offer_for_an_interaction_it_cannot_see_fails_alone(factory, sessionmaker):
+async def test_an_offer_for_an_interaction_it_cannot_see_is_refused_alone(factory, sessionmaker):
     mine, theirs = await factory.tenant(), await factory.tenant()
     own = await factory.waiting_interaction(mine)
     foreign = await factory.waiting_interaction(theirs)
@@ -53,8 +53,8 @@ async def test_an_offer_for_an_interaction_it_cannot_see_fails_alone(factory, se
     )
     assert not isinstance(good, BaseException)
     assert good.state == "offered"
-    assert isinstance(wrong_tenant, LookupError)  # row-level security hides the other tenant's row
-    assert isinstance(unknown, LookupError)
+    assert wrong_tenant is None  # row-level security hides the other tenant's row
+    assert unknown is None
     async with tenant_transaction(sessionmaker, theirs.tenant_id) as session:
         row, timeline = await interactions.get(session, foreign)
     assert row.state == "queued"
@@ -73,3 +73,14 @@ async def test_the_same_interaction_twice_in_a_batch_is_written_in_order(factory
         row, timeline = await interactions.get(session, iid)
     assert [(e.name, e.agent_id) for e in timeline[2:]] == [("offered", first), ("offered", second)]
     assert row.agent_id == second
+
+
+async def test_an_interaction_that_ended_meanwhile_is_not_offered(factory, sessionmaker, app):
+    ctx = await factory.tenant()
+    iid = await factory.waiting_interaction(ctx)
+    await app.state.routing.end(ctx.system(), iid, "abandoned")
+    assert await OfferRecorder(sessionmaker).record(ctx.tenant_id, iid, [uuid.uuid4()], 1_000) is None
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        row, timeline = await interactions.get(session, iid)
+    assert row.state == "ended"
+    assert "offered" not in [e.name for e in timeline]
