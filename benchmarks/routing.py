@@ -451,6 +451,72 @@ async def base_steady(world: World, rate: float, seconds: float) -> dict[str, An
     }
 
 
+async def neighbours(rate: float, seconds: float, noisy_waiting: int) -> dict[str, float]:
+    """A quiet tenant's decision latency, alone and while another tenant has `noisy_waiting` interactions
+    waiting (needing a skill nobody has) and its agents asking for work as fast as they can."""
+    redis = make_redis(os.environ["REDIS_URL"])
+    matcher = Matcher(redis)
+    quiet, noisy = uuid.uuid4(), uuid.uuid4()
+    quiet_queue, noisy_queue = uuid.uuid4(), uuid.uuid4()
+    quiet_agents = [uuid.uuid4() for _ in range(20)]
+    noisy_agents = [uuid.uuid4() for _ in range(20)]
+    for agent in quiet_agents:
+        await matcher.set_agent(quiet, AgentRouting(agent, True, {"voice": 1}, {}, 0))
+    for agent in noisy_agents:
+        await matcher.set_agent(noisy, AgentRouting(agent, True, {"voice": 1}, {"basic": 5}, 0))
+    rare = [("rare-skill", [(0, 1)])]
+    base_ms = int(time.time() * 1000)
+    for n in range(noisy_waiting):
+        item = WaitingInteraction(
+            uuid.uuid4(), noisy_queue, "voice", 50, base_ms + n, OFFER_TIMEOUT_MS, "longest_idle", rare
+        )
+        await matcher.enqueue(noisy, item)
+
+    async def quiet_run() -> tuple[float, float]:
+        latencies: list[float] = []
+        started = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            item = _waiting(str(quiet_queue), str(uuid.uuid4()), int(time.time() * 1000))
+            begin = time.perf_counter()
+            await matcher.enqueue(quiet, item)
+            offers = await matcher.offer_interaction(quiet, item, int(time.time() * 1000))
+            latencies.append((time.perf_counter() - begin) * 1000)
+            for offer in offers:
+                await matcher.finish(quiet, offer.interaction_id)
+        return percentile(latencies, 0.5), percentile(latencies, 0.99)
+
+    alone = await quiet_run()
+    stop = asyncio.Event()
+    polls = 0
+
+    async def hammer(agents: list[uuid.UUID]) -> None:
+        nonlocal polls
+        while not stop.is_set():
+            for agent in agents:
+                await matcher.offer_agent(noisy, agent, int(time.time() * 1000))
+                polls += 1
+
+    hammers = [asyncio.create_task(hammer(noisy_agents[i::4])) for i in range(4)]
+    poll_started = time.perf_counter()
+    crowded = await quiet_run()
+    stop.set()
+    await asyncio.gather(*hammers)
+    poll_rate = polls / (time.perf_counter() - poll_started)
+    await matcher.clear(quiet)
+    await matcher.clear(noisy)
+    await redis.aclose()
+    return {
+        "alone_p50": alone[0],
+        "alone_p99": alone[1],
+        "crowded_p50": crowded[0],
+        "crowded_p99": crowded[1],
+        "polls": poll_rate,
+    }
+
+
 def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     out, go = context.Queue(), context.Event()
@@ -513,6 +579,13 @@ def main() -> None:
             f"({r['batches']:,} commits)",
             flush=True,
         )
+    n = asyncio.run(neighbours(200, 10, 10_000))
+    print(
+        f"neighbours: a quiet tenant's enqueue-to-offer decided at 200/s, alone p50 {n['alone_p50']:.2f} ms "
+        f"p99 {n['alone_p99']:.2f} ms; while another tenant has 10,000 waiting and polls for work "
+        f"({n['polls']:,.0f} scans/s) p50 {n['crowded_p50']:.2f} ms p99 {n['crowded_p99']:.2f} ms",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
