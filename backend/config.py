@@ -129,14 +129,14 @@ class Settings:
     ivr_max_retries: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_RETRIES", 10))
     """Highest `max_retries` of a menu, digit collection or callback offer."""
     ivr_max_steps: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_STEPS", 1000))
-    """Nodes one call may pass through in all before the interpreter hangs up (a safety net; validation bounds loops)."""
+    """Nodes one call may pass through before the interpreter hangs up (a safety net; validation bounds loops)."""
     tts_engine: str = field(default_factory=lambda: _env("CC_TTS_ENGINE", "flite"))
     """The FreeSWITCH speech module text-to-speech prompts are spoken with (`tts://<engine>|<voice>|<text>`)."""
     tts_default_voice: str = field(default_factory=lambda: _env("CC_TTS_DEFAULT_VOICE", "slt"))
     """The voice of a TTS prompt that names none and follows no `set_language` voice."""
     media_storage: str = field(default_factory=lambda: _env("CC_MEDIA_STORAGE", "local"))
     """Where prompts, recordings and voicemail are kept: `local` (a folder) or `s3` (S3-compatible object storage)."""
-    media_local_root: str = field(default_factory=lambda: _env("CC_MEDIA_LOCAL_ROOT", "/var/tmp/contactcenter/media"))
+    media_local_root: str = field(default_factory=lambda: _env("CC_MEDIA_LOCAL_ROOT", "/var/lib/contactcenter/media"))
     """The folder of the `local` media storage."""
     media_s3_endpoint: str = field(default_factory=lambda: _env("CC_MEDIA_S3_ENDPOINT", ""))
     """The S3 endpoint URL (empty: AWS's own for the region)."""
@@ -158,7 +158,9 @@ class Settings:
     """Largest voicemail message a switch node may upload."""
     voicemail_max_seconds: int = field(default_factory=lambda: _env_int("CC_VOICEMAIL_MAX_SECONDS", 300))
     """Longest voicemail message a flow or queue may ask the switch to record."""
-    switch_media_base_url: str = field(default_factory=lambda: _env("CC_SWITCH_MEDIA_BASE_URL", "http://127.0.0.1:8000"))
+    switch_media_base_url: str = field(
+        default_factory=lambda: _env("CC_SWITCH_MEDIA_BASE_URL", "http://127.0.0.1:8000")
+    )
     """How switch nodes reach the API for prompts and uploads (`http_cache://` URLs are built on it)."""
     switch_media_max_age_seconds: int = field(default_factory=lambda: _env_int("CC_SWITCH_MEDIA_MAX_AGE", 30 * 86_400))
     """`Cache-Control: max-age` of prompt files; their URLs carry the content hash, so a change is a new URL."""

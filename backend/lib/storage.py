@@ -230,9 +230,7 @@ class S3Storage:
             async with self._lock:
                 if self._client is None:
                     stack = contextlib.AsyncExitStack()
-                    self._client = await stack.enter_async_context(
-                        get_session().create_client("s3", **self._options)
-                    )
+                    self._client = await stack.enter_async_context(get_session().create_client("s3", **self._options))
                     self._stack = stack
         return self._client
 

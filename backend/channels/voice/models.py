@@ -289,6 +289,8 @@ class Voicemail(TenantOwned, Base):
     duration_ms: Mapped[int | None] = mapped_column(BigInteger)
     ticket_id: Mapped[str | None] = mapped_column(String(80))
     stored_at: Mapped[datetime | None] = mapped_column()
+    announced_at: Mapped[datetime | None] = mapped_column()
+    """When the message became an interaction (and a ticket, if its queue asks): done once."""
 
 
 class CarrierGateway(GlobalRow, Base):

@@ -302,3 +302,27 @@ async def first_number(session: AsyncSession, tenant_id: uuid.UUID) -> str | Non
     return await session.scalar(
         select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164).limit(1)
     )
+
+
+async def numbers_routed_to_flow(session: AsyncSession, tenant_id: uuid.UUID, flow_id: uuid.UUID) -> list[str]:
+    """The tenant's numbers that send their calls to an IVR flow (E.164)."""
+    return list(
+        (
+            await session.scalars(
+                select(PhoneNumber.e164)
+                .where(PhoneNumber.tenant_id == tenant_id, PhoneNumber.ivr_flow_id == flow_id)
+                .order_by(PhoneNumber.e164)
+            )
+        ).all()
+    )
+
+
+async def owned_numbers(session: AsyncSession, tenant_id: uuid.UUID) -> list[str]:
+    """Every number assigned to the tenant (E.164): the caller ids it may present."""
+    return list(
+        (
+            await session.scalars(
+                select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164)
+            )
+        ).all()
+    )

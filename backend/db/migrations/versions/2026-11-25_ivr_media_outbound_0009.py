@@ -6,6 +6,7 @@ Create Date: 2026-11-25 10:00:00.000000
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -39,7 +40,7 @@ def rls_policy_sql(table: str, grants: str = "SELECT, INSERT, UPDATE, DELETE") -
     ]
 
 
-def _timestamps() -> list[sa.Column]:
+def _timestamps() -> list[sa.Column[Any]]:
     return [
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
@@ -219,6 +220,7 @@ def upgrade() -> None:
         sa.Column("duration_ms", sa.BigInteger(), nullable=True),
         sa.Column("ticket_id", sa.String(length=80), nullable=True),
         sa.Column("stored_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("announced_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.CheckConstraint("status IN ('recording', 'stored', 'failed')", name=op.f("ck_voice_voicemails_status")),
         sa.CheckConstraint(
@@ -288,15 +290,11 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.CheckConstraint(
-            "mode IN ('listen', 'whisper', 'barge')", name=op.f("ck_voice_supervision_sessions_mode")
-        ),
+        sa.CheckConstraint("mode IN ('listen', 'whisper', 'barge')", name=op.f("ck_voice_supervision_sessions_mode")),
         _tenant_fk("voice_supervision_sessions"),
         sa.PrimaryKeyConstraint("tenant_id", "id", name=op.f("pk_voice_supervision_sessions")),
     )
-    op.create_index(
-        "ix_voice_supervision_started", "voice_supervision_sessions", ["tenant_id", "started_at", "id"]
-    )
+    op.create_index("ix_voice_supervision_started", "voice_supervision_sessions", ["tenant_id", "started_at", "id"])
 
     for table in (
         "ivr_flows",
