@@ -14,7 +14,7 @@ from backend.auth.principal import Principal
 from backend.config import Settings
 from backend.db.session import after_commit
 from backend.lib.pagination import Page, PageRequest
-from backend.lib.problems import InvalidInput
+from backend.lib.problems import InvalidInput, NotFound
 from backend.routing import interactions, ivr_service, service
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
@@ -468,7 +468,9 @@ class IvrFlowController(Controller):
         items, cursor = await ivr_service.list_versions(db_session, flow_id, page)
         return Page(items, cursor)
 
-    @get("/{flow_id:uuid}/versions/{version:int}", permission="queues:read", operation_id="get_ivr_flow_version")
-    async def version(self, db_session: AsyncSession, flow_id: uuid.UUID, version: int) -> IvrFlowVersionOut:
-        """One published version (immutable)."""
-        return await ivr_service.get_version(db_session, flow_id, version)
+    @get("/{flow_id:uuid}/versions/{version:str}", permission="queues:read", operation_id="get_ivr_flow_version")
+    async def version(self, db_session: AsyncSession, flow_id: uuid.UUID, version: str) -> IvrFlowVersionOut:
+        """One published version (immutable), by its number."""
+        if not version.isdigit() or len(version) > 9:
+            raise NotFound("No such version of this IVR flow")
+        return await ivr_service.get_version(db_session, flow_id, int(version))

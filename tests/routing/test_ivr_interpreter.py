@@ -199,7 +199,14 @@ def test_collect_validates_digits_strips_the_terminator_and_branches():
 
 def test_customer_attribute_branch_and_variable_copied_to_queue():
     ivr = interpreter(MAIN_MENU)
-    gold = run(ivr, HoursAnswer(True), PlaybackDone(), DigitsEntered("2"), DigitsEntered("9999"), CustomerAnswer({"tier": "gold"}))
+    gold = run(
+        ivr,
+        HoursAnswer(True),
+        PlaybackDone(),
+        DigitsEntered("2"),
+        DigitsEntered("9999"),
+        CustomerAnswer({"tier": "gold"}),
+    )
     assert gold[-1].action == Transfer("agent", None, uuid.UUID(AGENT), None)
     plain = run(ivr, HoursAnswer(True), PlaybackDone(), DigitsEntered("2"), DigitsEntered("9999"), CustomerAnswer({}))
     assert plain[-1].action == Enqueue(uuid.UUID(QUEUE), None, {"account": "9999"}, "fr-FR")
@@ -276,7 +283,12 @@ def test_visits_exhausted_without_target_hangs_up():
 
 
 def test_retries_exhausted_without_on_failure_hangs_up():
-    ivr = interpreter({"start": {"type": "menu", "prompt": tts("x"), "options": {"1": "q"}, "max_retries": 0}, "q": {"type": "hangup"}})
+    ivr = interpreter(
+        {
+            "start": {"type": "menu", "prompt": tts("x"), "options": {"1": "q"}, "max_retries": 0},
+            "q": {"type": "hangup"},
+        }
+    )
     final = run(ivr, NoInput())[-1]
     assert isinstance(final.action, Hangup)
     assert final.action.reason == "retries_exhausted"
@@ -315,7 +327,15 @@ def test_dangling_edges_unreachable_nodes_and_a_missing_start():
     )
     assert errors["graph.start"] == "is not a node of the graph"
     assert "nowhere" in errors["graph.nodes.start.next"]
-    ok_edges = fields(graph({"start": {"type": "play", "prompt": tts("hi"), "next": "end"}, "end": {"type": "hangup"}, "island": {"type": "hangup"}}))
+    ok_edges = fields(
+        graph(
+            {
+                "start": {"type": "play", "prompt": tts("hi"), "next": "end"},
+                "end": {"type": "hangup"},
+                "island": {"type": "hangup"},
+            }
+        )
+    )
     assert ok_edges == {"graph.nodes.island": "is not reachable from the start"}
 
 
@@ -329,7 +349,7 @@ def test_an_unbounded_loop_is_refused_and_named():
             }
         )
     )
-    (field, message), = errors.items()
+    ((field, message),) = errors.items()
     assert field.endswith(".max_visits")
     assert "start → info → start" in message or "info → start → info" in message
 
@@ -434,20 +454,37 @@ def random_graphs(draw: st.DrawFn) -> dict[str, Any]:
             if draw(st.booleans()):
                 node["on_failure"] = target(i)
         elif kind == "collect":
-            node = {"type": "collect", "prompt": tts("c"), "variable": "v", "min_digits": 1, "max_digits": 4,
-                    "next": following, "max_retries": draw(st.integers(0, 3))}
+            node = {
+                "type": "collect",
+                "prompt": tts("c"),
+                "variable": "v",
+                "min_digits": 1,
+                "max_digits": 4,
+                "next": following,
+                "max_retries": draw(st.integers(0, 3)),
+            }
             if draw(st.booleans()):
                 node["on_failure"] = target(i)
         elif kind == "hours":
             node = {"type": "hours", "business_hours_id": HOURS, "open": following, "closed": target(i)}
         elif kind == "branch":
-            node = {"type": "branch", "source": draw(st.sampled_from(["variable", "customer"])), "name": "caller_number",
-                    "cases": [{"op": "prefix", "value": "+33", "next": target(i)}], "default": following}
+            node = {
+                "type": "branch",
+                "source": draw(st.sampled_from(["variable", "customer"])),
+                "name": "caller_number",
+                "cases": [{"op": "prefix", "value": "+33", "next": target(i)}],
+                "default": following,
+            }
         elif kind == "set_language":
             node = {"type": "set_language", "language": "en-GB", "next": following}
         elif kind == "callback_offer":
-            node = {"type": "callback_offer", "prompt": tts("cb"), "queue_id": QUEUE, "declined": following,
-                    "max_retries": draw(st.integers(0, 2))}
+            node = {
+                "type": "callback_offer",
+                "prompt": tts("cb"),
+                "queue_id": QUEUE,
+                "declined": following,
+                "max_retries": draw(st.integers(0, 2)),
+            }
         elif kind == "queue":
             node = {"type": "queue", "queue_id": QUEUE}
         else:
@@ -468,7 +505,9 @@ def answer(action: Any, draw: st.DrawFn) -> Any:
     if isinstance(action, LookUpCustomer):
         return CustomerAnswer(draw(st.sampled_from([{}, {"caller_number": "+331"}])))
     assert isinstance(action, Collect)
-    return draw(st.one_of(st.just(NoInput()), st.builds(DigitsEntered, st.text("0123456789*#", min_size=1, max_size=5))))
+    return draw(
+        st.one_of(st.just(NoInput()), st.builds(DigitsEntered, st.text("0123456789*#", min_size=1, max_size=5)))
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -501,6 +540,7 @@ def test_graphs_refused_for_loops_really_have_an_unbounded_loop(raw: dict[str, A
 
     flow = msgspec.convert(raw, FlowGraph)
     loop_errors = [e for e in check_graph(flow, LIMITS) if e["field"].endswith(("max_visits", "on_exhausted"))]
+
     # Brute force: from each node, follow bounding edges breadth-first and see whether it can come back.
     def returns(start: str) -> bool:
         seen: set[str] = set()
