@@ -120,6 +120,8 @@ def _mp3(head: bytes, size: int) -> AudioInfo:
     first = _frame(head, start)
     if first is None:
         raise _refuse("is not WAV or MP3 audio (no RIFF/WAVE header, no MPEG layer III frame)")
+    if start + first.length > size:
+        raise _refuse("is a truncated MP3 (shorter than its first frame)")
     second = _frame(head, start + first.length)
     if second is None and start + first.length < min(size, len(head)):
         raise _refuse("looks like MP3 but its second frame is not where the first says (not MPEG audio)")
