@@ -71,11 +71,15 @@ async def test_save_refuses_references_of_another_tenant_naming_each_field(facto
 async def test_structural_errors_are_field_errors_and_malformed_nodes_are_400(factory: Factory):
     a = await factory.tenant()
     bad = {"start": "x", "nodes": {"x": {"type": "play", "prompt": {"kind": "tts", "text": "hi"}, "next": "gone"}}}
-    response = await factory.client.post("/api/v1/routing/ivr-flows", json={"name": "F", "graph": bad}, headers=a.headers)
+    response = await factory.client.post(
+        "/api/v1/routing/ivr-flows", json={"name": "F", "graph": bad}, headers=a.headers
+    )
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "graph.nodes.x.next"
     unknown = {"start": "x", "nodes": {"x": {"type": "teleport"}}}
-    response = await factory.client.post("/api/v1/routing/ivr-flows", json={"name": "F", "graph": unknown}, headers=a.headers)
+    response = await factory.client.post(
+        "/api/v1/routing/ivr-flows", json={"name": "F", "graph": unknown}, headers=a.headers
+    )
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/problem+json")
 
@@ -146,7 +150,9 @@ async def test_publishing_pins_calls_to_their_version(factory: Factory, sessionm
     assert [v["version"] for v in versions.json()["items"]] == [2, 1]
     one = await factory.client.get(f"/api/v1/routing/ivr-flows/{flow_id}/versions/1", headers=a.headers)
     assert one.json()["graph"]["nodes"]["a"]["queue_id"] == str(first)
-    assert (await factory.client.get(f"/api/v1/routing/ivr-flows/{flow_id}/versions/x", headers=a.headers)).status_code == 404
+    assert (
+        await factory.client.get(f"/api/v1/routing/ivr-flows/{flow_id}/versions/x", headers=a.headers)
+    ).status_code == 404
 
 
 async def test_published_versions_cannot_be_changed_even_by_sql(factory: Factory, sessionmaker):
@@ -228,7 +234,9 @@ async def test_a_flow_runs_with_prompts_resolved_for_the_switch(factory: Factory
         first = ivr.start()
         second = ivr.advance(first.state, PlaybackDone())
         files = await app.state.prompt_player.file_strings(
-            session, a.tenant_id, [*first.action.speech, *second.action.speech]  # type: ignore[union-attr]
+            session,
+            a.tenant_id,
+            [*first.action.speech, *second.action.speech],  # type: ignore[union-attr]
         )
     base = settings_obj.switch_media_base_url
     assert files[0] == (

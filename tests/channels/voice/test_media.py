@@ -48,7 +48,10 @@ def test_wav_and_mp3_are_recognised_from_their_headers():
         (b"\xff\xfb\x90\x64" + bytes(413) + b"garbage!" * 10, "second frame"),
         (b"\xff\xfb\x90\x64" + bytes(100), "truncated"),
         (
-            b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + bytes([0x55, 0, 1, 0]) + bytes(12) + b"data\x04\x00\x00\x00abcd",
+            b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00"
+            + bytes([0x55, 0, 1, 0])
+            + bytes(12)
+            + b"data\x04\x00\x00\x00abcd",
             "codec 85",
         ),
     ],
@@ -261,9 +264,7 @@ async def test_recording_upload_is_idempotent_and_plays_back_with_ranges_and_aud
     past = await factory.client.get(audio, headers={**a.headers, "range": f"bytes={len(content)}-"})
     assert past.status_code == 416
     async with tenant_transaction(sessionmaker, a.tenant_id) as session:
-        plays = (
-            await session.scalars(select(AuditEntry).where(AuditEntry.action == "recording.play"))
-        ).all()
+        plays = (await session.scalars(select(AuditEntry).where(AuditEntry.action == "recording.play"))).all()
     assert [p.target_id for p in plays] == [str(recording_id)]  # the listen, not the seek
 
     agent = await factory.user(a, role="agent", login=True)
@@ -327,7 +328,12 @@ async def test_voicemail_becomes_an_interaction_and_a_ticket_when_the_queue_says
     assert stored.interaction_id is not None and stored.interaction_id == again.interaction_id
     interaction = await factory.client.get(f"/api/v1/interactions/{stored.interaction_id}", headers=a.headers)
     body = interaction.json()
-    assert (body["channel"], body["outcome"], body["state"], body["queue_id"]) == ("voice", "voicemail", "ended", str(queue))
+    assert (body["channel"], body["outcome"], body["state"], body["queue_id"]) == (
+        "voice",
+        "voicemail",
+        "ended",
+        str(queue),
+    )
     assert body["attributes"]["voicemail_id"] == str(target.id)
     assert [e["name"] for e in body["timeline"]] == ["created", "ended"]
     listed = await factory.client.get("/api/v1/voice/voicemails", headers=a.headers)
@@ -346,7 +352,9 @@ async def test_agents_hear_their_own_box_only(factory: Factory):
     queue_box = await media.voicemail(a)
     listed = await factory.client.get("/api/v1/voice/voicemails", headers=agent["headers"])
     assert [v["id"] for v in listed.json()["items"]] == [str(mine)]
-    assert (await factory.client.get(f"/api/v1/voice/voicemails/{mine}/audio", headers=agent["headers"])).status_code == 200
+    assert (
+        await factory.client.get(f"/api/v1/voice/voicemails/{mine}/audio", headers=agent["headers"])
+    ).status_code == 200
     for forbidden in (theirs, queue_box):
         response = await factory.client.get(f"/api/v1/voice/voicemails/{forbidden}/audio", headers=agent["headers"])
         assert response.status_code == 403
