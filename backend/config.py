@@ -158,6 +158,8 @@ class Settings:
     """Largest voicemail message a switch node may upload."""
     voicemail_max_seconds: int = field(default_factory=lambda: _env_int("CC_VOICEMAIL_MAX_SECONDS", 300))
     """Longest voicemail message a flow or queue may ask the switch to record."""
+    media_upload_deadline_seconds: int = field(default_factory=lambda: _env_int("CC_MEDIA_UPLOAD_DEADLINE", 3600))
+    """A recording or message not uploaded this long after it ended is marked failed (and logged)."""
     switch_media_base_url: str = field(
         default_factory=lambda: _env("CC_SWITCH_MEDIA_BASE_URL", "http://127.0.0.1:8000")
     )

@@ -345,6 +345,17 @@ def speak_arguments(settings: Settings, text: str, voice: str | None) -> str:
     return tts_file_string(settings, text, voice).removeprefix("tts://")
 
 
+def quoted_argument(file_string: str) -> str:
+    """A file string as one argument of a space-separated application (`play_and_get_digits`).
+
+    FreeSWITCH's `switch_separate_string` keeps spaces inside single quotes; file strings made here
+    contain no quote or backslash (`switch_text` removes them), so quoting is enough.
+    """
+    if "'" in file_string or "\\" in file_string:
+        raise ValueError("a file string to quote must not contain quotes or backslashes")
+    return f"'{file_string}'"
+
+
 def prompt_url(settings: Settings, tenant_id: uuid.UUID, prompt_id: uuid.UUID, sha256: str, audio_format: str) -> str:
     """The http_cache URL of a stored prompt (the switch authenticates through its http_cache profile)."""
     base = settings.switch_media_base_url.rstrip("/")

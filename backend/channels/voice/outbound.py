@@ -1,6 +1,6 @@
 """Outbound safety: which gateway a call leaves by, which caller id it shows, and whether it may go at all.
 
-`OutboundGuard.authorize` is the one question call control asks before any
+`OutboundGuard.authorize_outbound` is the one question call control asks before any
 outbound leg (click-to-call, a callback, a transfer to an external number):
 
 * the destination must be a valid number in international form, not premium
@@ -308,7 +308,7 @@ class OutboundGuard:
             region=region,
         )
 
-    async def authorize(
+    async def authorize_outbound(
         self, tenant_id: uuid.UUID, request: OutboundRequest, *, take_slot: bool = True
     ) -> OutboundDecision:
         """The decision for one outbound leg; when allowed and `take_slot`, a concurrency slot is leased."""
@@ -399,7 +399,7 @@ class OutboundGuard:
     async def check_for_agent(self, principal: Principal, destination: str, caller_id: str | None) -> OutboundDecision:
         """The agent's workspace asks before dialling: the same rules, no slot taken; refusals raise 403."""
         assert principal.tenant_id is not None
-        decision = await self.authorize(
+        decision = await self.authorize_outbound(
             principal.tenant_id,
             OutboundRequest(
                 destination=destination,

@@ -19,7 +19,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -551,3 +551,47 @@ async def voicemail_audio(
 def plain(value: Any) -> Any:
     """msgspec structs as JSON-able builtins."""
     return msgspec.to_builtins(value)
+
+
+async def sweep_missing_uploads(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, now: datetime | None = None
+) -> int:
+    """Mark recordings and messages whose upload never came as failed (each logged); returns how many.
+
+    A recording is late `CC_MEDIA_UPLOAD_DEADLINE` seconds after it ended; a message, that long after
+    the longest message could have ended. One tenant at a time, in its own context.
+    """
+    moment = now or utcnow()
+    deadline = timedelta(seconds=settings.media_upload_deadline_seconds)
+    longest = timedelta(seconds=settings.voicemail_max_seconds)
+    async with sessionmaker() as session:
+        tenant_ids = await tenants.active_tenant_ids(session)
+    failed = 0
+    for tenant_id in tenant_ids:
+        async with tenant_transaction(sessionmaker, tenant_id) as session:
+            late_recordings = (
+                await session.scalars(
+                    select(Recording)
+                    .where(Recording.status == "recording", Recording.ended_at < moment - deadline)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            late_messages = (
+                await session.scalars(
+                    select(Voicemail)
+                    .where(Voicemail.status == "recording", Voicemail.created_at < moment - deadline - longest)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            late: list[Recording | Voicemail] = [*late_recordings, *late_messages]
+            for row in late:
+                row.status = "failed"
+                log.warning(
+                    "upload_never_came",
+                    tenant_id=str(tenant_id),
+                    kind="recording" if isinstance(row, Recording) else "voicemail",
+                    id=str(row.id),
+                    call_uuid=str(row.call_uuid) if row.call_uuid else None,
+                )
+            failed += len(late_recordings) + len(late_messages)
+    return failed

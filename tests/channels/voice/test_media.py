@@ -361,3 +361,49 @@ async def test_agents_hear_their_own_box_only(factory: Factory):
     supervisor = await factory.user(a, role="supervisor", login=True)
     everything = await factory.client.get("/api/v1/voice/voicemails", headers=supervisor["headers"])
     assert len(everything.json()["items"]) == 3
+
+
+async def test_uploads_that_never_come_are_marked_failed(factory: Factory, app, sessionmaker, settings_obj):
+    from datetime import timedelta
+
+    from backend.db.base import utcnow
+
+    a = await factory.tenant()
+    queue = await factory.queue(a)
+    await factory.client.put(
+        f"/api/v1/voice/queues/{queue}/settings", json={"recording_policy": "always"}, headers=a.headers
+    )
+    async with tenant_transaction(sessionmaker, a.tenant_id) as session:
+        late = await recordings.begin_recording(session, settings_obj, a.tenant_id, queue_id=queue)
+        await recordings.end_recording(session, late.id, at=utcnow() - timedelta(hours=2))
+        ongoing = await recordings.begin_recording(session, settings_obj, a.tenant_id, queue_id=queue)
+    message = await app.state.voicemail.begin(a.tenant_id, queue_id=queue)
+    later = utcnow() + timedelta(
+        seconds=settings_obj.voicemail_max_seconds + settings_obj.media_upload_deadline_seconds + 5
+    )
+    assert await recordings.sweep_missing_uploads(sessionmaker, settings_obj, now=utcnow()) >= 1
+    async with tenant_transaction(sessionmaker, a.tenant_id) as session:
+        assert (await recordings.get_recording(session, late.id)).status == "failed"
+        assert (await recordings.get_recording(session, ongoing.id)).status == "recording"
+    await recordings.sweep_missing_uploads(sessionmaker, settings_obj, now=later)
+    async with tenant_transaction(sessionmaker, a.tenant_id) as session:
+        row = await session.scalar(select(recordings.Voicemail).where(recordings.Voicemail.id == message.id))
+        assert row is not None and row.status == "failed"
+    # A late upload for a failed recording still lands.
+    switch = await MediaFactory(factory).switch_headers()
+    stored = await factory.client.put(
+        f"/api/v1/switch/recordings/{a.tenant_id}/{late.id}/audio.wav", content=wav_bytes(), headers=switch
+    )
+    assert stored.status_code == 200 and stored.json()["status"] == "stored"
+
+
+@pytest.mark.unit
+def test_file_strings_are_quoted_for_space_separated_applications(settings_obj):
+    from backend.channels.voice.media import quoted_argument, speak_arguments, tts_file_string
+
+    spoken = tts_file_string(settings_obj, "Press 1 for 'sales' ${x}", None)
+    assert spoken == f"tts://{settings_obj.tts_engine}|{settings_obj.tts_default_voice}|Press 1 for sales x"
+    assert quoted_argument(spoken) == f"'{spoken}'"
+    assert speak_arguments(settings_obj, "Hi", "kal") == f"{settings_obj.tts_engine}|kal|Hi"
+    with pytest.raises(ValueError, match="quotes"):
+        quoted_argument("it's")

@@ -47,7 +47,7 @@ async def _tenant_with_number(factory: Factory):
 async def test_allowed_call_gets_gateway_caller_id_and_a_slot(factory: Factory, app):
     a, number = await _tenant_with_number(factory)
     guard: OutboundGuard = app.state.outbound
-    decision = await guard.authorize(a.tenant_id, request("+33 1 42 68 53 00"))
+    decision = await guard.authorize_outbound(a.tenant_id, request("+33 1 42 68 53 00"))
     assert decision.allowed, decision
     assert (decision.destination, decision.caller_id, decision.region) == (FRENCH_LANDLINE, number, "FR")
     assert decision.dial_string().startswith("sofia/gateway/carrier-")
@@ -69,11 +69,11 @@ async def test_refusals_have_reasons_and_are_audited(factory: Factory, app, sess
         "caller_id_not_owned": request(FRENCH_LANDLINE, caller_id=other_number),
     }
     for reason, asked in cases.items():
-        decision = await guard.authorize(a.tenant_id, asked)
+        decision = await guard.authorize_outbound(a.tenant_id, asked)
         assert (decision.allowed, decision.reason) == (False, reason)
         assert decision.lease is None
     no_number = await factory.tenant()
-    assert (await guard.authorize(no_number.tenant_id, request(FRENCH_LANDLINE))).reason == "international"
+    assert (await guard.authorize_outbound(no_number.tenant_id, request(FRENCH_LANDLINE))).reason == "international"
     async with tenant_transaction(sessionmaker, a.tenant_id) as session:
         entries = (await session.scalars(select(AuditEntry).where(AuditEntry.action == "outbound.refused"))).all()
     assert sorted(e.after["reason"] for e in entries) == sorted(cases)  # type: ignore[index]
@@ -93,9 +93,9 @@ async def test_provider_policy_enables_international_and_premium(factory: Factor
     assert response.status_code == 200, response.text
     assert response.json()["home_regions"] == ["FR"]
     assert response.json()["max_concurrent_calls"] == 3
-    assert (await guard.authorize(a.tenant_id, request(UK_LANDLINE))).allowed
-    assert (await guard.authorize(a.tenant_id, request(FRENCH_PREMIUM))).allowed
-    assert (await guard.authorize(a.tenant_id, request("+12025550123"))).reason == "international"
+    assert (await guard.authorize_outbound(a.tenant_id, request(UK_LANDLINE))).allowed
+    assert (await guard.authorize_outbound(a.tenant_id, request(FRENCH_PREMIUM))).allowed
+    assert (await guard.authorize_outbound(a.tenant_id, request("+12025550123"))).reason == "international"
     bad = await factory.client.put(
         f"/api/v1/ops/tenants/{a.tenant_id}/outbound-policy", json={"allowed_regions": ["XX"]}, headers=ops
     )
@@ -121,16 +121,16 @@ async def test_no_route_when_the_gateway_is_disabled(factory: Factory, app):
         "/api/v1/ops/outbound-routes", json={"prefix": "+3314268", "gateway_id": gateway.json()["id"]}, headers=ops
     )
     guard: OutboundGuard = app.state.outbound
-    assert (await guard.authorize(a.tenant_id, request(FRENCH_LANDLINE), take_slot=False)).gateway == gateway.json()[
-        "name"
-    ]
+    assert (
+        await guard.authorize_outbound(a.tenant_id, request(FRENCH_LANDLINE), take_slot=False)
+    ).gateway == gateway.json()["name"]
     await factory.client.put(
         f"/api/v1/ops/carrier-gateways/{gateway.json()['id']}",
         json={"name": gateway.json()["name"], "enabled": False},
         headers=ops,
     )
     # The longest prefix is disabled: the shorter +33 route (another gateway, if one exists) or none carries it.
-    decision = await guard.authorize(a.tenant_id, request(FRENCH_LANDLINE), take_slot=False)
+    decision = await guard.authorize_outbound(a.tenant_id, request(FRENCH_LANDLINE), take_slot=False)
     assert decision.gateway != gateway.json()["name"]
 
 
@@ -141,7 +141,9 @@ async def test_concurrency_cap_is_atomic_and_leases_expire(factory: Factory, app
         f"/api/v1/ops/tenants/{a.tenant_id}/outbound-policy", json={"max_concurrent_calls": 3}, headers=ops
     )
     guard: OutboundGuard = app.state.outbound
-    decisions = await asyncio.gather(*(guard.authorize(a.tenant_id, request(FRENCH_LANDLINE)) for _ in range(12)))
+    decisions = await asyncio.gather(
+        *(guard.authorize_outbound(a.tenant_id, request(FRENCH_LANDLINE)) for _ in range(12))
+    )
     allowed = [d for d in decisions if d.allowed]
     assert len(allowed) == 3
     assert {d.reason for d in decisions if not d.allowed} == {"concurrency_limit"}
@@ -157,7 +159,7 @@ async def test_concurrency_cap_is_atomic_and_leases_expire(factory: Factory, app
     await asyncio.sleep(1.2)
     assert await guard.active_calls(a.tenant_id) == 0
     assert not await guard.renew(a.tenant_id, allowed[0].lease)  # type: ignore[arg-type]
-    assert (await guard.authorize(a.tenant_id, request(FRENCH_LANDLINE))).allowed
+    assert (await guard.authorize_outbound(a.tenant_id, request(FRENCH_LANDLINE))).allowed
 
 
 async def test_agent_check_route_answers_problem_json_with_the_reason(factory: Factory):
