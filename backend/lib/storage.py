@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from backend.config import Settings
 from backend.lib.problems import Problem
+
+log = structlog.get_logger("storage")
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
@@ -35,12 +38,31 @@ CHUNK = 64 * 1024
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*(?:/[a-z0-9][a-z0-9._-]*)*$")
 
 
-class StorageError(Exception):
-    """The storage backend failed (unreachable, refused): the caller may retry later."""
+class StorageError(Problem):
+    """The storage backend failed (unreachable, refused, full): 503, the client may retry later.
+
+    The detail the client sees is generic; what went wrong is logged with the key.
+    """
+
+    status = 503
+    kind = "storage-unavailable"
+    title = "Storage unavailable"
+
+    def __init__(self, key: str, cause: BaseException | None = None) -> None:
+        super().__init__("Media storage is unavailable; try again in a moment", headers={"Retry-After": "5"})
+        log.error("storage_failed", key=key, error=repr(cause) if cause else None)
 
 
-class ObjectMissing(StorageError):
-    """No object under that key."""
+class ObjectMissing(Problem):
+    """No object under that key (a row whose audio is gone)."""
+
+    status = 404
+    kind = "not-found"
+    title = "Not found"
+
+    def __init__(self, key: str) -> None:
+        super().__init__("The audio is missing from storage")
+        log.error("storage_object_missing", key=key)
 
 
 class PayloadTooLarge(Problem):
@@ -154,7 +176,10 @@ class LocalStorage:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
 
-        await asyncio.to_thread(copy)
+        try:
+            await asyncio.to_thread(copy)
+        except OSError as exc:
+            raise StorageError(key, exc) from exc
 
     async def size(self, key: str) -> int | None:
         """The file's size."""
@@ -243,8 +268,8 @@ class S3Storage:
             await client.put_object(
                 Bucket=self.bucket, Key=check_key(key), Body=reader, ContentLength=size, ContentType=content_type
             )
-        except ClientError as exc:
-            raise StorageError(f"S3 refused to store {key}: {exc}") from exc
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise StorageError(key, exc) from exc
         finally:
             await asyncio.to_thread(reader.close)
 
@@ -256,7 +281,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise StorageError(f"S3 HEAD {key} failed: {exc}") from exc
+            raise StorageError(key, exc) from exc
+        except BotoCoreError as exc:
+            raise StorageError(key, exc) from exc
         return int(head["ContentLength"])
 
     async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -268,7 +295,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise ObjectMissing(key) from exc
-            raise StorageError(f"S3 GET {key} failed: {exc}") from exc
+            raise StorageError(key, exc) from exc
+        except BotoCoreError as exc:
+            raise StorageError(key, exc) from exc
         body = response["Body"]
         try:
             async for block in body.iter_chunks(CHUNK):
@@ -281,8 +310,8 @@ class S3Storage:
         client = await self._s3()
         try:
             await client.delete_object(Bucket=self.bucket, Key=check_key(key))
-        except ClientError as exc:
-            raise StorageError(f"S3 DELETE {key} failed: {exc}") from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(key, exc) from exc
 
     async def close(self) -> None:
         """Close the client's connections."""

@@ -407,3 +407,21 @@ def test_file_strings_are_quoted_for_space_separated_applications(settings_obj):
     assert speak_arguments(settings_obj, "Hi", "kal") == f"{settings_obj.tts_engine}|kal|Hi"
     with pytest.raises(ValueError, match="quotes"):
         quoted_argument("it's")
+
+
+async def test_unreachable_storage_is_a_503_problem_not_a_crash(tmp_path: Path):
+    from backend.lib.storage import StorageError
+
+    down = S3Storage(
+        bucket="media-test", region="us-east-1", endpoint_url="http://127.0.0.1:9", access_key="k", secret_key="s"
+    )
+    source = tmp_path / "a.wav"
+    source.write_bytes(wav_bytes())
+    try:
+        with pytest.raises(StorageError) as caught:
+            await down.put("tenants/x/a.wav", source, "audio/wav")
+        assert caught.value.status == 503
+        with pytest.raises(StorageError):
+            await down.size("tenants/x/a.wav")
+    finally:
+        await down.close()
