@@ -30,8 +30,22 @@ from backend.channels.voice.controllers import (
     SwitchController,
     SwitchNodeController,
 )
+from backend.channels.voice.media import PromptLibrary, PromptPlayer
+from backend.channels.voice.media_controllers import (
+    CarrierController,
+    OutboundController,
+    PromptController,
+    QueueVoiceController,
+    RecordingController,
+    SupervisionController,
+    SwitchMediaController,
+    VoicemailController,
+)
 from backend.channels.voice.nodes import NodeAddressBook
+from backend.channels.voice.outbound import OutboundGuard
+from backend.channels.voice.recordings import VoicemailDesk
 from backend.channels.voice.service import VoiceSwitchboard
+from backend.channels.voice.supervision import SupervisionDesk
 from backend.channels.voice.xml_curl import XmlCurl
 from backend.config import Settings, get_settings
 from backend.db.engine import make_engine, make_sessionmaker
@@ -42,11 +56,13 @@ from backend.lib.openapi import document_routes
 from backend.lib.pagination import page_request
 from backend.lib.problems import exception_handlers
 from backend.lib.redis_client import make_redis
+from backend.lib.storage import make_storage
 from backend.routing.controllers import (
     AgentProfileController,
     AgentStateController,
     BusinessHoursController,
     InteractionController,
+    IvrFlowController,
     PauseReasonController,
     QueueController,
     SkillController,
@@ -99,6 +115,15 @@ ROUTE_HANDLERS: list[Any] = [
     NumberPoolController,
     NumberController,
     CdrController,
+    IvrFlowController,
+    SwitchMediaController,
+    PromptController,
+    QueueVoiceController,
+    RecordingController,
+    VoicemailController,
+    OutboundController,
+    SupervisionController,
+    CarrierController,
 ]
 
 
@@ -120,12 +145,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     switch_sources = NodeAddressBook(sessionmaker, settings.switch_source_cache_seconds)
     voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
     xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address)
+    storage = make_storage(settings)
 
     async def start_hub() -> None:
         await hub.start()
 
     async def close_clients() -> None:
         await hub.stop()
+        await storage.close()
         await redis.aclose()
         await engine.dispose()
 
@@ -146,6 +173,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "switch_sources": switch_sources,
                 "voice": voice,
                 "xml_curl": xml_curl,
+                "storage": storage,
+                "prompts": PromptLibrary(),
+                "prompt_player": PromptPlayer(settings),
+                "voicemail": VoicemailDesk(sessionmaker, storage, settings, routing),
+                "outbound": OutboundGuard(sessionmaker, redis, settings),
+                "supervision": SupervisionDesk(sessionmaker),
             }
         ),
         dependencies={

@@ -144,6 +144,56 @@ class Settings:
     """Where mod_json_cdr leaves CDRs it could not post (its `err-log-dir`), for `contactcenter import-cdrs`."""
     cdr_import_done_dir: str = field(default_factory=lambda: _env("CC_CDR_IMPORT_DONE_DIR", ""))
     """Where imported CDR files are moved; empty: they are deleted once stored."""
+    ivr_max_nodes: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_NODES", 200))
+    """Most nodes one IVR flow may have."""
+    ivr_max_graph_bytes: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_GRAPH_BYTES", 131_072))
+    """Largest IVR flow graph, as compact JSON."""
+    ivr_max_visits: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_VISITS", 20))
+    """Highest `max_visits` a node may declare (how often one call may pass through it)."""
+    ivr_max_retries: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_RETRIES", 10))
+    """Highest `max_retries` of a menu, digit collection or callback offer."""
+    ivr_max_steps: int = field(default_factory=lambda: _env_int("CC_IVR_MAX_STEPS", 1000))
+    """Nodes one call may pass through before the interpreter hangs up (a safety net; validation bounds loops)."""
+    tts_engine: str = field(default_factory=lambda: _env("CC_TTS_ENGINE", "flite"))
+    """The FreeSWITCH speech module text-to-speech prompts are spoken with (`tts://<engine>|<voice>|<text>`)."""
+    tts_default_voice: str = field(default_factory=lambda: _env("CC_TTS_DEFAULT_VOICE", "slt"))
+    """The voice of a TTS prompt that names none and follows no `set_language` voice."""
+    media_storage: str = field(default_factory=lambda: _env("CC_MEDIA_STORAGE", "local"))
+    """Where prompts, recordings and voicemail are kept: `local` (a folder) or `s3` (S3-compatible object storage)."""
+    media_local_root: str = field(default_factory=lambda: _env("CC_MEDIA_LOCAL_ROOT", "/var/lib/contactcenter/media"))
+    """The folder of the `local` media storage."""
+    media_s3_endpoint: str = field(default_factory=lambda: _env("CC_MEDIA_S3_ENDPOINT", ""))
+    """The S3 endpoint URL (empty: AWS's own for the region)."""
+    media_s3_bucket: str = field(default_factory=lambda: _env("CC_MEDIA_S3_BUCKET", "contactcenter-media"))
+    """The bucket of the `s3` media storage."""
+    media_s3_region: str = field(default_factory=lambda: _env("CC_MEDIA_S3_REGION", "us-east-1"))
+    """The bucket's region (SigV4 signs with it)."""
+    media_s3_access_key: str = field(default_factory=lambda: _env("CC_MEDIA_S3_ACCESS_KEY", ""))
+    """Access key id of the `s3` media storage."""
+    media_s3_secret_key: str = field(default_factory=lambda: _env("CC_MEDIA_S3_SECRET_KEY", ""))
+    """Secret access key of the `s3` media storage."""
+    media_spool_dir: str = field(default_factory=lambda: _env("CC_MEDIA_SPOOL_DIR", ""))
+    """Where uploads are spooled while their format and size are checked (empty: the system's temporary folder)."""
+    prompt_max_bytes: int = field(default_factory=lambda: _env_int("CC_PROMPT_MAX_BYTES", 20 * 1_048_576))
+    """Largest prompt or music-on-hold file a tenant may upload."""
+    recording_max_bytes: int = field(default_factory=lambda: _env_int("CC_RECORDING_MAX_BYTES", 512 * 1_048_576))
+    """Largest call recording a switch node may upload (8 kHz 16-bit mono WAV is about 58 MB an hour)."""
+    voicemail_max_bytes: int = field(default_factory=lambda: _env_int("CC_VOICEMAIL_MAX_BYTES", 32 * 1_048_576))
+    """Largest voicemail message a switch node may upload."""
+    voicemail_max_seconds: int = field(default_factory=lambda: _env_int("CC_VOICEMAIL_MAX_SECONDS", 300))
+    """Longest voicemail message a flow or queue may ask the switch to record."""
+    media_upload_deadline_seconds: int = field(default_factory=lambda: _env_int("CC_MEDIA_UPLOAD_DEADLINE", 3600))
+    """A recording or message not uploaded this long after it ended is marked failed (and logged)."""
+    switch_media_base_url: str = field(
+        default_factory=lambda: _env("CC_SWITCH_MEDIA_BASE_URL", "http://127.0.0.1:8000")
+    )
+    """How switch nodes reach the API for prompts and uploads (`http_cache://` URLs are built on it)."""
+    switch_media_max_age_seconds: int = field(default_factory=lambda: _env_int("CC_SWITCH_MEDIA_MAX_AGE", 30 * 86_400))
+    """`Cache-Control: max-age` of prompt files; their URLs carry the content hash, so a change is a new URL."""
+    outbound_concurrent_calls_default: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_CONCURRENT_CALLS", 10))
+    """Concurrent outbound calls of a tenant whose plan names no cap of its own."""
+    outbound_lease_seconds: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_LEASE_SECONDS", 90))
+    """An outbound call's slot expires this long after its last renewal, so a crashed process cannot leak it."""
     page_size_default: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE", 50))
     """Items per page when a list request names no limit."""
     page_size_max: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE_MAX", 200))

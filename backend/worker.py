@@ -15,6 +15,7 @@ from backend.auth.authenticate import Authenticator
 from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
 from backend.channels.voice.cdrs import import_cdr_directory
+from backend.channels.voice.recordings import sweep_missing_uploads
 from backend.channels.voice.service import VoiceSwitchboard
 from backend.config import Settings, get_settings
 from backend.db.engine import make_engine, make_sessionmaker
@@ -56,6 +57,11 @@ async def import_switch_cdrs(ctx: WorkerContext) -> int:
     done = Path(settings.cdr_import_done_dir) if settings.cdr_import_done_dir else None
     report = await import_cdr_directory(ctx["voice"].cdrs, Path(settings.cdr_err_log_dir), done)
     return report.imported
+
+
+async def sweep_media_uploads(ctx: WorkerContext) -> int:
+    """Recordings and voicemail whose upload from the switch never came are marked failed, with a log line."""
+    return await sweep_missing_uploads(ctx["sessionmaker"], get_settings())
 
 
 def build_routing(settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], redis: Redis) -> RoutingEngine:
@@ -101,8 +107,12 @@ def build_worker() -> Worker[WorkerContext]:
     queue = Queue.from_url(settings.redis_url, name="contactcenter")
     return Worker(
         queue,
-        functions=[deliver_mail, import_switch_cdrs],
-        cron_jobs=[CronJob(deliver_mail, cron="* * * * *"), CronJob(import_switch_cdrs, cron="* * * * *")],
+        functions=[deliver_mail, import_switch_cdrs, sweep_media_uploads],
+        cron_jobs=[
+            CronJob(deliver_mail, cron="* * * * *"),
+            CronJob(import_switch_cdrs, cron="* * * * *"),
+            CronJob(sweep_media_uploads, cron="*/5 * * * *"),
+        ],
         startup=_startup,
         shutdown=_shutdown,
         concurrency=10,

@@ -26,6 +26,9 @@ if [ -z "${REDIS_URL:-}" ]; then
   export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 fi
 export CC_LOG_JSON="${CC_LOG_JSON:-0}"
+# Prompts, recordings and voicemail of the demo live beside its databases (CC_MEDIA_STORAGE=s3 for a bucket).
+export CC_MEDIA_LOCAL_ROOT="${CC_MEDIA_LOCAL_ROOT:-$STATE/media}"
+export CC_SWITCH_MEDIA_BASE_URL="${CC_SWITCH_MEDIA_BASE_URL:-http://127.0.0.1:$API_PORT}"
 
 stop_all() {
   trap - EXIT INT TERM

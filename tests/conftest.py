@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -75,6 +76,8 @@ def database_name() -> Iterator[str]:
     os.environ.setdefault("CC_DB_POOL_SIZE", "30")
     # Deadlines shortened by settings, never waited out.
     os.environ.setdefault("CC_AGENT_DISCONNECT_GRACE", "0.5")
+    # Prompts, recordings and voicemail of this run, in a folder of its own.
+    os.environ.setdefault("CC_MEDIA_LOCAL_ROOT", tempfile.mkdtemp(prefix="cc-media-"))
     from backend.config import get_settings
     from backend.db.migrate import upgrade
 

@@ -275,3 +275,124 @@ class Factory:
             "domain": body["seat"]["sip_domain"],
             "password": body["sip_password"],
         }
+
+
+def wav_bytes(seconds: float = 0.25, rate: int = 8000, channels: int = 1, tone: int = 440) -> bytes:
+    """A real WAV file (16-bit PCM sine), as FreeSWITCH's record_session writes them."""
+    import io
+    import math
+    import struct
+    import wave
+
+    frames = int(seconds * rate)
+    samples = b"".join(
+        struct.pack("<h", int(8000 * math.sin(2 * math.pi * tone * i / rate))) * channels for i in range(frames)
+    )
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(samples)
+    return buffer.getvalue()
+
+
+def mp3_bytes(frames: int = 40) -> bytes:
+    """MPEG-1 layer III frames (128 kbit/s, 44.1 kHz, silent), behind an ID3v2 tag."""
+    header = bytes([0xFF, 0xFB, 0x90, 0x64])
+    frame = header + bytes(417 - 4)  # 144 * 128000 / 44100 = 417 bytes, no padding
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 0, 10]) + bytes(10)
+    return tag + frame * frames
+
+
+TONE_FLOW: dict[str, Any] = {
+    "start": "hello",
+    "nodes": {
+        "hello": {"type": "play", "prompt": {"kind": "tts", "text": "Hello"}, "next": "bye"},
+        "bye": {"type": "hangup"},
+    },
+}
+
+
+class MediaFactory:
+    """Prompts, flows, recordings and voicemail made through the product's routes and services."""
+
+    def __init__(self, factory: Factory) -> None:
+        self.f = factory
+
+    async def switch_headers(self) -> dict[str, str]:
+        """The switch secret, with a node registered for the test client's address (127.0.0.1)."""
+        if not self.f.__dict__.get("_media_node"):
+            await self.f.switch_node(sources=["127.0.0.1/32"])
+            self.f.__dict__["_media_node"] = True
+        return {"x-switch-secret": self.f.settings.switch_shared_secret}
+
+    async def prompt(self, ctx: TenantCtx, *, kind: str = "prompt", content: bytes | None = None) -> dict[str, Any]:
+        """An uploaded prompt of the tenant."""
+        response = await self.f.client.post(
+            "/api/v1/voice/prompts",
+            params={"name": unique("prompt"), "kind": kind},
+            content=content or wav_bytes(),
+            headers={**ctx.headers, "content-type": "audio/wav"},
+        )
+        assert response.status_code == 201, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def flow(self, ctx: TenantCtx, graph: dict[str, Any] | None = None, *, publish: bool = True) -> uuid.UUID:
+        """An IVR flow of the tenant, published unless told otherwise."""
+        response = await self.f.client.post(
+            "/api/v1/routing/ivr-flows", json={"name": unique("flow"), "graph": graph or TONE_FLOW}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        flow_id = uuid.UUID(response.json()["id"])
+        if publish:
+            published = await self.f.client.post(f"/api/v1/routing/ivr-flows/{flow_id}/publish", headers=ctx.headers)
+            assert published.status_code == 201, published.text
+        return flow_id
+
+    async def recording(self, ctx: TenantCtx, content: bytes | None = None) -> uuid.UUID:
+        """A stored recording of a call in a queue that always records."""
+        from backend.channels.voice import recordings
+
+        queue = await self.f.queue(ctx)
+        response = await self.f.client.put(
+            f"/api/v1/voice/queues/{queue}/settings", json={"recording_policy": "always"}, headers=ctx.headers
+        )
+        assert response.status_code == 200, response.text
+        async with tenant_transaction(self.f.sessionmaker, ctx.tenant_id) as session:
+            target = await recordings.begin_recording(
+                session, self.f.settings, ctx.tenant_id, queue_id=queue, call_uuid=uuid.uuid4()
+            )
+        path = target.upload_url.split("://", 1)[1].split("/", 1)[1]
+        response = await self.f.client.put(
+            "/" + path, content=content or wav_bytes(), headers=await self.switch_headers()
+        )
+        assert response.status_code == 200, response.text
+        return target.id
+
+    async def voicemail(self, ctx: TenantCtx, *, agent_id: uuid.UUID | None = None) -> uuid.UUID:
+        """A stored voicemail in a queue's box (or an agent's)."""
+        desk = self.f.app.state.voicemail
+        queue = None if agent_id else await self.f.queue(ctx)
+        target = await desk.begin(ctx.tenant_id, queue_id=queue, agent_id=agent_id, caller_number="+33612345678")
+        path = target.upload_url.split("://", 1)[1].split("/", 1)[1]
+        response = await self.f.client.put("/" + path, content=wav_bytes(), headers=await self.switch_headers())
+        assert response.status_code == 200, response.text
+        return target.id
+
+    async def outbound_route(self, prefix: str = "+33") -> str:
+        """A carrier gateway carrying a prefix (one per prefix per run)."""
+        key = f"_route{prefix}"
+        if key not in self.f.__dict__:
+            ops = await self.f.provider_headers()
+            name = unique("carrier-")
+            gateway = await self.f.client.post("/api/v1/ops/carrier-gateways", json={"name": name}, headers=ops)
+            assert gateway.status_code == 201, gateway.text
+            route = await self.f.client.post(
+                "/api/v1/ops/outbound-routes", json={"prefix": prefix, "gateway_id": gateway.json()["id"]}, headers=ops
+            )
+            assert route.status_code == 201, route.text
+            self.f.__dict__[key] = name
+        name_: str = self.f.__dict__[key]
+        return name_

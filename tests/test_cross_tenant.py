@@ -30,7 +30,7 @@ from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
 from backend.channels.voice import schemas as voice_schemas
 from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
-from tests.factories import PASSWORD, Factory, TenantCtx, unique
+from tests.factories import PASSWORD, Factory, MediaFactory, TenantCtx, unique, wav_bytes
 from tests.support.asgi_websocket import websocket_connect
 
 pytestmark = pytest.mark.integration
@@ -108,6 +108,29 @@ async def _number(f: Factory, owned: Owned) -> str:
     return owned.keep(number["id"])
 
 
+async def _flow(f: Factory, owned: Owned) -> str:
+    return owned.keep(await MediaFactory(f).flow(owned.ctx))
+
+
+async def _version(f: Factory, owned: Owned) -> str:
+    return "1"  # the flow (from its own factory) is published once: version 1
+
+
+async def _prompt(f: Factory, owned: Owned) -> str:
+    prompt = await MediaFactory(f).prompt(owned.ctx)
+    owned.keep(prompt["name"])
+    owned.keep(prompt["sha256"])
+    return owned.keep(prompt["id"])
+
+
+async def _recording(f: Factory, owned: Owned) -> str:
+    return owned.keep(await MediaFactory(f).recording(owned.ctx))
+
+
+async def _voicemail(f: Factory, owned: Owned) -> str:
+    return owned.keep(await MediaFactory(f).voicemail(owned.ctx))
+
+
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "user_id": _user,
     "team_id": _team,
@@ -120,6 +143,11 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "code_id": _code,
     "interaction_id": _interaction,
     "number_id": _number,
+    "flow_id": _flow,
+    "version": _version,
+    "prompt_id": _prompt,
+    "recording_id": _recording,
+    "voicemail_id": _voicemail,
 }
 
 
@@ -194,6 +222,36 @@ async def _number_routing(f: Factory, owned: Owned) -> dict[str, Any]:
     return {"queue_id": await _queue(f, owned), "label": "Main line"}
 
 
+async def _flow_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    """A flow naming A's queue, hours and prompt: B must not be able to save it."""
+    prompt = await _prompt(f, owned)
+    return {
+        "name": unique("flow"),
+        "graph": {
+            "start": "hours",
+            "nodes": {
+                "hours": {"type": "hours", "business_hours_id": await _hours(f, owned), "open": "hi", "closed": "q"},
+                "hi": {"type": "play", "prompt": {"kind": "file", "prompt_id": prompt}, "next": "q"},
+                "q": {"type": "queue", "queue_id": await _queue(f, owned)},
+            },
+        },
+    }
+
+
+async def _queue_voice_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    """Voice settings naming A's music: B must not be able to use it."""
+    music = await MediaFactory(f).prompt(owned.ctx, kind="music")
+    owned.keep(music["name"])
+    return {"music_on_hold_id": owned.keep(music["id"]), "recording_policy": "on_demand"}
+
+
+async def _outbound_check(f: Factory, owned: Owned) -> dict[str, Any]:
+    """A French destination, with A's own number as caller id (B owns no number)."""
+    await MediaFactory(f).outbound_route("+33")
+    number = await f.number(owned.ctx)
+    return {"destination": "+33142685300", "caller_id": owned.keep(number["number"])}
+
+
 BODY_FACTORIES: dict[type, BodyFactory] = {
     tenant_schemas.TenantUpdate: lambda f, o: _constant({"name": "Renamed Company"}),
     tenant_schemas.InviteRequest: _invite,
@@ -221,9 +279,26 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     routing_schemas.InteractionEnd: lambda f, o: _constant({"outcome": "handled"}),
     routing_schemas.CallbackRequest: lambda f, o: _constant({"number": "+33142685300"}),
     voice_schemas.NumberRouting: _number_routing,
+    routing_schemas.IvrFlowIn: _flow_body,
+    voice_schemas.PromptPatch: lambda f, o: _constant({"name": unique("renamed")}),
+    voice_schemas.QueueVoiceSettingsIn: _queue_voice_body,
+    voice_schemas.OutboundCheckIn: _outbound_check,
     auth_schemas.SsoConfigIn: lambda f, o: _constant(
         {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
     ),
+}
+
+
+RawBodyFactory = Callable[[Factory, Owned], Awaitable[tuple[bytes, dict[str, str]]]]
+
+
+async def _audio_upload(f: Factory, owned: Owned) -> tuple[bytes, dict[str, str]]:
+    return wav_bytes(), {"name": unique("prompt")}
+
+
+RAW_BODY_FACTORIES: dict[str, RawBodyFactory] = {
+    # Routes that stream a raw body (`opt={"raw_body": kind}`): the content and the query parameters.
+    "audio": _audio_upload,
 }
 
 
@@ -278,12 +353,15 @@ def test_every_parameter_and_body_has_a_factory():
         data = handler.parsed_fn_signature.parameters.get("data")
         if data is not None and data.annotation not in BODY_FACTORIES:
             missing.append(f"{method} {path}: body {data.annotation}")
+        raw = handler.opt.get("raw_body")
+        if raw is not None and raw not in RAW_BODY_FACTORIES:
+            missing.append(f"{method} {path}: raw body {raw}")
     assert not missing, "\n".join(missing)
 
 
 async def _prepare(
     factory: Factory, owner: TenantCtx, route: Any, handler: Any
-) -> tuple[str, dict[str, Any] | None, Owned]:
+) -> tuple[str, dict[str, Any] | None, Owned, dict[str, Any]]:
     owned = Owned(owner, route_path=route.path)
     owned.keep(owner.tenant_id)
     owned.keep(owner.slug)
@@ -297,7 +375,11 @@ async def _prepare(
     data = handler.parsed_fn_signature.parameters.get("data")
     if data is not None:
         body = await BODY_FACTORIES[data.annotation](factory, owned)
-    return path, body, owned
+    raw: dict[str, Any] = {}
+    if handler.opt.get("raw_body"):
+        content, query = await RAW_BODY_FACTORIES[handler.opt["raw_body"]](factory, owned)
+        raw = {"content": content, "params": query}
+    return path, body, owned, raw
 
 
 def _assert_no_leak(text: str, owned: Owned, label: str) -> None:
@@ -314,9 +396,9 @@ async def test_tenant_route_refuses_another_tenant(item, factory: Factory):
     path_template, method, route, handler = item
     a = await factory.tenant()
     b = await factory.tenant()
-    path, body, owned = await _prepare(factory, a, route, handler)
+    path, body, owned, raw = await _prepare(factory, a, route, handler)
 
-    as_b = await factory.client.request(method, path, json=body, headers=b.headers)
+    as_b = await factory.client.request(method, path, json=body, headers=b.headers, **raw)
     # The problem's `instance` repeats the path B asked for: that is B's own input, not A's data.
     _assert_no_leak(as_b.text.replace(path, ""), owned, f"{method} {path_template} as tenant B")
     if route.path_parameters:
@@ -324,7 +406,9 @@ async def test_tenant_route_refuses_another_tenant(item, factory: Factory):
     else:
         assert as_b.status_code < 500, as_b.text
 
-    as_a = await factory.client.request(method, path, json=body, headers=a.headers)
+    if raw:
+        raw["params"] = {**raw["params"], "name": unique("prompt")}  # B's upload may have taken the name
+    as_a = await factory.client.request(method, path, json=body, headers=a.headers, **raw)
     assert 200 <= as_a.status_code < 300, f"{method} {path_template} as A: {as_a.status_code} {as_a.text}"
 
 
@@ -420,7 +504,7 @@ async def test_tenant_websocket_is_scoped(item, factory: Factory, app: Litestar)
     path_template, _, route, handler = item
     a = await factory.tenant()
     b = await factory.tenant()
-    path, _, owned = await _prepare(factory, a, route, handler)
+    path, _, owned, _ = await _prepare(factory, a, route, handler)
 
     async with websocket_connect(app, path) as socket:
         first = await socket.receive_message()

@@ -27,6 +27,8 @@ GLOBAL_TABLES: frozenset[str] = frozenset(
         "phone_numbers",  # the provider's number pool; number -> tenant lookup
         "switch_nodes",
         "unattributed_cdrs",  # provider-owned: call legs no tenant could be found for, kept rather than lost
+        "carrier_gateways",  # provider-owned: the SIP trunks outbound calls leave through
+        "outbound_routes",  # provider-owned: which gateway carries which destination prefix
     }
 )
 

@@ -11,10 +11,11 @@ from litestar.params import Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
+from backend.config import Settings
 from backend.db.session import after_commit
 from backend.lib.pagination import Page, PageRequest
-from backend.lib.problems import InvalidInput
-from backend.routing import interactions, service
+from backend.lib.problems import InvalidInput, NotFound
+from backend.routing import interactions, ivr_service, service
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
 from backend.routing.schemas import (
@@ -33,6 +34,9 @@ from backend.routing.schemas import (
     InteractionCreate,
     InteractionEnd,
     InteractionOut,
+    IvrFlowIn,
+    IvrFlowOut,
+    IvrFlowVersionOut,
     QueueIn,
     QueueOut,
     QueueStats,
@@ -393,3 +397,80 @@ class AgentStateController(Controller):
         """Time in each state, newest first."""
         items, cursor = await service.agent_state_history(db_session, user_id, page)
         return Page(items, cursor)
+
+
+def _prompts(request: Request[Any, Any, Any]) -> ivr_service.PromptCatalogue:
+    catalogue: ivr_service.PromptCatalogue = request.app.state.prompts
+    return catalogue
+
+
+class IvrFlowController(Controller):
+    """IVR flows: drafts validated on save, published as immutable versions that calls pin."""
+
+    path = "/api/v1/routing/ivr-flows"
+    tags = ["routing"]
+    opt = {"access": "tenant"}
+
+    @get("/", permission="queues:read", operation_id="list_ivr_flows")
+    async def list_flows(self, db_session: AsyncSession, page: PageRequest, archived: bool = False) -> Page[IvrFlowOut]:
+        """Flows with their drafts (sort name, created_at, updated_at); `archived=true` lists archived ones."""
+        items, cursor = await ivr_service.list_flows(db_session, page, archived=archived)
+        return Page(items, cursor)
+
+    @post("/", permission="queues:write", operation_id="create_ivr_flow")
+    async def create_flow(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, settings: Settings, data: IvrFlowIn
+    ) -> IvrFlowOut:
+        """A new flow; its draft is validated (every field error at once) and takes no calls until published."""
+        return await ivr_service.create_flow(db_session, request.user, data, _prompts(request), settings)
+
+    @get("/{flow_id:uuid}", permission="queues:read", operation_id="get_ivr_flow")
+    async def get_flow(self, db_session: AsyncSession, flow_id: uuid.UUID) -> IvrFlowOut:
+        """One flow with its draft and the number of its published version."""
+        return await ivr_service.get_flow(db_session, flow_id)
+
+    @put("/{flow_id:uuid}", permission="queues:write", operation_id="save_ivr_flow")
+    async def save(
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        settings: Settings,
+        flow_id: uuid.UUID,
+        data: IvrFlowIn,
+    ) -> IvrFlowOut:
+        """Save the draft (validated); give `draft_revision` to refuse overwriting someone else's save."""
+        return await ivr_service.save_draft(db_session, request.user, flow_id, data, _prompts(request), settings)
+
+    @post("/{flow_id:uuid}/publish", permission="queues:write", operation_id="publish_ivr_flow", status_code=201)
+    async def publish(
+        self,
+        request: Request[Principal, Any, Any],
+        db_session: AsyncSession,
+        settings: Settings,
+        flow_id: uuid.UUID,
+        draft_revision: int | None = Parameter(query="draft_revision", default=None, ge=1),
+    ) -> IvrFlowVersionOut:
+        """Publish the draft as the next version: new calls start on it, calls in progress keep theirs."""
+        return await ivr_service.publish(db_session, request.user, flow_id, _prompts(request), settings, draft_revision)
+
+    @delete("/{flow_id:uuid}", permission="queues:write", operation_id="archive_ivr_flow")
+    async def archive(
+        self, request: Request[Principal, Any, Any], db_session: AsyncSession, flow_id: uuid.UUID
+    ) -> None:
+        """Archive a flow no number points at (versions are kept for calls in them and for history)."""
+        await ivr_service.archive(db_session, request.user, flow_id)
+
+    @get("/{flow_id:uuid}/versions", permission="queues:read", operation_id="list_ivr_flow_versions")
+    async def versions(
+        self, db_session: AsyncSession, flow_id: uuid.UUID, page: PageRequest
+    ) -> Page[IvrFlowVersionOut]:
+        """Published versions, newest first."""
+        items, cursor = await ivr_service.list_versions(db_session, flow_id, page)
+        return Page(items, cursor)
+
+    @get("/{flow_id:uuid}/versions/{version:str}", permission="queues:read", operation_id="get_ivr_flow_version")
+    async def version(self, db_session: AsyncSession, flow_id: uuid.UUID, version: str) -> IvrFlowVersionOut:
+        """One published version (immutable), by its number."""
+        if not version.isdigit() or len(version) > 9:
+            raise NotFound("No such version of this IVR flow")
+        return await ivr_service.get_version(db_session, flow_id, int(version))

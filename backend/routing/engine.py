@@ -346,6 +346,63 @@ class RoutingEngine:
         await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
         return result
 
+    async def record_voicemail(
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        voicemail_id: uuid.UUID,
+        queue_id: uuid.UUID | None,
+        agent_id: uuid.UUID | None,
+        caller_number: str,
+        duration_ms: int | None,
+        interaction_id: uuid.UUID | None = None,
+    ) -> InteractionOut:
+        """A caller left a voicemail: a voice interaction that ends with the outcome `voicemail`.
+
+        The call's own interaction is ended that way when it is given and still open (a caller who
+        chose voicemail while waiting leaves the queue); otherwise a new one is created, with the
+        `created` and `ended` events, so the message shows in the queue's (or agent's) history.
+        """
+        attributes = {"voicemail_id": str(voicemail_id), "caller_number": caller_number}
+        if interaction_id is not None:
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                try:
+                    existing = await interactions.lock(session, interaction_id)
+                except NotFound:
+                    existing = None
+                if existing is not None and existing.state not in ("ended", "wrap_up"):
+                    existing.attributes = {**existing.attributes, **attributes}
+                    agent, wrap_up = await self._close(
+                        session, existing, "voicemail", voicemail_id=voicemail_id, duration_ms=duration_ms
+                    )
+                    result = interactions.out(existing)
+                else:
+                    existing = None
+            if existing is not None:
+                await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+                return result
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            if queue_id is not None:
+                await self._rules(session, queue_id)  # the tenant's queue, or 422
+            now = utcnow()
+            interaction = Interaction(
+                tenant_id=tenant_id,
+                channel="voice",
+                queue_id=queue_id,
+                customer_ref=caller_number[:120] or None,
+                attributes={**attributes, "voicemail": "true"},
+                state="new",
+                agent_id=agent_id,
+                created_at=now,
+            )
+            session.add(interaction)
+            await session.flush()
+            await interactions.record(session, interaction, "created", channel="voice", voicemail=True)
+            await self._end(session, interaction, "voicemail", voicemail_id=voicemail_id, duration_ms=duration_ms)
+            result = interactions.out(interaction)
+        await self.queue_changed(tenant_id, queue_id)
+        return result
+
     async def _close(
         self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
     ) -> tuple[uuid.UUID | None, int]:

@@ -16,10 +16,10 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
-from backend.db.base import Base, TenantOwned
+from backend.db.base import Base, TenantOwned, utcnow
 
 
 class Skill(TenantOwned, Base):
@@ -262,3 +262,47 @@ class InteractionEvent(Base):
     at: Mapped[datetime] = mapped_column()
     agent_id: Mapped[uuid.UUID | None] = mapped_column()
     data: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+
+
+class IvrFlow(TenantOwned, Base):
+    """An IVR flow: a draft graph being edited, and the number of its current published version.
+
+    Flows are archived, never deleted: calls in progress stay pinned to the version they started on.
+    """
+
+    __tablename__ = "ivr_flows"
+    __table_args__ = (
+        Index("uq_ivr_flows_live_name", "tenant_id", "name", unique=True, postgresql_where="archived_at IS NULL"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+    )
+
+    name: Mapped[str] = mapped_column(String(120))
+    description: Mapped[str] = mapped_column(String(300), default="")
+    draft: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    """The graph being edited (validated on every save)."""
+    draft_revision: Mapped[int] = mapped_column(Integer, default=1)
+    published_version: Mapped[int | None] = mapped_column(Integer)
+    """The version new calls start on; null until the first publication."""
+    referenced_queues: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), default=list)
+    """Queues the draft or the current version sends calls to (so a queue in use is not deleted)."""
+    referenced_hours: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), default=list)
+    referenced_prompts: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), default=list)
+    referenced_agents: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), default=list)
+    archived_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class IvrFlowVersion(TenantOwned, Base):
+    """A published, immutable version of a flow (the application role may insert and read, never change)."""
+
+    __tablename__ = "ivr_flow_versions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "flow_id", "version"),
+        ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+        ForeignKeyConstraint(["tenant_id", "flow_id"], ["ivr_flows.tenant_id", "ivr_flows.id"], ondelete="CASCADE"),
+    )
+
+    flow_id: Mapped[uuid.UUID] = mapped_column()
+    version: Mapped[int] = mapped_column(Integer)
+    graph: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    published_by: Mapped[uuid.UUID | None] = mapped_column()

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from backend.routing.ivr import FlowGraph
 from backend.tenants.schemas import Strict
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
@@ -274,3 +275,34 @@ class QueueStats(msgspec.Struct):
     """Answered within the queue's target, of answered plus abandoned; null before the first one."""
     abandonment_percent: float | None
     at: datetime
+
+
+class IvrFlowIn(Strict):
+    """A flow's name and its draft graph (validated on save; publish to make it take calls)."""
+
+    name: Name
+    graph: FlowGraph
+    description: Description = ""
+    draft_revision: int | None = None
+    """When given, the save is refused (409) if someone else saved the draft since this revision."""
+
+
+class IvrFlowOut(msgspec.Struct):
+    id: uuid.UUID
+    name: str
+    description: str
+    graph: FlowGraph
+    """The draft."""
+    draft_revision: int
+    published_version: int | None
+    archived: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class IvrFlowVersionOut(msgspec.Struct):
+    flow_id: uuid.UUID
+    version: int
+    graph: FlowGraph
+    published_at: datetime
+    published_by: uuid.UUID | None

@@ -28,6 +28,7 @@ from backend.routing.models import (
     AgentState,
     AgentStatePeriod,
     BusinessHours,
+    IvrFlow,
     PauseReason,
     Queue,
     QueueSkill,
@@ -168,6 +169,13 @@ async def delete_skill(session: AsyncSession, principal: Principal, skill_id: uu
     )
 
 
+async def _flows_naming(column: Any, target: uuid.UUID, session: AsyncSession) -> list[str]:
+    """Live IVR flows whose draft or published version names `target` in `column` (a references array)."""
+    statement = select(IvrFlow.name).where(IvrFlow.archived_at.is_(None), column.contains([target]))
+    statement = statement.order_by(IvrFlow.name)
+    return list((await session.scalars(statement)).all())
+
+
 # --- business hours -----------------------------------------------------------------------------
 
 
@@ -288,6 +296,9 @@ async def delete_business_hours(session: AsyncSession, principal: Principal, hou
     hours = await _hours(session, hours_id, lock=True)
     if await session.scalar(select(Queue.id).where(Queue.business_hours_id == hours_id).limit(1)) is not None:
         raise Conflict("Queues still use these hours; change them first")
+    flows = await _flows_naming(IvrFlow.referenced_hours, hours_id, session)
+    if flows:
+        raise Conflict(f"IVR flows still use these hours ({', '.join(flows[:5])}); change them first")
     await session.delete(hours)
     await audit.record(
         session,
@@ -514,6 +525,9 @@ async def delete_queue(session: AsyncSession, principal: Principal, queue_id: uu
     ).all():
         if any(a.get("type") == "queue" and a.get("queue_id") == str(queue_id) for a in actions):
             raise Conflict(f"Queue {name!r} sends interactions to this queue; change it first")
+    flows = await _flows_naming(IvrFlow.referenced_queues, queue_id, session)
+    if flows:
+        raise Conflict(f"IVR flows send calls to this queue ({', '.join(flows[:5])}); change them first")
     await session.delete(queue)
     await audit.record(
         session,

@@ -33,6 +33,8 @@ class Plan(GlobalRow, Base):
     features: Mapped[list[str]] = mapped_column(ARRAY(String(60)), default=list)
     public: Mapped[bool] = mapped_column(Boolean, default=True)
     """Offered at self-service signup."""
+    outbound_call_cap: Mapped[int | None] = mapped_column(Integer)
+    """Concurrent outbound calls a tenant on this plan may have; null: `CC_OUTBOUND_CONCURRENT_CALLS`."""
 
 
 class Tenant(GlobalRow, Base):

@@ -33,7 +33,12 @@ PERMISSIONS: Final[dict[str, str]] = {
     "queues:read": "Read queues, skills and routing settings",
     "queues:write": "Change queues, skills and routing settings",
     "reports:read": "Read reports and the wallboard",
-    "calls:supervise": "Listen, whisper and barge into calls",
+    "calls:listen": "Listen to agents' live calls (the caller and agent do not hear the supervisor)",
+    "calls:whisper": "Speak to the agent on a live call without the caller hearing",
+    "calls:barge": "Join a live call, heard by both caller and agent",
+    "calls:outbound": "Place outbound calls (click-to-call), within the tenant's outbound policy",
+    "recordings:read": "List and play back call recordings",
+    "voicemail:read": "List and play back the voicemail of every box (agents always hear their own)",
     "agent:workspace": "Use the agent workspace: set state, take offers",
 }
 
@@ -50,12 +55,25 @@ _SUPERVISOR: Final = frozenset(
         "customers:export",
         "queues:read",
         "reports:read",
-        "calls:supervise",
+        "calls:listen",
+        "calls:whisper",
+        "calls:barge",
+        "calls:outbound",
+        "recordings:read",
+        "voicemail:read",
         "agent:workspace",
     }
 )
 _AGENT: Final = frozenset(
-    {"tenant:read", "users:read", "teams:read", "customers:read", "customers:write", "agent:workspace"}
+    {
+        "tenant:read",
+        "users:read",
+        "teams:read",
+        "customers:read",
+        "customers:write",
+        "calls:outbound",
+        "agent:workspace",
+    }
 )
 
 BUILTIN_ROLES: Final[dict[str, tuple[str, frozenset[str]]]] = {

@@ -38,6 +38,8 @@ class PlanOut(msgspec.Struct):
     seat_cap: int
     features: list[str]
     public: bool
+    outbound_call_cap: int | None = None
+    """Concurrent outbound calls per tenant; null: the provider's default setting."""
 
 
 class PlanCreate(Strict):
@@ -46,6 +48,7 @@ class PlanCreate(Strict):
     seat_cap: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
     features: list[Annotated[str, msgspec.Meta(min_length=1, max_length=60)]] = []
     public: bool = True
+    outbound_call_cap: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | None = None
 
 
 class TenantOut(msgspec.Struct):

@@ -101,7 +101,9 @@ def tenant_out(tenant: Tenant, plan: Plan) -> TenantOut:
 
 def plan_out(plan: Plan) -> PlanOut:
     """The API's view of a plan."""
-    return PlanOut(plan.id, plan.code, plan.name, plan.seat_cap, list(plan.features), plan.public)
+    return PlanOut(
+        plan.id, plan.code, plan.name, plan.seat_cap, list(plan.features), plan.public, plan.outbound_call_cap
+    )
 
 
 async def create_builtin_roles(session: AsyncSession, tenant_id: uuid.UUID) -> dict[str, Role]:
@@ -189,6 +191,14 @@ async def list_public_plans(session: AsyncSession) -> list[PlanOut]:
 
 
 # --- the tenant's own settings -------------------------------------------------------------------
+
+
+async def outbound_call_cap(session: AsyncSession, tenant_id: uuid.UUID) -> int | None:
+    """The concurrent outbound calls the tenant's plan allows (None: the plan names no cap of its own)."""
+    cap: int | None = await session.scalar(
+        select(Plan.outbound_call_cap).join(Tenant, Tenant.plan_id == Plan.id).where(Tenant.id == tenant_id)
+    )
+    return cap
 
 
 async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> TenantOut:
@@ -1108,6 +1118,7 @@ async def create_plan(session: AsyncSession, principal: Principal, data: PlanCre
         seat_cap=data.seat_cap,
         features=sorted(set(data.features)),
         public=data.public,
+        outbound_call_cap=data.outbound_call_cap,
     )
     session.add(plan)
     await session.flush()

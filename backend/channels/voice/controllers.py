@@ -32,6 +32,7 @@ from backend.channels.voice.xml_documents import CONTENT_TYPE
 from backend.db.session import after_commit
 from backend.lib.pagination import Page, PageRequest
 from backend.lib.problems import InvalidInput
+from backend.routing import ivr_service
 
 Disposition = Literal["answered", "no_answer", "busy", "cancelled", "refused", "failed", "node_failure"]
 
@@ -240,8 +241,8 @@ class NumberController(Controller):
         number_id: uuid.UUID,
         data: NumberRouting,
     ) -> NumberOut:
-        """Point the number at one of the tenant's queues (or IVR flow); `null` removes the target."""
-        return await numbers.route_number(db_session, request.user, number_id, data)
+        """Point the number at one of the tenant's queues or published IVR flows (a flow wins); `null` removes it."""
+        return await numbers.route_number(db_session, request.user, number_id, data, ivr_service.TenantIvrFlows())
 
 
 class CdrController(Controller):

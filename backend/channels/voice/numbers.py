@@ -40,7 +40,7 @@ class IvrFlows(Protocol):
 
 
 class NoIvrFlows:
-    """Until call handling lands there are no IVR flows to point a number at."""
+    """No IVR flows at all (routing's `ivr_service.TenantIvrFlows` is what the routes use)."""
 
     async def exists(self, session: AsyncSession, flow_id: uuid.UUID) -> bool:
         """Never."""
@@ -248,7 +248,7 @@ async def route_number(
     data: NumberRouting,
     flows: IvrFlows | None = None,
 ) -> NumberOut:
-    """Point a number at one of the tenant's queues (or, once call handling exists, an IVR flow)."""
+    """Point a number at one of the tenant's queues, or a published IVR flow of the tenant (`flows` decides)."""
     tenant_id = principal.tenant_id
     assert tenant_id is not None
     number = await _own_number(session, tenant_id, number_id, lock=True)
@@ -266,7 +266,7 @@ async def route_number(
         number.queue_id = data.queue_id
     if not isinstance(data.ivr_flow_id, msgspec.UnsetType):
         if data.ivr_flow_id is not None and not await (flows or NoIvrFlows()).exists(session, data.ivr_flow_id):
-            raise InvalidInput.field("ivr_flow_id", "is not an IVR flow of this tenant")
+            raise InvalidInput.field("ivr_flow_id", "is not a published IVR flow of this tenant")
         number.ivr_flow_id = data.ivr_flow_id
     if not isinstance(data.label, msgspec.UnsetType):
         number.label = clean_text("label", data.label, max_length=120, allow_empty=True)
@@ -301,4 +301,28 @@ async def first_number(session: AsyncSession, tenant_id: uuid.UUID) -> str | Non
     """The tenant's lowest number: what its seats present when they call out, unless told otherwise."""
     return await session.scalar(
         select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164).limit(1)
+    )
+
+
+async def numbers_routed_to_flow(session: AsyncSession, tenant_id: uuid.UUID, flow_id: uuid.UUID) -> list[str]:
+    """The tenant's numbers that send their calls to an IVR flow (E.164)."""
+    return list(
+        (
+            await session.scalars(
+                select(PhoneNumber.e164)
+                .where(PhoneNumber.tenant_id == tenant_id, PhoneNumber.ivr_flow_id == flow_id)
+                .order_by(PhoneNumber.e164)
+            )
+        ).all()
+    )
+
+
+async def owned_numbers(session: AsyncSession, tenant_id: uuid.UUID) -> list[str]:
+    """Every number assigned to the tenant (E.164): the caller ids it may present."""
+    return list(
+        (
+            await session.scalars(
+                select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164)
+            )
+        ).all()
     )
