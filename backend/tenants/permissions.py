@@ -30,6 +30,11 @@ PERMISSIONS: Final[dict[str, str]] = {
     "customers:delete": "Delete and anonymise customer records",
     "customers:import": "Import customers",
     "customers:export": "Export customers",
+    "customers:all_units": "Reach the customers of every business unit, not only one's own teams'",
+    "customers:configure": "Define the custom fields of customer records",
+    "tickets:read": "List and read tickets",
+    "tickets:write": "Create tickets, comment, assign and move them through their statuses",
+    "tickets:configure": "Set the resolution time (SLA) of each ticket priority",
     "queues:read": "Read queues, skills and routing settings",
     "queues:write": "Change queues, skills and routing settings",
     "reports:read": "Read reports and the wallboard",
@@ -48,6 +53,9 @@ _SUPERVISOR: Final = frozenset(
         "customers:read_sensitive",
         "customers:write",
         "customers:export",
+        "customers:all_units",
+        "tickets:read",
+        "tickets:write",
         "queues:read",
         "reports:read",
         "calls:supervise",
@@ -55,7 +63,16 @@ _SUPERVISOR: Final = frozenset(
     }
 )
 _AGENT: Final = frozenset(
-    {"tenant:read", "users:read", "teams:read", "customers:read", "customers:write", "agent:workspace"}
+    {
+        "tenant:read",
+        "users:read",
+        "teams:read",
+        "customers:read",
+        "customers:write",
+        "tickets:read",
+        "tickets:write",
+        "agent:workspace",
+    }
 )
 
 BUILTIN_ROLES: Final[dict[str, tuple[str, frozenset[str]]]] = {
