@@ -22,9 +22,17 @@ from backend.auth.sso_controllers import SsoConfigController, SsoLoginController
 from backend.auth.throttle import LoginThrottle
 from backend.auth.tokens import TokenSigner
 from backend.config import Settings, get_settings
+from backend.customers.controllers import (
+    CustomerConfigController,
+    CustomerController,
+    CustomerImportController,
+    TicketController,
+)
+from backend.customers.service import offer_screen_pop
 from backend.db.engine import make_engine, make_sessionmaker
 from backend.db.session import provide_db_session
 from backend.lib.health import healthz, metrics, readyz
+from backend.lib.jobs import make_job_queue
 from backend.lib.observability import OverloadMiddleware, RequestContextMiddleware, configure_logging
 from backend.lib.openapi import document_routes
 from backend.lib.pagination import page_request
@@ -82,6 +90,10 @@ ROUTE_HANDLERS: list[Any] = [
     PauseReasonController,
     AgentStateController,
     InteractionController,
+    CustomerController,
+    CustomerConfigController,
+    CustomerImportController,
+    TicketController,
 ]
 
 
@@ -99,13 +111,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
     sso_service = SsoService(settings, redis, sessionmaker, auth_service)
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
     routing = RoutingEngine(sessionmaker, Matcher(redis), hub)
+    routing.offer_context.append(offer_screen_pop(sessionmaker))
     register_routing_messages(hub, sessionmaker, routing)
+    job_queue = make_job_queue(settings)
 
     async def start_hub() -> None:
         await hub.start()
+        await job_queue.connect()
 
     async def close_clients() -> None:
         await hub.stop()
+        await job_queue.disconnect()
         await redis.aclose()
         await engine.dispose()
 
@@ -122,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "sso_service": sso_service,
                 "hub": hub,
                 "routing": routing,
+                "job_queue": job_queue,
             }
         ),
         dependencies={

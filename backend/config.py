@@ -113,7 +113,7 @@ class Settings:
     screen_pop_max_customers: int = field(default_factory=lambda: _env_int("CC_SCREEN_POP_MAX_CUSTOMERS", 10))
     """Most customers a screen pop returns when several share an address (a family's landline)."""
     customer_recent_contact_seconds: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_RECENT_CONTACT", 3600))
-    """How long after an interaction ends its agent still reaches that customer's record, whatever its unit (wrap-up)."""
+    """How long after an interaction ends its agent still reaches the customer's record, whatever its unit."""
     customer_config_cache_seconds: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_CONFIG_CACHE", 30))
     """How long a process keeps a tenant's phone region and custom-field definitions before reading them again."""
     customer_import_max_bytes: int = field(
@@ -122,19 +122,13 @@ class Settings:
     """Largest customer CSV upload; the upload route streams and refuses beyond it (413)."""
     customer_import_max_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_ROWS", 1_000_000))
     """Most data rows one import reads; the rows beyond are reported, not imported."""
-    customer_import_max_cell_chars: int = field(
-        default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_CELL", 10_000)
-    )
+    customer_import_max_cell_chars: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_CELL", 10_000))
     """Longest cell of an import; a longer one is a row error."""
-    customer_import_max_row_chars: int = field(
-        default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_ROW", 100_000)
-    )
+    customer_import_max_row_chars: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_ROW", 100_000))
     """Longest physical line of an import; beyond it the line is cut off and its row reported."""
     customer_import_batch_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_BATCH", 1000))
     """Rows an import writes per transaction; progress advances by this much."""
-    customer_import_chunk_bytes: int = field(
-        default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_CHUNK", 1024 * 1024)
-    )
+    customer_import_chunk_bytes: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_CHUNK", 1024 * 1024))
     """Size of the pieces an uploaded file is stored in until its import job reads it."""
     customer_import_job_timeout_seconds: int = field(
         default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_TIMEOUT", 4 * 3600)

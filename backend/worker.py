@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import structlog
 from redis.asyncio import Redis
-from saq import CronJob, Queue, Worker
+from saq import CronJob, Worker
 from saq.types import Context
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -14,7 +15,10 @@ from backend.auth.authenticate import Authenticator
 from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
 from backend.config import get_settings
+from backend.customers.importer import run_import
+from backend.customers.service import offer_screen_pop
 from backend.db.engine import make_engine, make_sessionmaker
+from backend.lib.jobs import make_job_queue
 from backend.lib.redis_client import make_redis
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
@@ -43,6 +47,11 @@ async def deliver_mail(ctx: WorkerContext) -> int:
     return sent
 
 
+async def import_customers(ctx: WorkerContext, *, tenant_id: str, import_id: str) -> dict[str, object]:
+    """Import one uploaded customer file (resumes after its last committed batch when retried)."""
+    return await run_import(ctx["sessionmaker"], uuid.UUID(tenant_id), uuid.UUID(import_id))
+
+
 async def _startup(ctx: WorkerContext) -> None:
     settings = get_settings()
     ctx["engine"] = make_engine(settings)
@@ -59,6 +68,7 @@ async def _startup(ctx: WorkerContext) -> None:
     )
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
     engine = RoutingEngine(ctx["sessionmaker"], Matcher(redis), hub)
+    engine.offer_context.append(offer_screen_pop(ctx["sessionmaker"]))
     ctx["redis"] = redis
     ctx["timers_stop"] = asyncio.Event()
     ctx["timers"] = asyncio.create_task(engine.run_timers(ctx["timers_stop"]), name="routing-timers")
@@ -74,10 +84,10 @@ async def _shutdown(ctx: WorkerContext) -> None:
 def build_worker() -> Worker[WorkerContext]:
     """The SAQ worker with its jobs and schedules."""
     settings = get_settings()
-    queue = Queue.from_url(settings.redis_url, name="contactcenter")
+    queue = make_job_queue(settings)
     return Worker(
         queue,
-        functions=[deliver_mail],
+        functions=[deliver_mail, import_customers],
         cron_jobs=[CronJob(deliver_mail, cron="* * * * *")],
         startup=_startup,
         shutdown=_shutdown,

@@ -101,7 +101,7 @@ def expected_version(if_match: str | None) -> int:
     try:
         return int(value)
     except ValueError as exc:
-        raise PreconditionRequired("If-Match must carry the record's ETag, such as \"3\"") from exc
+        raise PreconditionRequired('If-Match must carry the record\'s ETag, such as "3"') from exc
 
 
 def check_version(current: int, expected: int) -> None:

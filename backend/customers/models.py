@@ -62,9 +62,7 @@ class CustomerIdentity(TenantOwned, Base):
     __table_args__ = (
         CheckConstraint(f"kind IN {IDENTITY_KINDS!r}", name="kind"),
         UniqueConstraint("tenant_id", "customer_id", "kind", "value"),
-        ForeignKeyConstraint(
-            ["tenant_id", "customer_id"], ["customers.tenant_id", "customers.id"], ondelete="CASCADE"
-        ),
+        ForeignKeyConstraint(["tenant_id", "customer_id"], ["customers.tenant_id", "customers.id"], ondelete="CASCADE"),
     )
 
     customer_id: Mapped[uuid.UUID] = mapped_column()
@@ -108,9 +106,7 @@ class CustomerNote(TenantOwned, Base):
 
     __tablename__ = "customer_notes"
     __table_args__ = (
-        ForeignKeyConstraint(
-            ["tenant_id", "customer_id"], ["customers.tenant_id", "customers.id"], ondelete="CASCADE"
-        ),
+        ForeignKeyConstraint(["tenant_id", "customer_id"], ["customers.tenant_id", "customers.id"], ondelete="CASCADE"),
     )
 
     customer_id: Mapped[uuid.UUID] = mapped_column()

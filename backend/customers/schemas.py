@@ -46,7 +46,7 @@ class CustomerUpdate(Strict):
     wechat_openids: Addresses | msgspec.UnsetType = msgspec.UNSET
     external_ids: Addresses | msgspec.UnsetType = msgspec.UNSET
     tags: Annotated[list[Tag], msgspec.Meta(max_length=200)] | msgspec.UnsetType = msgspec.UNSET
-    team_id: uuid.UUID | None | msgspec.UnsetType = msgspec.UNSET
+    team_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
     custom: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -168,7 +168,9 @@ class FieldCreate(Strict):
     key: FieldKey
     label: Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
     type: Literal["text", "number", "date", "choice"]
-    choices: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=120)]], msgspec.Meta(max_length=200)] = []
+    choices: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=120)]], msgspec.Meta(max_length=200)
+    ] = []
     required: bool = False
     sensitive: bool = False
     max_length: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
@@ -185,9 +187,9 @@ class FieldUpdate(Strict):
     ) = msgspec.UNSET
     required: bool | msgspec.UnsetType = msgspec.UNSET
     sensitive: bool | msgspec.UnsetType = msgspec.UNSET
-    max_length: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None | msgspec.UnsetType = msgspec.UNSET
-    min_value: float | None | msgspec.UnsetType = msgspec.UNSET
-    max_value: float | None | msgspec.UnsetType = msgspec.UNSET
+    max_length: Annotated[int, msgspec.Meta(ge=1, le=100000)] | msgspec.UnsetType | None = msgspec.UNSET
+    min_value: float | msgspec.UnsetType | None = msgspec.UNSET
+    max_value: float | msgspec.UnsetType | None = msgspec.UNSET
     active: bool | msgspec.UnsetType = msgspec.UNSET
     position: Annotated[int, msgspec.Meta(ge=0, le=10_000)] | msgspec.UnsetType = msgspec.UNSET
 
@@ -219,7 +221,7 @@ class ImportCreate(Strict):
         default_factory=lambda: ["phone", "email", "external_id"]
     )
     mapping: Annotated[dict[str, str], msgspec.Meta(max_length=200)] = {}
-    """{CSV column: field}; fields are name, phone, email, wechat_openid, external_id, tags, team, custom.<key>, ignore."""
+    """{CSV column: field}: name, phone, email, wechat_openid, external_id, tags, team, custom.<key>, ignore."""
     encoding: Literal["auto", "utf-8", "gb18030"] = "auto"
     team_id: uuid.UUID | None = None
     """The business unit of new records (the caller's own unit when they have exactly one)."""
@@ -268,11 +270,11 @@ class TicketUpdate(Strict):
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=300)] | msgspec.UnsetType = msgspec.UNSET
     description: Text | msgspec.UnsetType = msgspec.UNSET
     priority: Priority | msgspec.UnsetType = msgspec.UNSET
-    category: Annotated[str, msgspec.Meta(min_length=1, max_length=60)] | None | msgspec.UnsetType = msgspec.UNSET
+    category: Annotated[str, msgspec.Meta(min_length=1, max_length=60)] | msgspec.UnsetType | None = msgspec.UNSET
     status: TicketStatus | msgspec.UnsetType = msgspec.UNSET
-    customer_id: uuid.UUID | None | msgspec.UnsetType = msgspec.UNSET
-    assignee_user_id: uuid.UUID | None | msgspec.UnsetType = msgspec.UNSET
-    assignee_team_id: uuid.UUID | None | msgspec.UnsetType = msgspec.UNSET
+    customer_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
+    assignee_user_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
+    assignee_team_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class TicketEventOut(msgspec.Struct):

@@ -119,7 +119,9 @@ async def store_config(session: AsyncSession, tenant_id: uuid.UUID) -> StoreConf
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1]
-    chosen = await session.scalar(select(CustomerSettings.default_region).where(CustomerSettings.tenant_id == tenant_id))
+    chosen = await session.scalar(
+        select(CustomerSettings.default_region).where(CustomerSettings.tenant_id == tenant_id)
+    )
     region = chosen or region_for_zone((await tenants_service.get_tenant(session, tenant_id)).time_zone)
     definitions = await session.scalars(
         select(CustomerFieldDef).where(CustomerFieldDef.active.is_(True)).order_by(CustomerFieldDef.position)
@@ -197,7 +199,9 @@ def clean_tags(tags: Sequence[str], field: str = "tags") -> list[str]:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-async def identities_of(session: AsyncSession, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[CustomerIdentity]]:
+async def identities_of(
+    session: AsyncSession, customer_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[CustomerIdentity]]:
     """Contact points of several customers, in their order."""
     found: dict[uuid.UUID, list[CustomerIdentity]] = {i: [] for i in customer_ids}
     if not customer_ids:
@@ -517,11 +521,7 @@ async def update_customer(
     config = await store_config(session, viewer.tenant_id)
     settings = get_settings()
     before = snapshot(customer, identities)
-    lists = {
-        field: value
-        for field in _KIND_OF_LIST
-        if (value := getattr(data, field)) is not msgspec.UNSET
-    }
+    lists = {field: value for field in _KIND_OF_LIST if (value := getattr(data, field)) is not msgspec.UNSET}
     contacts, errors = clean_contacts(lists, config.region)
     custom = dict(customer.custom)
     if data.custom is not msgspec.UNSET:
@@ -598,7 +598,9 @@ async def delete_customer(session: AsyncSession, viewer: Viewer, customer_id: uu
 
 
 def _note_out(note: CustomerNote) -> NoteOut:
-    return NoteOut(note.id, note.customer_id, note.body, note.author_type, note.author_id, note.interaction_id, note.created_at)
+    return NoteOut(
+        note.id, note.customer_id, note.body, note.author_type, note.author_id, note.interaction_id, note.created_at
+    )
 
 
 async def add_note(session: AsyncSession, viewer: Viewer, customer_id: uuid.UUID, data: NoteCreate) -> NoteOut:
@@ -749,13 +751,13 @@ async def _pop(
         )
     found = list(
         (
-            await session.scalars(statement.order_by(Customer.updated_at.desc()).limit(settings.screen_pop_max_customers))
+            await session.scalars(
+                statement.order_by(Customer.updated_at.desc()).limit(settings.screen_pop_max_customers)
+            )
         ).all()
     )
     identities = await identities_of(session, [c.id for c in found])
-    customers = [
-        c for c in found if handling or await _visible(session, viewer, c, identities[c.id])
-    ]
+    customers = [c for c in found if handling or await _visible(session, viewer, c, identities[c.id])]
     refs: list[str] = []
     for customer in customers:
         refs += refs_of(customer, identities[customer.id])
@@ -792,7 +794,10 @@ async def screen_pop(
     """Who is this caller? By a number in any common format, an e-mail or a WeChat OpenID."""
     given = [(k, v) for k, v in (("phone", phone), ("email", email), ("wechat", wechat_openid)) if v and v.strip()]
     if len(given) != 1:
-        raise InvalidInput("Give exactly one of phone, email or wechat_openid", errors=[{"field": "phone", "message": "give exactly one of phone, email, wechat_openid"}])
+        raise InvalidInput(
+            "Give exactly one of phone, email or wechat_openid",
+            errors=[{"field": "phone", "message": "give exactly one of phone, email, wechat_openid"}],
+        )
     kind, value = given[0]
     if kind == "phone":
         values = phone_lookup_values(value, (await store_config(session, viewer.tenant_id)).region)
@@ -914,7 +919,9 @@ async def merge_customers(
     check_version(source.version, source_version)
     before = {"target": snapshot(target, target_ids), "source": {"id": str(source.id), **snapshot(source, source_ids)}}
     held = {(i.kind, i.value) for i in target_ids}
-    positions = {kind: sum(1 for i in target_ids if i.kind == kind) for kind in ("phone", "email", "wechat", "external")}
+    positions = {
+        kind: sum(1 for i in target_ids if i.kind == kind) for kind in ("phone", "email", "wechat", "external")
+    }
     for identity in source_ids:
         if (identity.kind, identity.value) in held:
             await session.delete(identity)
@@ -1031,11 +1038,15 @@ async def erase_customer(
 
 async def get_settings_out(session: AsyncSession, tenant_id: uuid.UUID) -> CustomerSettingsOut:
     """The tenant's customer-store settings."""
-    chosen = await session.scalar(select(CustomerSettings.default_region).where(CustomerSettings.tenant_id == tenant_id))
+    chosen = await session.scalar(
+        select(CustomerSettings.default_region).where(CustomerSettings.tenant_id == tenant_id)
+    )
     return CustomerSettingsOut(chosen, (await store_config(session, tenant_id)).region)
 
 
-async def put_settings(session: AsyncSession, principal: Principal, data: CustomerSettingsUpdate) -> CustomerSettingsOut:
+async def put_settings(
+    session: AsyncSession, principal: Principal, data: CustomerSettingsUpdate
+) -> CustomerSettingsOut:
     """Set the region local phone numbers are read in."""
     import phonenumbers
 
@@ -1067,8 +1078,18 @@ async def put_settings(session: AsyncSession, principal: Principal, data: Custom
 
 def _field_out(d: CustomerFieldDef) -> FieldOut:
     return FieldOut(
-        d.id, d.key, d.label, d.type, list(d.choices), d.required, d.sensitive, d.max_length, d.min_value,
-        d.max_value, d.active, d.position,
+        d.id,
+        d.key,
+        d.label,
+        d.type,
+        list(d.choices),
+        d.required,
+        d.sensitive,
+        d.max_length,
+        d.min_value,
+        d.max_value,
+        d.active,
+        d.position,
     )
 
 

@@ -7,7 +7,7 @@ Assignees are told through the agent hub once the change has committed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -160,7 +160,7 @@ async def open_for_customers(session: AsyncSession, customer_ids: Sequence[uuid.
     return [_summary(t, now) for t in rows.all()]
 
 
-def history_select(customer_id: uuid.UUID) -> Select[Any]:
+def history_select(customer_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
     """A customer's tickets as history entries (same columns as the interactions' and notes')."""
     return select(
         Ticket.created_at.label("at"),
@@ -201,7 +201,9 @@ async def anonymise_for_customer(session: AsyncSession, customer_id: uuid.UUID, 
             changed += 1
         for event in (await session.scalars(select(TicketEvent).where(TicketEvent.ticket_id == ticket.id))).all():
             body = _scrub(event.body, secrets)
-            changes = {k: [_scrub(v, secrets) if isinstance(v, str) else v for v in pair] for k, pair in event.changes.items()}
+            changes = {
+                k: [_scrub(v, secrets) if isinstance(v, str) else v for v in pair] for k, pair in event.changes.items()
+            }
             if body != event.body or changes != event.changes:
                 event.body, event.changes = body, changes
                 changed += 1
@@ -214,7 +216,8 @@ async def _recipients(session: AsyncSession, ticket: Ticket, actor: uuid.UUID | 
         users.add(ticket.assignee_user_id)
     elif ticket.assignee_team_id is not None:
         users.update((await tenants_service.get_team(session, ticket.assignee_team_id)).member_ids)
-    users.discard(actor)  # type: ignore[arg-type]
+    if actor is not None:
+        users.discard(actor)
     return users
 
 
@@ -303,7 +306,14 @@ async def create_ticket(
     out = ticket_out(ticket)
     snapshot = {k: v for k, v in msgspec.to_builtins(out).items() if k not in ("history", "overdue")}
     session.add(
-        TicketEvent(tenant_id=viewer.tenant_id, ticket_id=ticket.id, kind="created", author_id=viewer.actor_id, changes={}, created_at=now)
+        TicketEvent(
+            tenant_id=viewer.tenant_id,
+            ticket_id=ticket.id,
+            kind="created",
+            author_id=viewer.actor_id,
+            changes={},
+            created_at=now,
+        )
     )
     await audit.record(
         session,
@@ -398,7 +408,7 @@ async def update_ticket(
     if_match: str | None,
     notify: Notify | None = None,
 ) -> TicketOut:
-    """Change a ticket at the version read: fields, status (along the allowed flow), priority (new due time), assignee."""
+    """Change a ticket at the version read: fields, status (along the flow), priority (new due time), assignee."""
     expected = expected_version(if_match)
     ticket = await _ticket(session, ticket_id, lock=True)
     check_version(ticket.version, expected)
@@ -496,7 +506,13 @@ async def add_comment(
     now = utcnow()
     session.add(
         TicketEvent(
-            tenant_id=viewer.tenant_id, ticket_id=ticket.id, kind="comment", author_id=viewer.actor_id, body=body, changes={}, created_at=now
+            tenant_id=viewer.tenant_id,
+            ticket_id=ticket.id,
+            kind="comment",
+            author_id=viewer.actor_id,
+            body=body,
+            changes={},
+            created_at=now,
         )
     )
     ticket.updated_at = now

@@ -94,7 +94,7 @@ async def paginate(
     if column is None:
         raise InvalidInput.field("sort", f"one of {', '.join(sorted(sortable))}, optionally prefixed by -")
     if page.cursor:
-        value, last_id = _decode(page.cursor, column)
+        value, last_id = _decode(page.cursor, column)  # type: ignore[arg-type]
         if descending:
             statement = statement.where(or_(column < value, and_(column == value, id_column < last_id)))
         else:
@@ -142,5 +142,5 @@ async def paginate_rows(
     if len(rows) > page.limit:
         rows = rows[: page.limit]
         last = rows[-1]._mapping
-        next_cursor = _encode(last[column.key], last[id_column.key])  # type: ignore[index]
+        next_cursor = _encode(last[column.key], last[id_column.key])
     return rows, next_cursor

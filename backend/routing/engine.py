@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,9 @@ MAX_CALLBACK_DAYS = 7
 DEFAULT_HANDLE_SECONDS = 180.0
 """The handle time assumed for a queue that has handled nothing yet."""
 
+OfferContextProvider = Callable[[uuid.UUID, uuid.UUID, InteractionOut], Awaitable[dict[str, Any]]]
+"""Adds to an offer what the agent needs with it (tenant, agent, interaction -> extra payload): the screen pop."""
+
 
 def now_ms() -> int:
     """Milliseconds since the epoch: the matcher's clock."""
@@ -81,6 +85,8 @@ class RoutingEngine:
         self.matcher = matcher
         self.hub = hub
         self.away_on_missed_offer = away_on_missed_offer
+        self.offer_context: list[OfferContextProvider] = []
+        """Filled by the app's wiring (the customer store's screen pop); a failing provider never blocks an offer."""
 
     # --- queue rules --------------------------------------------------------------------------
 
@@ -220,8 +226,14 @@ class RoutingEngine:
             interaction.state = "offered"
             interaction.agent_id = agent
             await interactions.record(session, interaction, "offered", agent_id=agent, timeout_ms=timeout_ms)
-            payload = {"type": "offer", "interaction": _plain(interactions.out(interaction)), "timeout_ms": timeout_ms}
+            offered = interactions.out(interaction)
+            payload = {"type": "offer", "interaction": _plain(offered), "timeout_ms": timeout_ms}
         await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
+        for provide in self.offer_context:
+            try:
+                payload.update(await provide(tenant_id, agent, offered))
+            except Exception:
+                log.warning("offer_context_failed", interaction_id=str(interaction_id), exc_info=True)
         await self.hub.publish(tenant_id, agent, payload)
 
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:

@@ -859,7 +859,7 @@ async def recent_customer_interactions(session: AsyncSession, refs: Sequence[str
     return [interactions.out(r) for r in rows.all()]
 
 
-def customer_interactions_select(refs: Sequence[str]) -> Select[Any]:
+def customer_interactions_select(refs: Sequence[str]) -> Select[*tuple[Any, ...]]:
     """Interactions of a customer as history entries: (at, kind, id, channel, state, outcome, actor_id, text)."""
     return select(
         Interaction.created_at.label("at"),

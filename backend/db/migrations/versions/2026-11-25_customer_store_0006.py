@@ -6,6 +6,7 @@ Create Date: 2026-11-25 09:00:00
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -140,7 +141,9 @@ def upgrade() -> None:
         sa.Column("label", sa.String(40), nullable=True),
         sa.Column("position", sa.SmallInteger(), nullable=False, server_default="0"),
         *_base(),
-        sa.CheckConstraint("kind IN ('phone', 'email', 'wechat', 'external')", name=op.f("ck_customer_identities_kind")),
+        sa.CheckConstraint(
+            "kind IN ('phone', 'email', 'wechat', 'external')", name=op.f("ck_customer_identities_kind")
+        ),
         sa.ForeignKeyConstraint(
             ["tenant_id", "customer_id"],
             ["customers.tenant_id", "customers.id"],
@@ -149,7 +152,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("tenant_id", "id", name=op.f("pk_customer_identities")),
         sa.UniqueConstraint(
-            "tenant_id", "customer_id", "kind", "value", name=op.f("uq_customer_identities_tenant_id_customer_id_kind_value")
+            "tenant_id",
+            "customer_id",
+            "kind",
+            "value",
+            name=op.f("uq_customer_identities_tenant_id_customer_id_kind_value"),
         ),
     )
     # Screen pop and import de-duplication: exact address -> customers.
@@ -299,16 +306,23 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         *_base(),
         sa.CheckConstraint(
-            "status IN ('awaiting_file', 'queued', 'running', 'done', 'failed')", name=op.f("ck_customer_imports_status")
+            "status IN ('awaiting_file', 'queued', 'running', 'done', 'failed')",
+            name=op.f("ck_customer_imports_status"),
         ),
         sa.CheckConstraint("mode IN ('update','skip')", name=op.f("ck_customer_imports_mode")),
         _tenant_fk("customer_imports"),
         sa.PrimaryKeyConstraint("tenant_id", "id", name=op.f("pk_customer_imports")),
     )
     op.create_index("ix_customer_imports_created", "customer_imports", ["tenant_id", "created_at", "id"])
-    for table, columns in (
-        ("customer_import_chunks", [sa.Column("seq", sa.Integer(), nullable=False), sa.Column("data", sa.LargeBinary(), nullable=False)]),
-        ("customer_import_rows", [sa.Column("customer_id", sa.UUID(), nullable=False), sa.Column("row", sa.Integer(), nullable=False)]),
+    side_tables: tuple[tuple[str, list[Any]], ...] = (
+        (
+            "customer_import_chunks",
+            [sa.Column("seq", sa.Integer(), nullable=False), sa.Column("data", sa.LargeBinary(), nullable=False)],
+        ),
+        (
+            "customer_import_rows",
+            [sa.Column("customer_id", sa.UUID(), nullable=False), sa.Column("row", sa.Integer(), nullable=False)],
+        ),
         (
             "customer_import_errors",
             [
@@ -319,8 +333,11 @@ def upgrade() -> None:
                 sa.Column("message", sa.String(500), nullable=False),
             ],
         ),
-    ):
-        key = {"customer_import_chunks": "seq", "customer_import_rows": "customer_id", "customer_import_errors": "row"}[table]
+    )
+    for table, columns in side_tables:
+        key = {"customer_import_chunks": "seq", "customer_import_rows": "customer_id", "customer_import_errors": "row"}[
+            table
+        ]
         pk = ["tenant_id", "import_id", key] + (["position"] if table == "customer_import_errors" else [])
         op.create_table(
             table,
