@@ -94,7 +94,7 @@ async def paginate(
     if column is None:
         raise InvalidInput.field("sort", f"one of {', '.join(sorted(sortable))}, optionally prefixed by -")
     if page.cursor:
-        value, last_id = _decode(page.cursor, column)  # type: ignore[arg-type]
+        value, last_id = _decode(page.cursor, column)
         if descending:
             statement = statement.where(or_(column < value, and_(column == value, id_column < last_id)))
         else:
