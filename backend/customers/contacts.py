@@ -37,8 +37,8 @@ def normalise_phone(raw: str, region: str | None) -> Phone:
     Accepts the formats people type and caller ids arrive in: `+86 138 0013 8000`,
     `(0)138-0013-8000`, `0086 13800138000`, `tel:+8613800138000`.
     """
-    text = unicodedata.normalize("NFKC", raw).strip()
-    candidate = text.removeprefix("tel:").strip()
+    text = raw.strip()
+    candidate = unicodedata.normalize("NFKC", text).removeprefix("tel:").strip()
     if candidate.startswith("00") and not candidate.startswith("000"):
         candidate = "+" + candidate[2:]  # the international prefix most of the world dials
     try:

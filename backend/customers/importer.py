@@ -369,9 +369,10 @@ class RecordSplitter:
     _quotes: int = 0
     _start: int = 1
     _skipping: bool = False
+    _open_line: bool = False
 
     def feed(self, text: str) -> Iterator[Record]:
-        """The records completed by `text`."""
+        """The records completed by `text` (which may end, or start, in the middle of a line)."""
         pieces = text.split("\n")
         for index, piece in enumerate(pieces):
             last = index == len(pieces) - 1
@@ -379,17 +380,21 @@ class RecordSplitter:
                 if last:
                     continue
                 self.line += 1
-                self._skipping = False
                 yield Record(_OVERSIZE, self._start, oversize=True)
                 self._reset()
                 continue
-            if not self._pending:
-                self._start = self.line + 1
-            self._pending.append(piece)
-            self._pending_len += len(piece) + 1
+            if self._open_line:
+                self._pending[-1] += piece
+            else:
+                if not self._pending:
+                    self._start = self.line + 1
+                self._pending.append(piece)
+                self._pending_len += 1
+            self._pending_len += len(piece)
             self._quotes += piece.count('"')
+            self._open_line = last
             if self._pending_len > self.max_chars:
-                self._pending.clear()
+                self._pending = []
                 self._pending_len = 0
                 if last:
                     self._skipping = True
@@ -419,6 +424,7 @@ class RecordSplitter:
         self._pending_len = 0
         self._quotes = 0
         self._skipping = False
+        self._open_line = False
 
 
 # --- the job -----------------------------------------------------------------------------------------
