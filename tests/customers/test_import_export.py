@@ -57,17 +57,17 @@ async def test_import_creates_updates_reports_and_a_rerun_changes_nothing(client
     await factory.customer_field(ctx, key="level", type="choice", choices=["gold", "silver"])
     existing = await factory.customer(ctx, name="Old Name", phones=["+8613800000001"])
     content = (
-        "Name,Phone,E-mail,Tags,level,Notes\n"
-        "Old Name Updated,138 0000 0001,,vip,gold,ignored\n"
-        '"Zhang, Wei",13800000002,zw@example.com,"a;b",silver,"multi\nline"\n'
-        "Li Na,13800000003,bad-address,,gold,\n"
-        "Dup Of Two,+86 138 0000 0002,,,,\n"
-        "Ragged,13800000004\n"
-        "No Keys,,,,,\n"
-        "Bad Choice,13800000005,,,bronze,\n"
-        "\n"
-        ",13800000006,,,,\n"
-    ).encode()
+        b"Name,Phone,E-mail,Tags,level,Notes\n"
+        b"Old Name Updated,138 0000 0001,,vip,gold,ignored\n"
+        b'"Zhang, Wei",13800000002,zw@example.com,"a;b",silver,"multi\nline"\n'
+        b"Li Na,13800000003,bad-address,,gold,\n"
+        b"Dup Of Two,+86 138 0000 0002,,,,\n"
+        b"Ragged,13800000004\n"
+        b"No Keys,,,,,\n"
+        b"Bad Choice,13800000005,,,bronze,\n"
+        b"\n"
+        b",13800000006,,,,\n"
+    )
     done = await _import(client, sessionmaker, ctx, content, mapping={}, match_on=["phone", "email"])
     assert done["status"] == "done" and done["percent"] == 100.0
     assert done["mapping"]["Phone"] == "phone" and done["mapping"]["level"] == "custom.level"
@@ -150,10 +150,13 @@ async def test_the_upload_has_its_own_size_limit_and_stores_nothing_beyond(facto
 
     from backend.customers.importer import PayloadTooLarge
 
-    with pytest.raises(PayloadTooLarge):
+    async def upload() -> None:
         async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
             viewer = await viewer_of(session, ctx.system())
             await importer.receive_file(session, viewer, import_id, body(), small)
+
+    with pytest.raises(PayloadTooLarge):
+        await upload()
     async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
         assert await session.scalar(select(func.count()).select_from(CustomerImportChunk)) == 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -379,7 +378,3 @@ async def test_delete_needs_the_version_and_permission(client, factory):
     assert (await client.delete(path, headers={**ctx.headers, "If-Match": '"9"'})).status_code == 412
     assert (await client.delete(path, headers={**ctx.headers, "If-Match": '"1"'})).status_code == 204
     assert (await client.get(path, headers=ctx.headers)).status_code == 404
-
-
-def test_uuid_placeholder():
-    assert uuid.UUID(int=0)
