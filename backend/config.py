@@ -134,6 +134,8 @@ class Settings:
         default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_TIMEOUT", 4 * 3600)
     )
     """Longest an import job may run before the job queue gives up on it."""
+    customer_import_attempts: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_ATTEMPTS", 3))
+    """Runs an import job gets (each resumes after the last committed batch) before the import is marked failed."""
     customer_export_batch_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_EXPORT_BATCH", 1000))
     """Customers an export reads from the database at a time."""
     ticket_sla_minutes_urgent: int = field(default_factory=lambda: _env_int("CC_TICKET_SLA_URGENT", 4 * 60))

@@ -15,7 +15,7 @@ from backend.auth.authenticate import Authenticator
 from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
 from backend.config import get_settings
-from backend.customers.importer import run_import
+from backend.customers.importer import requeue_unfinished, run_import
 from backend.customers.service import offer_screen_pop
 from backend.db.engine import make_engine, make_sessionmaker
 from backend.lib.jobs import make_job_queue
@@ -50,6 +50,14 @@ async def deliver_mail(ctx: WorkerContext) -> int:
 async def import_customers(ctx: WorkerContext, *, tenant_id: str, import_id: str) -> dict[str, object]:
     """Import one uploaded customer file (resumes after its last committed batch when retried)."""
     return await run_import(ctx["sessionmaker"], uuid.UUID(tenant_id), uuid.UUID(import_id))
+
+
+async def requeue_imports(ctx: WorkerContext) -> int:
+    """Sweep: imports whose job was lost (Redis restarted or flushed) are queued again and resume where they were."""
+    handed = await requeue_unfinished(ctx["sessionmaker"], ctx["worker"].queue)
+    if handed:
+        log.warning("customer_imports_requeued", count=handed)
+    return handed
 
 
 async def _startup(ctx: WorkerContext) -> None:
@@ -87,8 +95,8 @@ def build_worker() -> Worker[WorkerContext]:
     queue = make_job_queue(settings)
     return Worker(
         queue,
-        functions=[deliver_mail, import_customers],
-        cron_jobs=[CronJob(deliver_mail, cron="* * * * *")],
+        functions=[deliver_mail, import_customers, requeue_imports],
+        cron_jobs=[CronJob(deliver_mail, cron="* * * * *"), CronJob(requeue_imports, cron="* * * * *")],
         startup=_startup,
         shutdown=_shutdown,
         concurrency=10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
+import structlog
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -44,6 +45,7 @@ from backend.lib.pagination import Page, PageRequest
 from backend.routing.hub import AgentHub
 from backend.tenants import audit
 
+log = structlog.get_logger("customers")
 IfMatch = Parameter(header="If-Match", default=None, description="The ETag read; required on every change")
 Text = Parameter(default=None, max_length=200)
 TicketStatus = Literal["new", "open", "pending", "resolved", "closed"]
@@ -335,15 +337,11 @@ class CustomerConfigController(Controller):
 
 
 async def enqueue_import(queue: Queue, tenant_id: uuid.UUID, import_id: uuid.UUID, settings: Settings) -> None:
-    """Hand an uploaded import to the workers (once per import: the job key is the import)."""
-    await queue.enqueue(
-        "import_customers",
-        key=f"customer-import:{import_id}",
-        timeout=settings.customer_import_job_timeout_seconds,
-        retries=3,
-        tenant_id=str(tenant_id),
-        import_id=str(import_id),
-    )
+    """Hand an uploaded import to the workers; if Redis is away, the workers' sweep picks it up from PostgreSQL."""
+    try:
+        await importer.enqueue(queue, tenant_id, import_id, settings)
+    except Exception:
+        log.warning("customer_import_enqueue_failed", import_id=str(import_id), exc_info=True)
 
 
 class CustomerImportController(Controller):

@@ -571,6 +571,7 @@ class ImportRunner:
                 return {"status": job.status}
             job.status = "running"
             job.started_at = job.started_at or utcnow()
+            job.attempts += 1
             forget_config(self.tenant_id)
             config = await store_config(session, self.tenant_id)
             teams_page, _ = await tenants_service.list_teams(
@@ -597,9 +598,12 @@ class ImportRunner:
             log.exception("customer_import_failed", import_id=str(self.import_id))
             async with tenant_transaction(self.sessionmaker, self.tenant_id) as session:
                 job = await _import(session, self.import_id, lock=True)
-                job.status = "failed"
                 job.failure = f"The import stopped after {job.rows_done} rows: {type(exc).__name__}"
-                job.finished_at = utcnow()
+                if job.attempts >= self.settings.customer_import_attempts:
+                    job.status = "failed"
+                    job.finished_at = utcnow()
+                else:
+                    job.status = "queued"  # the queue's retry, or the workers' sweep, resumes it
             raise
         return await self._finish()
 
@@ -949,6 +953,7 @@ class ImportRunner:
         async with tenant_transaction(self.sessionmaker, self.tenant_id) as session:
             job = await _import(session, self.import_id, lock=True)
             job.status = "done"
+            job.failure = None
             job.finished_at = utcnow()
             job.bytes_done = job.file_bytes
             counts = {
@@ -980,6 +985,47 @@ class ImportRunner:
             )
         log.info("customer_import_done", import_id=str(self.import_id), **counts)
         return counts
+
+
+async def enqueue(queue: Any, tenant_id: uuid.UUID, import_id: uuid.UUID, settings: Settings) -> None:
+    """Put an import's job on the queue; the job key is the import, so it is never queued twice at once."""
+    await queue.enqueue(
+        "import_customers",
+        key=f"customer-import:{import_id}",
+        timeout=settings.customer_import_job_timeout_seconds,
+        retries=settings.customer_import_attempts,
+        tenant_id=str(tenant_id),
+        import_id=str(import_id),
+    )
+
+
+async def requeue_unfinished(sessionmaker: async_sessionmaker[AsyncSession], queue: Any) -> int:
+    """Queue again every import that has its file but is not finished (its job was lost with Redis, or never
+    queued); a job still on the queue is not duplicated (same key). Returns how many were handed over."""
+    settings = get_settings()
+    async with sessionmaker() as session:
+        tenant_ids = await tenants_service.active_tenant_ids(session)
+    handed = 0
+    for tenant_id in tenant_ids:
+        async with tenant_transaction(sessionmaker, tenant_id) as session:
+            pending = list(
+                (
+                    await session.scalars(
+                        select(CustomerImport.id).where(CustomerImport.status.in_(("queued", "running")))
+                    )
+                ).all()
+            )
+        for import_id in pending:
+            if await queue.enqueue(
+                "import_customers",
+                key=f"customer-import:{import_id}",
+                timeout=settings.customer_import_job_timeout_seconds,
+                retries=settings.customer_import_attempts,
+                tenant_id=str(tenant_id),
+                import_id=str(import_id),
+            ):
+                handed += 1
+    return handed
 
 
 async def run_import(

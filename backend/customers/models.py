@@ -217,6 +217,8 @@ class CustomerImport(TenantOwned, Base):
     errors: Mapped[int] = mapped_column(Integer, default=0)
     failure: Mapped[str | None] = mapped_column(Text)
     """Why the whole import stopped, if it did."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Runs of the job so far; after the last allowed one a failing import is marked failed."""
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
 

@@ -228,7 +228,7 @@ async def test_progress_is_readable_while_the_worker_runs_the_job(client, factor
     task = asyncio.create_task(worker.start())
     seen: list[dict] = []
     try:
-        for _ in range(600):
+        for _ in range(2400):
             progress = (await client.get(f"{IMPORTS}/{uploaded['id']}", headers=ctx.headers)).json()
             if not seen or progress["rows_done"] != seen[-1]["rows_done"]:
                 seen.append(progress)
@@ -241,6 +241,46 @@ async def test_progress_is_readable_while_the_worker_runs_the_job(client, factor
     assert seen[-1]["status"] == "done", seen[-1]
     assert seen[-1]["created"] == 3500
     assert all(p["rows_done"] % 1000 == 0 or p["status"] == "done" for p in seen)
+
+
+async def test_an_import_whose_job_was_lost_is_queued_again_and_resumes(client, factory, sessionmaker, app):
+    """Redis lost the job (restart, flush): the workers' sweep finds the import in PostgreSQL and queues it again."""
+    ctx = await factory.tenant(time_zone="Asia/Shanghai")
+    lines = ["name,phone"] + [f"Person {i},+86136{i:08d}" for i in range(2500)]
+    uploaded = await _upload(client, ctx, ("\n".join(lines) + "\n").encode())
+    import_id = uuid.UUID(uploaded["id"])
+    queue = app.state.job_queue
+    await queue.abort(await queue.job(f"customer-import:{import_id}"), "lost")
+    # The first batch went through before the job was lost.
+    runner = importer.ImportRunner(sessionmaker, ctx.tenant_id, import_id)
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        job = await importer._import(session, import_id, lock=True)
+        job.status = "running"
+
+    class Interrupted(Exception):
+        pass
+
+    original = runner._write
+    calls = 0
+
+    async def write_once(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise Interrupted
+        await original(*args, **kwargs)
+
+    runner._write = write_once  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        await runner.run()
+    interrupted = (await client.get(f"{IMPORTS}/{import_id}", headers=ctx.headers)).json()
+    assert (interrupted["status"], interrupted["rows_done"]) == ("queued", 1000)
+    assert interrupted["failure"] == "The import stopped after 1000 rows: Interrupted"
+    handed = await importer.requeue_unfinished(sessionmaker, queue)
+    assert handed >= 1
+    await importer.run_import(sessionmaker, ctx.tenant_id, import_id)
+    done = (await client.get(f"{IMPORTS}/{import_id}", headers=ctx.headers)).json()
+    assert (done["status"], done["rows_done"], done["created"], done["errors"]) == ("done", 2500, 2500, 0)
 
 
 async def test_service_refuses_a_mapping_to_unknown_columns_without_http(factory, sessionmaker):

@@ -302,6 +302,7 @@ def upgrade() -> None:
         sa.Column("skipped", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("errors", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("failure", sa.Text(), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         *_base(),

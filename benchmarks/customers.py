@@ -1,0 +1,313 @@
+"""Customer store benchmark: screen pop under a steady open-loop rate over a large store, and bulk import.
+
+Run through benchmarks/run_customers.sh, which provides PostgreSQL and Redis. Prints its figures.
+
+1. Seeds 1,000,000 customers in one tenant and 100,000 in each of nine others (one phone each, an e-mail for
+   half, two past interactions for one in five of the big tenant's customers, some open tickets), directly in
+   SQL as the schema owner, tenant by tenant under row-level security.
+2. Screen pop: GET /api/v1/customers/screen-pop?phone=... at a steady rate against the big tenant, numbers
+   picked at random and written in several formats (10 % unknown callers); latency counted from the
+   scheduled instant (open loop), so queueing shows.
+3. Import: a CSV of new customers uploaded through the API (streamed), then the import job run in its own
+   process, as a worker runs it; rows/s and that process's peak memory (ru_maxrss). Then the same file again
+   (every row matches and is unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api import free_port, prepare_tenant, start_server, stop_server
+
+SEED_BATCH = 100_000
+
+
+def owner_dsn() -> str:
+    return os.environ["DATABASE_OWNER_URL"].replace("postgresql+asyncpg://", "postgresql://")
+
+
+def phone_of(index: int) -> str:
+    return f"+86138{index:08d}"
+
+
+async def seed_tenant(tenant_id: str, count: int, *, interactions: bool) -> None:
+    connection = await asyncpg.connect(owner_dsn())
+    try:
+        for start in range(0, count, SEED_BATCH):
+            end = min(count, start + SEED_BATCH) - 1
+            async with connection.transaction():
+                await connection.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
+                await connection.execute(
+                    """
+                    INSERT INTO customers (tenant_id, id, name, tags, custom, version, created_at, updated_at)
+                    SELECT $1::uuid, md5($1 || ':' || g)::uuid, 'Customer ' || g,
+                           CASE WHEN g % 10 = 0 THEN ARRAY['vip'] ELSE ARRAY[]::varchar[] END, '{}'::jsonb, 1,
+                           now() - (g % 1000) * interval '1 hour', now() - (g % 1000) * interval '1 hour'
+                    FROM generate_series($2::int, $3::int) g
+                    """,
+                    tenant_id,
+                    start,
+                    end,
+                )
+                await connection.execute(
+                    """
+                    INSERT INTO customer_identities (tenant_id, id, customer_id, kind, value, raw, valid, position)
+                    SELECT $1::uuid, gen_random_uuid(), md5($1 || ':' || g)::uuid, 'phone',
+                           '+86138' || lpad(g::text, 8, '0'), '138' || lpad(g::text, 8, '0'), true, 0
+                    FROM generate_series($2::int, $3::int) g
+                    UNION ALL
+                    SELECT $1::uuid, gen_random_uuid(), md5($1 || ':' || g)::uuid, 'email',
+                           'c' || g || '@example.com', 'c' || g || '@example.com', true, 0
+                    FROM generate_series($2::int, $3::int) g WHERE g % 2 = 0
+                    """,
+                    tenant_id,
+                    start,
+                    end,
+                )
+                if interactions:
+                    await connection.execute(
+                        """
+                        INSERT INTO interactions (tenant_id, id, channel, customer_ref, priority, attributes, state,
+                                                  outcome, last_seq, created_at, ended_at)
+                        SELECT $1::uuid, gen_random_uuid(), CASE WHEN k = 1 THEN 'voice' ELSE 'webchat' END,
+                               CASE WHEN k = 1 THEN '+86138' || lpad(g::text, 8, '0') ELSE md5($1 || ':' || g)::uuid::text END,
+                               50, '{}'::jsonb, 'ended', 'handled', 0,
+                               now() - (g % 500) * interval '1 day', now() - (g % 500) * interval '1 day'
+                        FROM generate_series($2::int, $3::int) g CROSS JOIN generate_series(1, 2) k
+                        WHERE g % 5 = 0
+                        """,
+                        tenant_id,
+                        start,
+                        end,
+                    )
+                    await connection.execute(
+                        """
+                        INSERT INTO tickets (tenant_id, id, number, customer_id, subject, description, priority,
+                                             status, due_at, version, created_at, updated_at)
+                        SELECT $1::uuid, gen_random_uuid(), g, md5($1 || ':' || g)::uuid, 'Ticket ' || g, '', 'normal',
+                               'open', now() + interval '1 day', 1, now(), now()
+                        FROM generate_series($2::int, $3::int) g WHERE g % 50 = 0
+                        """,
+                        tenant_id,
+                        start,
+                        end,
+                    )
+        await connection.execute(
+            "ANALYZE customers; ANALYZE customer_identities; ANALYZE interactions; ANALYZE tickets"
+        )
+    finally:
+        await connection.close()
+
+
+def formats(index: int) -> str:
+    national = f"138{index:08d}"
+    return random.choice(
+        [
+            f"+86{national}",
+            national,
+            f"+86 {national[:3]} {national[3:7]} {national[7:]}",
+            f"0086-{national}",
+            f"tel:+86{national}",
+        ]
+    )
+
+
+async def screen_pop_steady(
+    port: int, token: str, big: int, rate: int, seconds: int, connections: int = 64
+) -> dict[str, float]:
+    """Open-loop screen pops at `rate`/s; latency from the scheduled instant to the last byte."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    latencies: list[float] = []
+    errors = 0
+    unknown = 0
+    known = 0
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=5) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        for _ in range(50):  # warm the connections and the caches
+            await client.get("/api/v1/customers/screen-pop", params={"phone": formats(1)}, headers=headers)
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.5
+        tasks = []
+
+        async def one(scheduled: float, number: str) -> None:
+            nonlocal errors, unknown, known
+            try:
+                response = await client.get("/api/v1/customers/screen-pop", params={"phone": number}, headers=headers)
+                latencies.append((loop.time() - scheduled) * 1000)
+                if response.status_code != 200:
+                    errors += 1
+                elif response.json()["known"]:
+                    known += 1
+                else:
+                    unknown += 1
+            except httpx.HTTPError:
+                errors += 1
+
+        for index in range(rate * seconds):
+            scheduled = start + index / rate
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            number = formats(random.randrange(big)) if random.random() < 0.9 else f"+86139{random.randrange(10**8):08d}"
+            tasks.append(asyncio.create_task(one(scheduled, number)))
+        await asyncio.gather(*tasks)
+    latencies.sort()
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "sent": rate * seconds,
+        "errors": errors,
+        "known": known,
+        "unknown": unknown,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+        "max_ms": latencies[-1],
+    }
+
+
+def write_csv(path: Path, rows: int) -> int:
+    with path.open("w", encoding="utf-8") as out:
+        out.write("name,phone,email,tags,external_id\n")
+        for index in range(rows):
+            out.write(f"Imported {index},+86137{index:08d},i{index}@import.example.com,imported;batch,IMP-{index}\n")
+    return path.stat().st_size
+
+
+def upload(base: str, token: str, path: Path) -> str:
+    headers = {"Authorization": f"Bearer {token}"}
+    created = httpx.post(f"{base}/api/v1/customer-imports", json={"mode": "update"}, headers=headers, timeout=30)
+    created.raise_for_status()
+    import_id = created.json()["id"]
+
+    def chunks():  # streamed: the client never holds the file either
+        with path.open("rb") as handle:
+            while piece := handle.read(256 * 1024):
+                yield piece
+
+    response = httpx.put(
+        f"{base}/api/v1/customer-imports/{import_id}/file", content=chunks(), headers=headers, timeout=600
+    )
+    response.raise_for_status()
+    return str(import_id)
+
+
+def run_job_in_process(tenant_id: str, import_id: str) -> dict[str, float]:
+    """Run the import job in a fresh process, as a worker would, and read its peak memory."""
+    output = subprocess.run(
+        [sys.executable, __file__, "import-job", tenant_id, import_id], capture_output=True, text=True, check=True
+    ).stdout
+    values = dict(line.split("=", 1) for line in output.strip().splitlines() if "=" in line)
+    return {k: float(v) for k, v in values.items()}
+
+
+def import_job(tenant_id: str, import_id: str) -> None:
+    """Child process: run one import job and print its duration and peak memory."""
+    from backend.config import get_settings
+    from backend.customers.importer import run_import
+    from backend.db.engine import make_engine, make_sessionmaker
+
+    async def main() -> dict[str, object]:
+        engine = make_engine(get_settings())
+        try:
+            return await run_import(make_sessionmaker(engine), uuid.UUID(tenant_id), uuid.UUID(import_id))
+        finally:
+            await engine.dispose()
+
+    started = time.perf_counter()
+    counts = asyncio.run(main())
+    elapsed = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"seconds={elapsed}")
+    print(f"peak_mb={peak_mb}")
+    for key, value in counts.items():
+        print(f"{key}={value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=int, default=300)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--big", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=100_000)
+    parser.add_argument("--tenants", type=int, default=10)
+    parser.add_argument("--import-rows", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(port, args.workers)
+    try:
+        tenants = [prepare_tenant(base) for _ in range(args.tenants)]
+        for token, _, _ in tenants:
+            httpx.put(
+                f"{base}/api/v1/customer-store/settings",
+                json={"default_region": "CN"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+            ).raise_for_status()
+        started = time.perf_counter()
+        asyncio.run(seed_tenant(tenants[0][2], args.big, interactions=True))
+        for _, _, tenant_id in tenants[1:]:
+            asyncio.run(seed_tenant(tenant_id, args.small, interactions=False))
+        seeded = time.perf_counter() - started
+        total = args.big + args.small * (args.tenants - 1)
+        print(f"seeded {total:,} customers in {seeded:.0f} s", flush=True)
+        print(f"load before measuring: {os.getloadavg()}", flush=True)
+        token = tenants[0][0]
+        pop = asyncio.run(screen_pop_steady(port, token, args.big, args.rate, args.seconds))
+        print(f"screen pop: {pop}", flush=True)
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "customers.csv"
+            size = write_csv(path, args.import_rows)
+            upload_started = time.perf_counter()
+            import_id = upload(base, token, path)
+            uploaded = time.perf_counter() - upload_started
+            first = run_job_in_process(tenants[0][2], import_id)
+            rerun_id = upload(base, token, path)
+            rerun = run_job_in_process(tenants[0][2], rerun_id)
+    finally:
+        stop_server(server)
+
+    print()
+    print(f"machine: {os.cpu_count()} cores; API workers: {args.workers}; load generator on the same machine")
+    print(f"store: {args.big:,} customers in one tenant, {args.small:,} in each of {args.tenants - 1} others")
+    print(
+        f"screen pop {pop['rate']:.0f}/s x {pop['seconds']:.0f}s: p50 {pop['p50_ms']:.2f} ms  p99 {pop['p99_ms']:.2f} ms  "
+        f"max {pop['max_ms']:.1f} ms  errors {pop['errors']:.0f}  known {pop['known']:.0f} unknown {pop['unknown']:.0f}  "
+        "(goal p99 < 10 ms)"
+    )
+    print(f"upload of {args.import_rows:,} rows ({size / 1e6:.1f} MB): {uploaded:.1f} s")
+    print(
+        f"import (new rows): {first['rows']:.0f} rows in {first['seconds']:.1f} s = {first['rows'] / first['seconds']:.0f} rows/s, "
+        f"created {first['created']:.0f}, errors {first['errors']:.0f}, peak memory {first['peak_mb']:.0f} MB  "
+        "(goal >= 5,000 rows/s, < 300 MB)"
+    )
+    print(
+        f"import (same file again): {rerun['rows']:.0f} rows in {rerun['seconds']:.1f} s = "
+        f"{rerun['rows'] / rerun['seconds']:.0f} rows/s, unchanged {rerun['unchanged']:.0f}, created {rerun['created']:.0f}, "
+        f"peak memory {rerun['peak_mb']:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "import-job":
+        import_job(sys.argv[2], sys.argv[3])
+    else:
+        main()
