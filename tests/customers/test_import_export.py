@@ -230,7 +230,7 @@ async def test_progress_is_readable_while_the_worker_runs_the_job(client, factor
     try:
         for _ in range(2400):
             progress = (await client.get(f"{IMPORTS}/{uploaded['id']}", headers=ctx.headers)).json()
-            if not seen or progress["rows_done"] != seen[-1]["rows_done"]:
+            if not seen or (progress["rows_done"], progress["status"]) != (seen[-1]["rows_done"], seen[-1]["status"]):
                 seen.append(progress)
             if progress["status"] in ("done", "failed"):
                 break
