@@ -209,9 +209,14 @@ def upload(base: str, token: str, path: Path) -> str:
 def run_job_in_process(tenant_id: str, import_id: str) -> dict[str, float]:
     """Run the import job in a fresh process, as a worker would, and read its peak memory."""
     output = subprocess.run(
-        [sys.executable, __file__, "import-job", tenant_id, import_id], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "import-job", tenant_id, import_id],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "CC_LOG_LEVEL": "WARNING"},
     ).stdout
-    values = dict(line.split("=", 1) for line in output.strip().splitlines() if "=" in line)
+    prefix = "RESULT "
+    values = dict(line[len(prefix) :].split("=", 1) for line in output.splitlines() if line.startswith(prefix))
     return {k: float(v) for k, v in values.items()}
 
 
@@ -232,10 +237,10 @@ def import_job(tenant_id: str, import_id: str) -> None:
     counts = asyncio.run(main())
     elapsed = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"seconds={elapsed}")
-    print(f"peak_mb={peak_mb}")
+    print(f"RESULT seconds={elapsed}")
+    print(f"RESULT peak_mb={peak_mb}")
     for key, value in counts.items():
-        print(f"{key}={value}")
+        print(f"RESULT {key}={value}")
 
 
 def main() -> None:
