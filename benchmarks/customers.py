@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import resource
@@ -32,9 +33,42 @@ import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api import free_port, prepare_tenant, start_server, stop_server
+from api import PASSWORD, free_port, start_server, stop_server
 
 SEED_BATCH = 100_000
+
+
+def new_tenant(base: str) -> dict[str, str]:
+    """Sign up a tenant whose local numbers read as Chinese; returns its slug, owner e-mail, id and a token."""
+    slug = f"bench{uuid.uuid4().hex[:8]}"
+    email = f"owner@{slug}.example.com"
+    signup = httpx.post(
+        f"{base}/api/v1/signup",
+        json={
+            "company_name": "Bench Co",
+            "slug": slug,
+            "admin_email": email,
+            "admin_name": "Bench Owner",
+            "password": PASSWORD,
+            "time_zone": "Asia/Shanghai",
+            "plan": "team",
+        },
+        timeout=30,
+    )
+    signup.raise_for_status()
+    tenant = {"slug": slug, "email": email, "id": signup.json()["tenant"]["id"]}
+    tenant["token"] = login(base, tenant)
+    return tenant
+
+
+def login(base: str, tenant: dict[str, str]) -> str:
+    response = httpx.post(
+        f"{base}/api/v1/auth/login",
+        json={"workspace": tenant["slug"], "email": tenant["email"], "password": PASSWORD},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return str(response.json()["access_token"])
 
 
 def owner_dsn() -> str:
@@ -181,10 +215,12 @@ async def screen_pop_steady(
 
 
 def write_csv(path: Path, rows: int) -> int:
+    """New customers: numbers of a block no earlier run used (runs reuse the seeded store)."""
+    block = int(time.time()) % 90 * 1_000_000
     with path.open("w", encoding="utf-8") as out:
         out.write("name,phone,email,tags,external_id\n")
-        for index in range(rows):
-            out.write(f"Imported {index},+86137{index:08d},i{index}@import.example.com,imported;batch,IMP-{index}\n")
+        for index in range(block, block + rows):
+            out.write(f"Imported {index},+86135{index:08d},i{index}@import.example.com,imported;batch,IMP-{index}\n")
     return path.stat().st_size
 
 
@@ -252,29 +288,33 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--import-rows", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reuse", action="store_true", help="reuse the store seeded by an earlier run (same sizes)")
     args = parser.parse_args()
+    saved = Path(os.environ.get("CC_BENCH_STATE", tempfile.gettempdir())) / "customers-bench-tenants.json"
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(port, args.workers)
     try:
-        tenants = [prepare_tenant(base) for _ in range(args.tenants)]
-        for token, _, _ in tenants:
-            httpx.put(
-                f"{base}/api/v1/customer-store/settings",
-                json={"default_region": "CN"},
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=30,
-            ).raise_for_status()
-        started = time.perf_counter()
-        asyncio.run(seed_tenant(tenants[0][2], args.big, interactions=True))
-        for _, _, tenant_id in tenants[1:]:
-            asyncio.run(seed_tenant(tenant_id, args.small, interactions=False))
-        seeded = time.perf_counter() - started
+        shape = {"big": args.big, "small": args.small, "tenants": args.tenants}
+        previous = json.loads(saved.read_text()) if args.reuse and saved.exists() else None
         total = args.big + args.small * (args.tenants - 1)
-        print(f"seeded {total:,} customers in {seeded:.0f} s", flush=True)
+        if previous is not None and previous["shape"] == shape:
+            tenants = previous["tenants"]
+            for tenant in tenants:
+                tenant["token"] = login(base, tenant)
+            print(f"reusing the {total:,} customers seeded before", flush=True)
+        else:
+            tenants = [new_tenant(base) for _ in range(args.tenants)]
+            started = time.perf_counter()
+            asyncio.run(seed_tenant(tenants[0]["id"], args.big, interactions=True))
+            for tenant in tenants[1:]:
+                asyncio.run(seed_tenant(tenant["id"], args.small, interactions=False))
+            seeded = time.perf_counter() - started
+            print(f"seeded {total:,} customers in {seeded:.0f} s", flush=True)
+            saved.write_text(json.dumps({"shape": shape, "tenants": tenants}))
         print(f"load before measuring: {os.getloadavg()}", flush=True)
-        token = tenants[0][0]
+        token = tenants[0]["token"]
         pop = asyncio.run(screen_pop_steady(port, token, args.big, args.rate, args.seconds))
         print(f"screen pop: {pop}", flush=True)
 
@@ -284,9 +324,9 @@ def main() -> None:
             upload_started = time.perf_counter()
             import_id = upload(base, token, path)
             uploaded = time.perf_counter() - upload_started
-            first = run_job_in_process(tenants[0][2], import_id)
+            first = run_job_in_process(tenants[0]["id"], import_id)
             rerun_id = upload(base, token, path)
-            rerun = run_job_in_process(tenants[0][2], rerun_id)
+            rerun = run_job_in_process(tenants[0]["id"], rerun_id)
     finally:
         stop_server(server)
 

@@ -18,5 +18,6 @@ trap 'stop_redis "$REDIS_PORT"; stop_postgres "$STATE"' EXIT
 export DATABASE_URL="postgresql+asyncpg://cc_app:cc_app@127.0.0.1:$PG_PORT/contactcenter_bench"
 export DATABASE_OWNER_URL="postgresql+asyncpg://cc_owner:cc_owner@127.0.0.1:$PG_PORT/contactcenter_bench"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+export CC_BENCH_STATE="$STATE"
 contactcenter migrate >/dev/null
 python benchmarks/customers.py "$@"
