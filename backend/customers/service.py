@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import Integer, Select, String, cast, delete, func, literal, null, or_, select, union_all, update
+from sqlalchemy import Integer, Select, String, cast, delete, func, literal, null, or_, select, text, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -726,6 +726,27 @@ def _summary(interaction: InteractionOut, viewer: Viewer) -> InteractionSummary:
     )
 
 
+_POP_SQL = """
+    SELECT c.id, c.name, c.team_id, c.tags, c.custom, c.version, c.created_at, c.updated_at,
+      (SELECT coalesce(json_agg(json_build_array(i.kind, i.value, i.raw, i.valid) ORDER BY i.kind, i.position), '[]')
+       FROM customer_identities i WHERE i.customer_id = c.id) AS identities,
+      (SELECT coalesce(json_agg(json_build_array(t.id, t.number, t.subject, t.status, t.priority, t.due_at,
+                                                 t.assignee_user_id, t.assignee_team_id) ORDER BY t.due_at), '[]')
+       FROM tickets t WHERE t.customer_id = c.id AND t.status NOT IN ('resolved', 'closed')) AS tickets
+    FROM customers c
+    WHERE {match} AND c.merged_into_id IS NULL AND c.erased_at IS NULL
+    ORDER BY c.updated_at DESC
+    LIMIT :max
+"""
+_POP_BY_ADDRESS = text(
+    _POP_SQL.format(
+        match="c.id IN (SELECT i.customer_id FROM customer_identities i "
+        "WHERE i.kind = :kind AND i.value = ANY(CAST(:values AS text[])))"
+    )
+)
+_POP_BY_ID = text(_POP_SQL.format(match="c.id = :id"))
+
+
 async def _pop(
     session: AsyncSession,
     viewer: Viewer,
@@ -738,25 +759,37 @@ async def _pop(
 ) -> ScreenPopOut:
     settings = get_settings()
     config = await store_config(session, viewer.tenant_id)
-    statement = select(Customer).where(Customer.merged_into_id.is_(None), Customer.erased_at.is_(None))
+    # The screen pop is the hottest read of the store: the matching records, their contact points and their
+    # open tickets come back in one statement whose text never changes (prepared once per connection).
     if by_id is not None:
-        statement = statement.where(Customer.id == by_id)
+        result = await session.execute(_POP_BY_ID, {"id": by_id, "max": settings.screen_pop_max_customers})
     else:
-        statement = statement.where(
-            Customer.id.in_(
-                select(CustomerIdentity.customer_id).where(
-                    CustomerIdentity.kind == kind, CustomerIdentity.value.in_(list(values))
-                )
-            )
+        result = await session.execute(
+            _POP_BY_ADDRESS, {"kind": kind, "values": list(values), "max": settings.screen_pop_max_customers}
         )
-    found = list(
-        (
-            await session.scalars(
-                statement.order_by(Customer.updated_at.desc()).limit(settings.screen_pop_max_customers)
-            )
-        ).all()
-    )
-    identities = await identities_of(session, [c.id for c in found])
+    found: list[Customer] = []
+    identities: dict[uuid.UUID, list[CustomerIdentity]] = {}
+    ticket_rows: dict[uuid.UUID, list[Any]] = {}
+    for row in result.all():
+        customer = Customer(
+            tenant_id=viewer.tenant_id,
+            id=row.id,
+            name=row.name,
+            team_id=row.team_id,
+            tags=list(row.tags),
+            custom=row.custom,
+            version=row.version,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            merged_into_id=None,
+            erased_at=None,
+        )
+        found.append(customer)
+        identities[customer.id] = [
+            CustomerIdentity(customer_id=customer.id, kind=k, value=v, raw=r, valid=ok)
+            for k, v, r, ok in row.identities
+        ]
+        ticket_rows[customer.id] = list(row.tickets)
     customers = [c for c in found if handling or await _visible(session, viewer, c, identities[c.id])]
     refs: list[str] = []
     for customer in customers:
@@ -767,7 +800,7 @@ async def _pop(
     elif kind == "email" and not viewer.sensitive:
         shown = mask_identity("email", shown)
     recent = await routing_service.recent_customer_interactions(session, refs, settings.screen_pop_interactions)
-    open_tickets = await tickets.open_for_customers(session, [c.id for c in customers])
+    open_tickets = tickets.summaries([t for c in customers for t in ticket_rows[c.id]])
     prefill: dict[str, Any] = {}
     if not customers and kind in ("phone", "email", "wechat") and values:
         field = {"phone": "phones", "email": "emails", "wechat": "wechat_openids"}[kind]

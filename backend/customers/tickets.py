@@ -160,6 +160,28 @@ async def open_for_customers(session: AsyncSession, customer_ids: Sequence[uuid.
     return [_summary(t, now) for t in rows.all()]
 
 
+def summaries(rows: Sequence[Sequence[Any]]) -> list[TicketSummary]:
+    """Ticket summaries from [id, number, subject, status, priority, due_at, user, team] rows (screen pop)."""
+    now = utcnow()
+    out = []
+    for ticket_id, number, subject, status, priority, due_at, user, team in sorted(rows, key=lambda r: r[5]):
+        due = datetime.fromisoformat(due_at)
+        out.append(
+            TicketSummary(
+                uuid.UUID(ticket_id),
+                number,
+                subject,
+                status,
+                priority,
+                due,
+                status not in CLOSED_STATUSES and due < now,
+                uuid.UUID(user) if user else None,
+                uuid.UUID(team) if team else None,
+            )
+        )
+    return out
+
+
 def history_select(customer_id: uuid.UUID) -> Select[*tuple[Any, ...]]:
     """A customer's tickets as history entries (same columns as the interactions' and notes')."""
     return select(

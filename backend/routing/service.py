@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import Integer, Select, cast, delete, literal, null, or_, select, update
+from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
@@ -850,13 +851,18 @@ async def recent_customer_interactions(session: AsyncSession, refs: Sequence[str
     """The latest interactions attached to any of `refs` (a customer id or the customer's addresses)."""
     if not refs:
         return []
-    rows = await session.scalars(
-        select(Interaction)
-        .where(Interaction.customer_ref.in_(list(refs)))
-        .order_by(Interaction.created_at.desc(), Interaction.id.desc())
-        .limit(limit)
-    )
+    rows = await session.scalars(_RECENT_FOR_CUSTOMER, {"refs": list(refs), "limit": limit})
     return [interactions.out(r) for r in rows.all()]
+
+
+_REFS: Any = ARRAY(String())
+_RECENT_FOR_CUSTOMER = (
+    select(Interaction)
+    .where(Interaction.customer_ref == any_(bindparam("refs", type_=_REFS)))
+    .order_by(Interaction.created_at.desc(), Interaction.id.desc())
+    .limit(bindparam("limit"))
+)
+"""Built once: the screen pop runs it on every offer and lookup."""
 
 
 def customer_interactions_select(refs: Sequence[str]) -> Select[*tuple[Any, ...]]:
