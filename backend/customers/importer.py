@@ -14,6 +14,7 @@ customer is a duplicate, so re-running a file changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import csv
 import hashlib
@@ -77,6 +78,8 @@ _AUTO = {
     "team": "team",
     "business_unit": "team",
 }
+YIELD_EVERY_ROWS = 100
+"""While parsing, hand the event loop to the batch being written this often."""
 _OVERSIZE = "\ue000oversize\ue000"
 """Stands in for a physical line that was cut off at the row limit (a private-use character no export writes)."""
 
@@ -446,10 +449,14 @@ class ParsedRow:
     custom: dict[str, Any] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
+    _keys: list[tuple[str, str]] | None = field(default=None, repr=False)
+
     def keys(self, match_on: Sequence[str]) -> list[tuple[str, str]]:
-        """The (kind, value) pairs this row is matched and de-duplicated on."""
-        kinds = {MATCH_KIND[m] for m in match_on}
-        return [(kind, value) for kind, value, _, _ in self.contacts if kind in kinds]
+        """The (kind, value) pairs this row is matched and de-duplicated on (one import has one `match_on`)."""
+        if self._keys is None:
+            kinds = {MATCH_KIND[m] for m in match_on}
+            self._keys = [(kind, value) for kind, value, _, _ in self.contacts if kind in kinds]
+        return self._keys
 
 
 def values_array(values: list[str]) -> BindParameter[list[str]]:
@@ -579,6 +586,16 @@ _INSERT_IDENTITIES = text(
          AS u(customer_id, kind, value, raw, valid, position)
     """
 )
+_UPDATE_CUSTOMERS = text(
+    """
+    UPDATE customers c
+    SET name = u.name, tags = ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb))::varchar[],
+        custom = u.custom::jsonb, team_id = u.team_id, version = c.version + 1, updated_at = :now
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:names AS text[]), CAST(:tags AS text[]), CAST(:customs AS text[]),
+                CAST(:teams AS uuid[])) AS u(id, name, tags, custom, team_id)
+    WHERE c.id = u.id
+    """
+)
 _INSERT_MARKS = text(
     """
     INSERT INTO customer_import_rows (tenant_id, import_id, customer_id, row)
@@ -680,6 +697,17 @@ class ImportRunner:
             if final:
                 yield from splitter.finish()
 
+        writing: asyncio.Task[None] | None = None
+
+        async def flush() -> None:
+            # Batches are written one after another (the next one's de-duplication must see this one), but the
+            # next batch is parsed while this one is written: PostgreSQL works on its core while Python parses.
+            nonlocal writing, batch
+            if writing is not None:
+                await writing
+            writing = asyncio.create_task(self._write(batch, mode, match_on, bytes_read))
+            batch = []
+
         async def handle(records: Iterator[Record]) -> None:
             nonlocal reader, row_number, batch
             for record in records:
@@ -728,15 +756,18 @@ class ImportRunner:
                             parsed.team_id = default_team
                         batch.append(parsed)
                 if len(batch) >= self.settings.customer_import_batch_rows:
-                    await self._write(batch, mode, match_on, bytes_read)
-                    batch = []
+                    await flush()
+                elif len(batch) % YIELD_EVERY_ROWS == 0:
+                    await asyncio.sleep(0)  # let the write in flight send its next statement
 
         async for data, size in self._chunks(chunks):
             bytes_read += size
             await handle(records_of(decoder.decode(data), final=False))
         await handle(records_of(decoder.decode(b"", final=True), final=True))
         if batch:
-            await self._write(batch, mode, match_on, bytes_read)
+            await flush()
+        if writing is not None:
+            await writing
         elif row_number <= resume:
             async with tenant_transaction(self.sessionmaker, self.tenant_id) as session:
                 job = await _import(session, self.import_id, lock=True)
@@ -938,61 +969,65 @@ class ImportRunner:
         return result
 
     async def _update(self, session: AsyncSession, updates: dict[uuid.UUID, ParsedRow], now: Any) -> tuple[int, int]:
-        customers = {
-            c.id: c
-            for c in (
-                await session.scalars(select(Customer).where(Customer.id.in_(list(updates))).with_for_update())
+        """Merge rows into the records they matched; plain rows, not ORM objects (a batch is a thousand records)."""
+        ids = list(updates)
+        current = {
+            row.id: row
+            for row in (
+                await session.execute(
+                    select(Customer.id, Customer.name, Customer.tags, Customer.custom, Customer.team_id)
+                    .where(Customer.id.in_(ids))
+                    .with_for_update()
+                )
             ).all()
         }
-        held: dict[uuid.UUID, dict[str, list[CustomerIdentity]]] = {i: {} for i in updates}
-        for identity in (
-            await session.scalars(select(CustomerIdentity).where(CustomerIdentity.customer_id.in_(list(updates))))
+        held: dict[uuid.UUID, dict[str, list[str]]] = {i: {} for i in ids}
+        for customer_id, kind, value in (
+            await session.execute(
+                select(CustomerIdentity.customer_id, CustomerIdentity.kind, CustomerIdentity.value).where(
+                    CustomerIdentity.customer_id.in_(ids)
+                )
+            )
         ).all():
-            held[identity.customer_id].setdefault(identity.kind, []).append(identity)
-        changed = unchanged = 0
-        new_identities = []
+            held[customer_id].setdefault(kind, []).append(value)
+        changes: dict[str, list[Any]] = {k: [] for k in ("ids", "names", "tags", "customs", "teams")}
+        names = ("customers", "kinds", "values", "raws", "valids", "positions")
+        fresh: dict[str, list[Any]] = {k: [] for k in names}
+        unchanged = 0
         for customer_id, parsed in updates.items():
-            customer = customers.get(customer_id)
-            if customer is None:
+            row = current.get(customer_id)
+            if row is None:
                 continue
-            different = False
-            if parsed.name and parsed.name != customer.name:
-                customer.name, different = parsed.name, True
-            tags = list(dict.fromkeys([*customer.tags, *parsed.tags]))
-            if tags != list(customer.tags):
-                customer.tags, different = tags, True
-            custom = {**customer.custom, **parsed.custom}
-            if custom != customer.custom:
-                customer.custom, different = custom, True
-            if parsed.team_id is not None and customer.team_id is None:
-                customer.team_id, different = parsed.team_id, True
+            name = parsed.name or row.name
+            tags = list(dict.fromkeys([*row.tags, *parsed.tags]))
+            custom = {**row.custom, **parsed.custom}
+            team = row.team_id if row.team_id is not None else parsed.team_id
+            added = False
             for kind, value, raw, valid in parsed.contacts:
                 existing = held[customer_id].setdefault(kind, [])
-                if any(i.value == value for i in existing):
+                if value in existing:
                     continue
-                identity = CustomerIdentity(
-                    tenant_id=self.tenant_id,
-                    id=uuid.uuid4(),
-                    customer_id=customer_id,
-                    kind=kind,
-                    value=value,
-                    raw=raw,
-                    valid=valid,
-                    position=len(existing),
-                    created_at=now,
-                )
-                existing.append(identity)
-                new_identities.append(identity)
-                different = True
-            if different:
-                customer.version += 1
-                customer.updated_at = now
-                changed += 1
-            else:
-                unchanged += 1
-        session.add_all(new_identities)
-        await session.flush()
-        return changed, unchanged
+                fresh["customers"].append(customer_id)
+                fresh["kinds"].append(kind)
+                fresh["values"].append(value)
+                fresh["raws"].append(raw)
+                fresh["valids"].append(valid)
+                fresh["positions"].append(len(existing))
+                existing.append(value)
+                added = True
+            if not added and (name, tags, custom, team) == (row.name, list(row.tags), row.custom, row.team_id):
+                unchanged += 1  # a re-run of the same file: no new version, no write
+                continue
+            changes["ids"].append(customer_id)
+            changes["names"].append(name)
+            changes["tags"].append(json.dumps(tags))
+            changes["customs"].append(json.dumps(custom))
+            changes["teams"].append(team)
+        if changes["ids"]:
+            await session.execute(_UPDATE_CUSTOMERS, {"now": now, **changes})
+        if fresh["customers"]:
+            await session.execute(_INSERT_IDENTITIES, {"tenant": self.tenant_id, "now": now, **fresh})
+        return len(changes["ids"]), unchanged
 
     async def _finish(self) -> dict[str, Any]:
         async with tenant_transaction(self.sessionmaker, self.tenant_id) as session:

@@ -166,8 +166,12 @@ def upgrade() -> None:
         "CREATE UNIQUE INDEX uq_customer_identities_external ON customer_identities (tenant_id, value) "
         "WHERE kind = 'external'"
     )
-    # Phone-fragment and e-mail-fragment search.
-    op.execute("CREATE INDEX ix_customer_identities_value_trgm ON customer_identities USING gin (value gin_trgm_ops)")
+    # Phone-fragment and e-mail-fragment search. GiST, not GIN: phone numbers share few distinct trigrams, and
+    # GIN's posting trees for them made bulk imports more than ten times slower (benchmarks/RESULTS.md).
+    op.execute(
+        "CREATE INDEX ix_customer_identities_value_trgm ON customer_identities USING gist (value gist_trgm_ops) "
+        "WHERE kind IN ('phone', 'email')"
+    )
 
     op.create_table(
         "customer_field_defs",
