@@ -163,7 +163,7 @@ def formats(index: int) -> str:
 
 
 async def screen_pop_steady(
-    port: int, token: str, big: int, rate: int, seconds: int, connections: int = 64
+    port: int, token: str, big: int, rate: int, seconds: int, connections: int = 64, path: str | None = None
 ) -> dict[str, float]:
     """Open-loop screen pops at `rate`/s on keep-alive connections; latency from the scheduled instant.
 
@@ -173,9 +173,9 @@ async def screen_pop_steady(
     random.seed(42)
 
     def request(number: str) -> bytes:
-        query = urlencode({"phone": number})
+        target = path or f"/api/v1/customers/screen-pop?{urlencode({'phone': number})}"
         return (
-            f"GET /api/v1/customers/screen-pop?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Authorization: Bearer {token}\r\nConnection: keep-alive\r\n\r\n"
         ).encode()
 
@@ -310,6 +310,11 @@ def import_job(tenant_id: str, import_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=int, default=300)
+    parser.add_argument("--rates", default="", help="several steady rates, comma-separated (overrides --rate)")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also run the foundation's one-row read (GET /api/v1/roles/{id})"
+    )
+    parser.add_argument("--skip-import", action="store_true")
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--big", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=100_000)
@@ -344,8 +349,22 @@ def main() -> None:
         print(f"load before measuring: {os.getloadavg()}", flush=True)
         token = tenants[0]["token"]
         matched = check_screen_pop(base, token, args.big)
-        pop = asyncio.run(screen_pop_steady(port, token, args.big, args.rate, args.seconds))
-        print(f"screen pop: {pop} {matched}", flush=True)
+        rates = [int(r) for r in args.rates.split(",")] if args.rates else [args.rate]
+        pops = []
+        headers = {"Authorization": f"Bearer {token}"}
+        role_id = httpx.get(f"{base}/api/v1/roles", headers=headers, timeout=30).json()[0]["id"]
+        for rate in rates:
+            token = login(base, tenants[0])
+            print(f"load before {rate}/s: {os.getloadavg()}", flush=True)
+            pops.append(asyncio.run(screen_pop_steady(port, token, args.big, rate, args.seconds)))
+            print(f"screen pop: {pops[-1]} {matched}", flush=True)
+            if args.baseline:
+                roles = f"/api/v1/roles/{role_id}"
+                baseline = asyncio.run(screen_pop_steady(port, token, args.big, rate, args.seconds, path=roles))
+                print(f"baseline (one-row read) {rate}/s: {baseline}", flush=True)
+        pop = pops[-1]
+        if args.skip_import:
+            return
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "customers.csv"
@@ -363,6 +382,8 @@ def main() -> None:
     print()
     print(f"machine: {os.cpu_count()} cores; API workers: {args.workers}; load generator on the same machine")
     print(f"store: {args.big:,} customers in one tenant, {args.small:,} in each of {args.tenants - 1} others")
+    for other in pops[:-1]:
+        print(f"screen pop {other['rate']:.0f}/s: p50 {other['p50_ms']:.2f} ms  p99 {other['p99_ms']:.2f} ms")
     print(
         f"screen pop {pop['rate']:.0f}/s x {pop['seconds']:.0f}s: p50 {pop['p50_ms']:.2f} ms  p99 {pop['p99_ms']:.2f} ms  "
         f"max {pop['max_ms']:.1f} ms  errors {pop['errors']:.0f}  (goal p99 < 10 ms); "
