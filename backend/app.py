@@ -48,9 +48,17 @@ from backend.channels.voice.service import VoiceSwitchboard
 from backend.channels.voice.supervision import SupervisionDesk
 from backend.channels.voice.xml_curl import XmlCurl
 from backend.config import Settings, get_settings
+from backend.customers.controllers import (
+    CustomerConfigController,
+    CustomerController,
+    CustomerImportController,
+    TicketController,
+)
+from backend.customers.service import offer_screen_pop
 from backend.db.engine import make_engine, make_sessionmaker
 from backend.db.session import provide_db_session
 from backend.lib.health import healthz, metrics, readyz
+from backend.lib.jobs import make_job_queue
 from backend.lib.observability import OverloadMiddleware, RequestContextMiddleware, configure_logging
 from backend.lib.openapi import document_routes
 from backend.lib.pagination import page_request
@@ -124,6 +132,10 @@ ROUTE_HANDLERS: list[Any] = [
     OutboundController,
     SupervisionController,
     CarrierController,
+    CustomerController,
+    CustomerConfigController,
+    CustomerImportController,
+    TicketController,
 ]
 
 
@@ -141,18 +153,22 @@ def create_app(settings: Settings | None = None) -> Litestar:
     sso_service = SsoService(settings, redis, sessionmaker, auth_service)
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds, settings.agent_disconnect_grace_seconds)
     routing = RoutingEngine(sessionmaker, Matcher(redis), hub)
+    routing.offer_context.append(offer_screen_pop(sessionmaker))
     register_routing_messages(hub, sessionmaker, routing)
     switch_sources = NodeAddressBook(sessionmaker, settings.switch_source_cache_seconds)
     voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
     xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address)
     storage = make_storage(settings)
+    job_queue = make_job_queue(settings)
 
     async def start_hub() -> None:
         await hub.start()
+        await job_queue.connect()
 
     async def close_clients() -> None:
         await hub.stop()
         await storage.close()
+        await job_queue.disconnect()
         await redis.aclose()
         await engine.dispose()
 
@@ -179,6 +195,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "voicemail": VoicemailDesk(sessionmaker, storage, settings, routing),
                 "outbound": OutboundGuard(sessionmaker, redis, settings),
                 "supervision": SupervisionDesk(sessionmaker),
+                "job_queue": job_queue,
             }
         ),
         dependencies={

@@ -198,6 +198,52 @@ class Settings:
     """Items per page when a list request names no limit."""
     page_size_max: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE_MAX", 200))
     """Most items a list request may ask for."""
+    customer_phones_max: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_PHONES_MAX", 20))
+    """Most phone numbers one customer record holds (the same limit applies to e-mails, OpenIDs and external ids)."""
+    customer_tags_max: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_TAGS_MAX", 50))
+    """Most tags on one customer record."""
+    customer_text_field_max: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_TEXT_FIELD_MAX", 2000))
+    """Longest value of a custom text field (a field definition may ask for less)."""
+    customer_note_max: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_NOTE_MAX", 10_000))
+    """Longest note or ticket comment, in characters."""
+    screen_pop_interactions: int = field(default_factory=lambda: _env_int("CC_SCREEN_POP_INTERACTIONS", 20))
+    """How many of the caller's latest interactions a screen pop shows."""
+    screen_pop_max_customers: int = field(default_factory=lambda: _env_int("CC_SCREEN_POP_MAX_CUSTOMERS", 10))
+    """Most customers a screen pop returns when several share an address (a family's landline)."""
+    customer_recent_contact_seconds: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_RECENT_CONTACT", 3600))
+    """How long after an interaction ends its agent still reaches the customer's record, whatever its unit."""
+    customer_config_cache_seconds: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_CONFIG_CACHE", 30))
+    """How long a process keeps a tenant's phone region and custom-field definitions before reading them again."""
+    customer_import_max_bytes: int = field(
+        default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_BYTES", 512 * 1024 * 1024)
+    )
+    """Largest customer CSV upload; the upload route streams and refuses beyond it (413)."""
+    customer_import_max_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_ROWS", 1_000_000))
+    """Most data rows one import reads; the rows beyond are reported, not imported."""
+    customer_import_max_cell_chars: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_CELL", 10_000))
+    """Longest cell of an import; a longer one is a row error."""
+    customer_import_max_row_chars: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_MAX_ROW", 100_000))
+    """Longest physical line of an import; beyond it the line is cut off and its row reported."""
+    customer_import_batch_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_BATCH", 1000))
+    """Rows an import writes per transaction; progress advances by this much."""
+    customer_import_chunk_bytes: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_CHUNK", 1024 * 1024))
+    """Size of the pieces an uploaded file is stored in until its import job reads it."""
+    customer_import_job_timeout_seconds: int = field(
+        default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_TIMEOUT", 4 * 3600)
+    )
+    """Longest an import job may run before the job queue gives up on it."""
+    customer_import_attempts: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_IMPORT_ATTEMPTS", 3))
+    """Runs an import job gets (each resumes after the last committed batch) before the import is marked failed."""
+    customer_export_batch_rows: int = field(default_factory=lambda: _env_int("CC_CUSTOMER_EXPORT_BATCH", 1000))
+    """Customers an export reads from the database at a time."""
+    ticket_sla_minutes_urgent: int = field(default_factory=lambda: _env_int("CC_TICKET_SLA_URGENT", 4 * 60))
+    """Default time to resolve an urgent ticket (a tenant may set its own)."""
+    ticket_sla_minutes_high: int = field(default_factory=lambda: _env_int("CC_TICKET_SLA_HIGH", 8 * 60))
+    """Default time to resolve a high-priority ticket."""
+    ticket_sla_minutes_normal: int = field(default_factory=lambda: _env_int("CC_TICKET_SLA_NORMAL", 24 * 60))
+    """Default time to resolve a normal ticket."""
+    ticket_sla_minutes_low: int = field(default_factory=lambda: _env_int("CC_TICKET_SLA_LOW", 72 * 60))
+    """Default time to resolve a low-priority ticket."""
     log_level: str = field(default_factory=lambda: _env("CC_LOG_LEVEL", "INFO"))
     """Root log level."""
     log_json: bool = field(default_factory=lambda: _env_bool("CC_LOG_JSON", True))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import structlog
 from redis.asyncio import Redis
-from saq import CronJob, Queue, Worker
+from saq import CronJob, Worker
 from saq.types import Context
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -18,7 +19,10 @@ from backend.channels.voice.cdrs import import_cdr_directory
 from backend.channels.voice.recordings import sweep_missing_uploads
 from backend.channels.voice.service import VoiceSwitchboard
 from backend.config import Settings, get_settings
+from backend.customers.importer import requeue_unfinished, run_import
+from backend.customers.service import offer_screen_pop
 from backend.db.engine import make_engine, make_sessionmaker
+from backend.lib.jobs import make_job_queue
 from backend.lib.redis_client import make_redis
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
@@ -74,7 +78,22 @@ def build_routing(settings: Settings, sessionmaker: async_sessionmaker[AsyncSess
         sessionmaker,
     )
     hub = AgentHub(authenticator, redis, settings.revocation_recheck_seconds)
-    return RoutingEngine(sessionmaker, Matcher(redis), hub)
+    engine = RoutingEngine(sessionmaker, Matcher(redis), hub)
+    engine.offer_context.append(offer_screen_pop(sessionmaker))
+    return engine
+
+
+async def import_customers(ctx: WorkerContext, *, tenant_id: str, import_id: str) -> dict[str, object]:
+    """Import one uploaded customer file (resumes after its last committed batch when retried)."""
+    return await run_import(ctx["sessionmaker"], uuid.UUID(tenant_id), uuid.UUID(import_id))
+
+
+async def requeue_imports(ctx: WorkerContext) -> int:
+    """Sweep: imports whose job was lost (Redis restarted or flushed) are queued again and resume where they were."""
+    handed = await requeue_unfinished(ctx["sessionmaker"], ctx["worker"].queue)
+    if handed:
+        log.warning("customer_imports_requeued", count=handed)
+    return handed
 
 
 async def _startup(ctx: WorkerContext) -> None:
@@ -104,14 +123,15 @@ async def _shutdown(ctx: WorkerContext) -> None:
 def build_worker() -> Worker[WorkerContext]:
     """The SAQ worker with its jobs and schedules."""
     settings = get_settings()
-    queue = Queue.from_url(settings.redis_url, name="contactcenter")
+    queue = make_job_queue(settings)
     return Worker(
         queue,
-        functions=[deliver_mail, import_switch_cdrs, sweep_media_uploads],
+        functions=[deliver_mail, import_switch_cdrs, sweep_media_uploads, import_customers, requeue_imports],
         cron_jobs=[
             CronJob(deliver_mail, cron="* * * * *"),
             CronJob(import_switch_cdrs, cron="* * * * *"),
             CronJob(sweep_media_uploads, cron="*/5 * * * *"),
+            CronJob(requeue_imports, cron="* * * * *"),
         ],
         startup=_startup,
         shutdown=_shutdown,

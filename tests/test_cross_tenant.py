@@ -28,6 +28,7 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 from backend.auth import schemas as auth_schemas
 from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
 from backend.channels.voice import schemas as voice_schemas
+from backend.customers import schemas as customer_schemas
 from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
 from tests.factories import PASSWORD, Factory, MediaFactory, TenantCtx, unique, wav_bytes
@@ -44,6 +45,12 @@ class Owned:
     route_path: str = ""
     params: dict[str, str] = field(default_factory=dict)
     secrets: set[str] = field(default_factory=set)
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra request headers the objects need (If-Match with the ETag of the record a route changes)."""
+    content: bytes | None = None
+    query: dict[str, str] = field(default_factory=dict)
+    """Query parameters a route needs to do anything (the address a screen pop looks up)."""
+    """A raw request body (an uploaded file) instead of a JSON one."""
 
     def keep(self, value: Any) -> str:
         text = str(value)
@@ -131,6 +138,33 @@ async def _voicemail(f: Factory, owned: Owned) -> str:
     return owned.keep(await MediaFactory(f).voicemail(owned.ctx))
 
 
+async def _customer(f: Factory, owned: Owned) -> str:
+    created = await f.customer(owned.ctx, emails=[f"{unique('e')}@example.com"], wechat_openids=[unique("oA")])
+    owned.headers["If-Match"] = created["etag"]
+    for secret in (created["name"], created["phones"][0]["number"], created["emails"][0], created["wechat_openids"][0]):
+        owned.keep(secret)
+    return owned.keep(created["id"])
+
+
+async def _field(f: Factory, owned: Owned) -> str:
+    created = await f.customer_field(owned.ctx)
+    owned.keep(created["key"])
+    return owned.keep(created["id"])
+
+
+async def _import(f: Factory, owned: Owned) -> str:
+    phone = f"+86139{int(time.time() * 1000) % 100_000_000:08d}"
+    owned.content = f"name,phone\nImported Person,{phone}\n".encode()
+    return owned.keep(await f.customer_import(owned.ctx))
+
+
+async def _ticket(f: Factory, owned: Owned) -> str:
+    created = await f.ticket(owned.ctx, subject=unique("subject"))
+    owned.headers["If-Match"] = created["etag"]
+    owned.keep(created["subject"])
+    return owned.keep(created["id"])
+
+
 PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "user_id": _user,
     "team_id": _team,
@@ -148,7 +182,24 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "prompt_id": _prompt,
     "recording_id": _recording,
     "voicemail_id": _voicemail,
+    "customer_id": _customer,
+    "field_id": _field,
+    "import_id": _import,
+    "ticket_id": _ticket,
 }
+
+
+async def _screen_pop_query(f: Factory, owned: Owned) -> dict[str, str]:
+    """A's customer's number: B's screen pop must find nobody."""
+    await _customer(f, owned)
+    phone = next(s for s in owned.secrets if s.startswith("+86"))
+    return {"phone": phone}
+
+
+QUERY_FACTORIES: dict[str, Callable[[Factory, Owned], Awaitable[dict[str, str]]]] = {
+    "/api/v1/customers/screen-pop": _screen_pop_query,
+}
+"""Routes that need query parameters to do anything, by path."""
 
 
 async def _agent_role_id(f: Factory, owned: Owned) -> str:
@@ -252,6 +303,28 @@ async def _outbound_check(f: Factory, owned: Owned) -> dict[str, Any]:
     return {"destination": "+33142685300", "caller_id": owned.keep(number["number"])}
 
 
+async def _customer_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    """A customer in A's business unit: B must not be able to use A's team."""
+    return {"name": "New Customer", "phones": ["+8613900001111"], "team_id": await _team(f, owned)}
+
+
+async def _merge_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    source = await f.customer(owned.ctx)
+    owned.keep(source["name"])
+    return {"source_id": owned.keep(source["id"]), "source_version": source["version"]}
+
+
+async def _ticket_body(f: Factory, owned: Owned) -> dict[str, Any]:
+    customer = await f.customer(owned.ctx)
+    owned.keep(customer["name"])
+    return {
+        "subject": "Refund",
+        "priority": "high",
+        "customer_id": owned.keep(customer["id"]),
+        "assignee_team_id": await _team(f, owned),
+    }
+
+
 BODY_FACTORIES: dict[type, BodyFactory] = {
     tenant_schemas.TenantUpdate: lambda f, o: _constant({"name": "Renamed Company"}),
     tenant_schemas.InviteRequest: _invite,
@@ -283,6 +356,18 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     voice_schemas.PromptPatch: lambda f, o: _constant({"name": unique("renamed")}),
     voice_schemas.QueueVoiceSettingsIn: _queue_voice_body,
     voice_schemas.OutboundCheckIn: _outbound_check,
+    customer_schemas.CustomerCreate: _customer_body,
+    customer_schemas.CustomerUpdate: lambda f, o: _constant({"name": "Renamed Customer", "tags": ["vip"]}),
+    customer_schemas.MergeRequest: _merge_body,
+    customer_schemas.NoteCreate: lambda f, o: _constant({"body": "Called about the invoice"}),
+    customer_schemas.CustomerSettingsUpdate: lambda f, o: _constant({"default_region": "CN"}),
+    customer_schemas.FieldCreate: lambda f, o: _constant({"key": unique("k").lower(), "label": "L", "type": "number"}),
+    customer_schemas.FieldUpdate: lambda f, o: _constant({"label": "Changed"}),
+    customer_schemas.ImportCreate: lambda f, o: _constant({"mode": "skip", "match_on": ["phone"]}),
+    customer_schemas.TicketCreate: _ticket_body,
+    customer_schemas.TicketUpdate: lambda f, o: _constant({"status": "open", "priority": "urgent"}),
+    customer_schemas.CommentCreate: lambda f, o: _constant({"body": "Looking into it"}),
+    customer_schemas.SlaUpdate: lambda f, o: _constant({"urgent": 60}),
     auth_schemas.SsoConfigIn: lambda f, o: _constant(
         {"issuer": "https://idp.example.test", "client_id": "cc", "client_secret": "s3cret"}
     ),
@@ -361,7 +446,7 @@ def test_every_parameter_and_body_has_a_factory():
 
 async def _prepare(
     factory: Factory, owner: TenantCtx, route: Any, handler: Any
-) -> tuple[str, dict[str, Any] | None, Owned, dict[str, Any]]:
+) -> tuple[str, dict[str, Any] | None, Owned]:
     owned = Owned(owner, route_path=route.path)
     owned.keep(owner.tenant_id)
     owned.keep(owner.slug)
@@ -371,15 +456,16 @@ async def _prepare(
     for name in route.path_parameters:
         value = await PATH_PARAMETER_FACTORIES[name](factory, owned)
         path = re.sub(r"\{" + name + r"(:[^}]*)?\}", value, path)
+    if route.path in QUERY_FACTORIES:
+        owned.query = await QUERY_FACTORIES[route.path](factory, owned)
     body = None
     data = handler.parsed_fn_signature.parameters.get("data")
     if data is not None:
         body = await BODY_FACTORIES[data.annotation](factory, owned)
-    raw: dict[str, Any] = {}
     if handler.opt.get("raw_body"):
-        content, query = await RAW_BODY_FACTORIES[handler.opt["raw_body"]](factory, owned)
-        raw = {"content": content, "params": query}
-    return path, body, owned, raw
+        owned.content, query = await RAW_BODY_FACTORIES[handler.opt["raw_body"]](factory, owned)
+        owned.query.update(query)
+    return path, body, owned
 
 
 def _assert_no_leak(text: str, owned: Owned, label: str) -> None:
@@ -396,19 +482,25 @@ async def test_tenant_route_refuses_another_tenant(item, factory: Factory):
     path_template, method, route, handler = item
     a = await factory.tenant()
     b = await factory.tenant()
-    path, body, owned, raw = await _prepare(factory, a, route, handler)
+    path, body, owned = await _prepare(factory, a, route, handler)
 
-    as_b = await factory.client.request(method, path, json=body, headers=b.headers, **raw)
-    # The problem's `instance` repeats the path B asked for: that is B's own input, not A's data.
-    _assert_no_leak(as_b.text.replace(path, ""), owned, f"{method} {path_template} as tenant B")
+    payload: dict[str, Any] = {"content": owned.content} if owned.content is not None else {"json": body}
+    payload["params"] = owned.query
+    as_b = await factory.client.request(method, path, headers={**owned.headers, **b.headers}, **payload)
+    # The problem's `instance` repeats the path B asked for, a screen pop the address B looked up:
+    # that is B's own input, not A's data.
+    echoed = as_b.text.replace(path, "")
+    for value in owned.query.values():
+        echoed = echoed.replace(value, "")
+    _assert_no_leak(echoed, owned, f"{method} {path_template} as tenant B")
     if route.path_parameters:
         assert as_b.status_code in (403, 404), f"{method} {path_template} as B: {as_b.status_code} {as_b.text}"
     else:
         assert as_b.status_code < 500, as_b.text
 
-    if raw:
-        raw["params"] = {**raw["params"], "name": unique("prompt")}  # B's upload may have taken the name
-    as_a = await factory.client.request(method, path, json=body, headers=a.headers, **raw)
+    if handler.opt.get("raw_body") == "audio":
+        payload["params"] = {**owned.query, "name": unique("prompt")}  # B's upload may have taken the name
+    as_a = await factory.client.request(method, path, headers={**owned.headers, **a.headers}, **payload)
     assert 200 <= as_a.status_code < 300, f"{method} {path_template} as A: {as_a.status_code} {as_a.text}"
 
 
@@ -504,7 +596,7 @@ async def test_tenant_websocket_is_scoped(item, factory: Factory, app: Litestar)
     path_template, _, route, handler = item
     a = await factory.tenant()
     b = await factory.tenant()
-    path, _, owned, _ = await _prepare(factory, a, route, handler)
+    path, _, owned = await _prepare(factory, a, route, handler)
 
     async with websocket_connect(app, path) as socket:
         first = await socket.receive_message()

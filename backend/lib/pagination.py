@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 from litestar.params import Parameter
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import ColumnElement, Row, Select, and_, or_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -107,4 +107,40 @@ async def paginate(
         rows = rows[: page.limit]
         last = rows[-1]
         next_cursor = _encode(getattr(last, column.key), getattr(last, id_column.key))
+    return rows, next_cursor
+
+
+async def paginate_rows(
+    session: AsyncSession,
+    statement: Select[Any],
+    page: PageRequest,
+    *,
+    sortable: Mapping[str, ColumnElement[Any]],
+    default_sort: str,
+    id_column: ColumnElement[Any],
+) -> tuple[list[Row[Any]], str | None]:
+    """`paginate` for statements whose rows are not one mapped entity (a UNION of several kinds of entries).
+
+    The sort and id columns are columns of the statement (for example of a subquery); rows come back whole.
+    """
+    sort = page.sort or default_sort
+    descending = sort.startswith("-")
+    field = sort.removeprefix("-")
+    column = sortable.get(field)
+    if column is None:
+        raise InvalidInput.field("sort", f"one of {', '.join(sorted(sortable))}, optionally prefixed by -")
+    if page.cursor:
+        value, last_id = _decode(page.cursor, column)  # type: ignore[arg-type]
+        if descending:
+            statement = statement.where(or_(column < value, and_(column == value, id_column < last_id)))
+        else:
+            statement = statement.where(or_(column > value, and_(column == value, id_column > last_id)))
+    order = (column.desc(), id_column.desc()) if descending else (column.asc(), id_column.asc())
+    statement = statement.order_by(*order).limit(page.limit + 1)
+    rows = list((await session.execute(statement)).all())
+    next_cursor = None
+    if len(rows) > page.limit:
+        rows = rows[: page.limit]
+        last = rows[-1]._mapping
+        next_cursor = _encode(last[column.key], last[id_column.key])
     return rows, next_cursor

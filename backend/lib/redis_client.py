@@ -11,11 +11,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 RETRIES = 3
 
 
-def make_redis(url: str) -> Redis:
+def make_redis(url: str, *, decode_responses: bool = True) -> Redis:
     """A client whose pooled connections reconnect after the server restarted, instead of failing the request."""
     return Redis.from_url(
         url,
-        decode_responses=True,
+        decode_responses=decode_responses,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), RETRIES),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +49,9 @@ MAX_CALLBACK_DAYS = 7
 DEFAULT_HANDLE_SECONDS = 180.0
 """The handle time assumed for a queue that has handled nothing yet."""
 
+OfferContextProvider = Callable[[uuid.UUID, uuid.UUID, InteractionOut], Awaitable[dict[str, Any]]]
+"""Adds to an offer what the agent needs with it (tenant, agent, interaction -> extra payload): the screen pop."""
+
 
 def now_ms() -> int:
     """Milliseconds since the epoch: the matcher's clock."""
@@ -84,6 +87,8 @@ class RoutingEngine:
         self.matcher = matcher
         self.hub = hub
         self.away_on_missed_offer = away_on_missed_offer
+        self.offer_context: list[OfferContextProvider] = []
+        """Filled by the app's wiring (the customer store's screen pop); a failing provider never blocks an offer."""
 
     # --- queue rules --------------------------------------------------------------------------
 
@@ -231,7 +236,14 @@ class RoutingEngine:
         }
         await self.matcher.wake(tenant_id, now_ms() + timeout_ms)
         for agent in agents:
-            await self.hub.publish(tenant_id, agent, payload)
+            # What each agent sees with the offer (the caller's record, masked by their rights) is theirs.
+            personal = dict(payload)
+            for provide in self.offer_context:
+                try:
+                    personal.update(await provide(tenant_id, agent, offered))
+                except Exception:
+                    log.warning("offer_context_failed", interaction_id=str(interaction_id), exc_info=True)
+            await self.hub.publish(tenant_id, agent, personal)
 
     async def accept(self, principal: Principal, interaction_id: uuid.UUID) -> InteractionOut:
         """The agent takes an offer: it is connected (for a chat; voice connects when the agent leg answers)."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import delete, select, update
+from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
@@ -21,6 +22,7 @@ from backend.db.base import utcnow
 from backend.lib.pagination import PageRequest, paginate
 from backend.lib.problems import Conflict, InvalidInput, NotFound
 from backend.lib.validation import clean_text, clean_time_zone
+from backend.routing import interactions
 from backend.routing.hours import Schedule
 from backend.routing.models import (
     AgentProfile,
@@ -28,6 +30,8 @@ from backend.routing.models import (
     AgentState,
     AgentStatePeriod,
     BusinessHours,
+    Interaction,
+    InteractionEvent,
     IvrFlow,
     PauseReason,
     Queue,
@@ -51,6 +55,7 @@ from backend.routing.schemas import (
     Holiday,
     HoursException,
     HoursStatus,
+    InteractionOut,
     QueueAction,
     QueueIn,
     QueueOut,
@@ -840,3 +845,123 @@ async def agent_state_history(
         )
         for r in rows
     ], cursor
+
+
+# --- for the customer store: an interaction's customer, a customer's interactions ------------------
+
+HANDLING_STATES = ("offered", "connected", "wrap_up")
+ERASED = "[erased]"
+
+
+async def interaction_for_customer_store(session: AsyncSession, interaction_id: uuid.UUID) -> InteractionOut:
+    """One interaction (404 for another tenant's), without its timeline."""
+    found = await session.scalar(select(Interaction).where(Interaction.id == interaction_id))
+    if found is None:
+        raise NotFound("No such interaction")
+    return interactions.out(found)
+
+
+async def recent_customer_interactions(session: AsyncSession, refs: Sequence[str], limit: int) -> list[InteractionOut]:
+    """The latest interactions attached to any of `refs` (a customer id or the customer's addresses)."""
+    if not refs:
+        return []
+    rows = await session.scalars(_RECENT_FOR_CUSTOMER, {"refs": list(refs), "limit": limit})
+    return [interactions.out(r) for r in rows.all()]
+
+
+_REFS: Any = ARRAY(String())
+_RECENT_FOR_CUSTOMER = (
+    select(Interaction)
+    .where(Interaction.customer_ref == any_(bindparam("refs", type_=_REFS)))
+    .order_by(Interaction.created_at.desc(), Interaction.id.desc())
+    .limit(bindparam("limit"))
+)
+"""Built once: the screen pop runs it on every offer and lookup."""
+
+
+def customer_interactions_select(refs: Sequence[str]) -> Select[*tuple[Any, ...]]:
+    """Interactions of a customer as history entries: (at, kind, id, channel, state, outcome, actor_id, text)."""
+    return select(
+        Interaction.created_at.label("at"),
+        literal("interaction").label("kind"),
+        Interaction.id.label("id"),
+        Interaction.channel.label("channel"),
+        Interaction.state.label("state"),
+        Interaction.outcome.label("outcome"),
+        Interaction.agent_id.label("actor_id"),
+        Interaction.customer_ref.label("text"),
+        cast(null(), Integer).label("number"),
+    ).where(Interaction.customer_ref.in_(list(refs)))
+
+
+async def agent_is_handling(
+    session: AsyncSession, agent_id: uuid.UUID, refs: Sequence[str], recent_seconds: int
+) -> bool:
+    """Whether the agent has an interaction with one of `refs` offered, open, or ended in the last moments."""
+    if not refs:
+        return False
+    since = utcnow() - timedelta(seconds=recent_seconds)
+    found = await session.scalar(
+        select(Interaction.id)
+        .where(
+            Interaction.agent_id == agent_id,
+            Interaction.customer_ref.in_(list(refs)),
+            or_(Interaction.state.in_(HANDLING_STATES), Interaction.ended_at >= since),
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
+async def attach_customer(session: AsyncSession, interaction_id: uuid.UUID, customer_ref: str) -> InteractionOut:
+    """Attach an interaction to a customer record; the address it came from is kept in its attributes."""
+    found = await session.scalar(select(Interaction).where(Interaction.id == interaction_id).with_for_update())
+    if found is None:
+        raise NotFound("No such interaction")
+    if found.customer_ref != customer_ref:
+        attributes = dict(found.attributes)
+        if found.customer_ref and "customer_address" not in attributes:
+            attributes["customer_address"] = found.customer_ref
+        found.attributes = attributes
+        found.customer_ref = customer_ref
+    return interactions.out(found)
+
+
+async def move_customer_interactions(session: AsyncSession, old_ref: str, new_ref: str) -> int:
+    """Re-attach every interaction of one customer to another (a merge); returns how many moved."""
+    result = await session.execute(
+        update(Interaction).where(Interaction.customer_ref == old_ref).values(customer_ref=new_ref)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _scrub(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return ERASED if any(s and s in value for s in secrets) else value
+    if isinstance(value, dict):
+        return {k: _scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secrets) for v in value]
+    return value
+
+
+async def anonymise_customer_interactions(
+    session: AsyncSession, refs: Sequence[str], replacement_ref: str, secrets: Sequence[str]
+) -> int:
+    """Erasure: interactions stay (statistics need them) but carry no address or name of the customer any more."""
+    if not refs:
+        return 0
+    rows = (
+        await session.scalars(select(Interaction).where(Interaction.customer_ref.in_(list(refs))).with_for_update())
+    ).all()
+    for interaction in rows:
+        interaction.customer_ref = replacement_ref
+        interaction.attributes = _scrub(dict(interaction.attributes), secrets)
+        events = await session.scalars(
+            select(InteractionEvent).where(InteractionEvent.interaction_id == interaction.id)
+        )
+        for event in events.all():
+            scrubbed = _scrub(dict(event.data), secrets)
+            if scrubbed != event.data:
+                event.data = scrubbed
+    return len(rows)

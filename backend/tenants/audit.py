@@ -7,6 +7,8 @@ import uuid
 from typing import Any
 
 import structlog
+from sqlalchemy import case, cast, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.lib.context import client_ip_var, request_id_var
@@ -72,3 +74,17 @@ async def record_provider(
         )
     )
     log.info("provider_audit", action=action, target_tenant_id=str(target_tenant_id) if target_tenant_id else None)
+
+
+async def redact(session: AsyncSession, *, target_type: str, target_id: uuid.UUID | str) -> int:
+    """Blank the before and after values of one target's entries (erasure); who did what, and when, stays."""
+    marker = {"redacted": True}
+    result = await session.execute(
+        update(AuditEntry)
+        .where(AuditEntry.target_type == target_type, AuditEntry.target_id == str(target_id))
+        .values(
+            before=case((AuditEntry.before.is_(None), None), else_=cast(marker, JSONB)),
+            after=case((AuditEntry.after.is_(None), None), else_=cast(marker, JSONB)),
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

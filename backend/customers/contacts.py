@@ -1,0 +1,147 @@
+"""Contact points in one canonical form, and masked for those who may not see them.
+
+Phone numbers become E.164 with `phonenumbers`, local numbers read in the
+tenant's default region. A number that cannot be parsed is never an error: it
+is kept as entered, flagged invalid, and still matched by its digits.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+from backend.config import get_settings
+
+_NOT_DIALLED = re.compile(r"[^0-9+]")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+MASK = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Phone:
+    """A phone number: `value` is what lookups match (E.164 when valid), `raw` what was entered."""
+
+    value: str
+    raw: str
+    valid: bool
+
+
+def normalise_phone(raw: str, region: str | None) -> Phone:
+    """E.164 if `raw` is a valid number (international, or local to `region`); else its dialled characters, flagged.
+
+    Accepts the formats people type and caller ids arrive in: `+86 138 0013 8000`,
+    `(0)138-0013-8000`, `0086 13800138000`, `tel:+8613800138000`.
+    """
+    text = raw.strip()
+    candidate = unicodedata.normalize("NFKC", text).removeprefix("tel:").strip()
+    if candidate.startswith("00") and not candidate.startswith("000"):
+        candidate = "+" + candidate[2:]  # the international prefix most of the world dials
+    try:
+        parsed = phonenumbers.parse(candidate, region)
+        if phonenumbers.is_valid_number(parsed):
+            return Phone(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), text, True)
+    except phonenumbers.NumberParseException:
+        pass
+    dialled = _NOT_DIALLED.sub("", candidate)
+    return Phone(dialled or text, text, False)
+
+
+def phone_lookup_values(raw: str, region: str | None) -> list[str]:
+    """What a caller id may be stored as: its E.164 form, and its dialled characters for numbers kept as entered."""
+    phone = normalise_phone(raw, region)
+    values = [phone.value]
+    dialled = _NOT_DIALLED.sub("", raw)
+    if dialled and dialled not in values:
+        values.append(dialled)
+    return values
+
+
+def digits(fragment: str) -> str:
+    """The digits of a phone-number fragment typed into search."""
+    return re.sub(r"[^0-9]", "", unicodedata.normalize("NFKC", fragment))
+
+
+_PLAIN_EMAIL = re.compile(
+    r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*@"
+    r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+)
+
+
+def normalise_email(raw: str) -> str | None:
+    """The address in lower case if it is syntactically an e-mail address, else None (no DNS: nothing leaves).
+
+    Plain ASCII addresses (nearly all of them) are checked by a strict pattern, because a million-row import
+    cannot afford `email_validator` on each; anything else (international addresses, odd forms) goes to it.
+    """
+    text = raw.strip()
+    if not text or len(text) > 254:
+        return None
+    lowered = text.lower()
+    if len(lowered.partition("@")[0]) <= 64 and _PLAIN_EMAIL.match(lowered) and not lowered.endswith(".test"):
+        return lowered
+    try:
+        normalised = validate_email(
+            text,
+            check_deliverability=False,
+            allow_smtputf8=True,
+            test_environment=get_settings().environment != "production",
+        ).normalized
+    except EmailNotValidError:
+        return None
+    return normalised.lower()
+
+
+@lru_cache(maxsize=4096)
+def mask_phone(value: str) -> str:
+    """`+8613800138000` -> `+86 138****8000`: country code, first three and last four digits stay."""
+    if _E164.match(value):
+        try:
+            parsed = phonenumbers.parse(value, None)
+        except phonenumbers.NumberParseException:
+            parsed = None
+        if parsed is not None:
+            national = phonenumbers.national_significant_number(parsed)
+            if len(national) > 7:
+                middle = len(national) - 7
+                return f"+{parsed.country_code} {national[:3]}{MASK * middle}{national[-4:]}"
+            return f"+{parsed.country_code} {MASK * max(0, len(national) - 2)}{national[-2:]}"
+    shown = 4 if len(value) > 6 else 2
+    return MASK * max(0, len(value) - shown) + value[-shown:]
+
+
+def mask_email(value: str) -> str:
+    """`wang.li@example.com` -> `w***@example.com`."""
+    local, at, domain = value.partition("@")
+    if not at:
+        return mask_text(value)
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_text(value: str) -> str:
+    """Any other sensitive value: its last two characters at most."""
+    if len(value) <= 2:
+        return MASK * len(value)
+    return MASK * min(8, len(value) - 2) + value[-2:]
+
+
+def mask_identity(kind: str, value: str) -> str:
+    """A contact point as someone without `customers:read_sensitive` sees it."""
+    if kind == "phone":
+        return mask_phone(value)
+    if kind == "email":
+        return mask_email(value)
+    return value
+
+
+def mask_address(ref: str) -> str:
+    """An interaction's customer address (a caller id or an e-mail), masked; customer ids are left alone."""
+    if "@" in ref:
+        return mask_email(ref)
+    if _E164.match(ref) or (ref.replace("+", "").isdigit() and len(ref) >= 5):
+        return mask_phone(ref)
+    return ref
