@@ -276,6 +276,49 @@ class Factory:
             "password": body["sip_password"],
         }
 
+    # --- customer store ---------------------------------------------------------------------------
+
+    async def customer(self, ctx: TenantCtx, headers: dict[str, str] | None = None, **fields: Any) -> dict[str, Any]:
+        """A customer record made through the API; the body plus its `etag`."""
+        body = {"name": f"Customer {unique('c')}", "phones": [f"+86138{next(_counter) % 100_000_000:08d}"], **fields}
+        response = await self.client.post("/api/v1/customers", json=body, headers=headers or ctx.headers)
+        assert response.status_code == 201, response.text
+        out: dict[str, Any] = response.json()
+        out["etag"] = response.headers["etag"]
+        return out
+
+    async def customer_field(self, ctx: TenantCtx, **fields: Any) -> dict[str, Any]:
+        """A custom field of the tenant's customer records."""
+        body = {"key": unique("f").lower(), "label": "Some field", "type": "text", **fields}
+        response = await self.client.post("/api/v1/customer-store/fields", json=body, headers=ctx.headers)
+        assert response.status_code == 201, response.text
+        out: dict[str, Any] = response.json()
+        return out
+
+    async def ticket(self, ctx: TenantCtx, **fields: Any) -> dict[str, Any]:
+        """A ticket of the tenant; the body plus its `etag`."""
+        response = await self.client.post(
+            "/api/v1/tickets", json={"subject": "Printer on fire", **fields}, headers=ctx.headers
+        )
+        assert response.status_code == 201, response.text
+        out: dict[str, Any] = response.json()
+        out["etag"] = response.headers["etag"]
+        return out
+
+    async def customer_import(self, ctx: TenantCtx, **options: Any) -> uuid.UUID:
+        """An import waiting for its file."""
+        response = await self.client.post("/api/v1/customer-imports", json=options, headers=ctx.headers)
+        assert response.status_code == 201, response.text
+        return uuid.UUID(response.json()["id"])
+
+    async def member(self, ctx: TenantCtx, team_id: uuid.UUID, *, role: str = "agent") -> dict[str, Any]:
+        """A signed-in user of `role` who belongs to `team_id`."""
+        user = await self.user(ctx, role=role, login=True)
+        response = await self.client.put(f"/api/v1/teams/{team_id}/members/{user['id']}", headers=ctx.headers)
+        assert response.status_code in (200, 201, 204), response.text
+        # Team membership is read at request time, the token need not change.
+        return user
+
 
 def wav_bytes(seconds: float = 0.25, rate: int = 8000, channels: int = 1, tone: int = 440) -> bytes:
     """A real WAV file (16-bit PCM sine), as FreeSWITCH's record_session writes them."""
@@ -396,46 +439,3 @@ class MediaFactory:
             self.f.__dict__[key] = name
         name_: str = self.f.__dict__[key]
         return name_
-
-    # --- customer store ---------------------------------------------------------------------------
-
-    async def customer(self, ctx: TenantCtx, headers: dict[str, str] | None = None, **fields: Any) -> dict[str, Any]:
-        """A customer record made through the API; the body plus its `etag`."""
-        body = {"name": f"Customer {unique('c')}", "phones": [f"+86138{next(_counter) % 100_000_000:08d}"], **fields}
-        response = await self.client.post("/api/v1/customers", json=body, headers=headers or ctx.headers)
-        assert response.status_code == 201, response.text
-        out: dict[str, Any] = response.json()
-        out["etag"] = response.headers["etag"]
-        return out
-
-    async def customer_field(self, ctx: TenantCtx, **fields: Any) -> dict[str, Any]:
-        """A custom field of the tenant's customer records."""
-        body = {"key": unique("f").lower(), "label": "Some field", "type": "text", **fields}
-        response = await self.client.post("/api/v1/customer-store/fields", json=body, headers=ctx.headers)
-        assert response.status_code == 201, response.text
-        out: dict[str, Any] = response.json()
-        return out
-
-    async def ticket(self, ctx: TenantCtx, **fields: Any) -> dict[str, Any]:
-        """A ticket of the tenant; the body plus its `etag`."""
-        response = await self.client.post(
-            "/api/v1/tickets", json={"subject": "Printer on fire", **fields}, headers=ctx.headers
-        )
-        assert response.status_code == 201, response.text
-        out: dict[str, Any] = response.json()
-        out["etag"] = response.headers["etag"]
-        return out
-
-    async def customer_import(self, ctx: TenantCtx, **options: Any) -> uuid.UUID:
-        """An import waiting for its file."""
-        response = await self.client.post("/api/v1/customer-imports", json=options, headers=ctx.headers)
-        assert response.status_code == 201, response.text
-        return uuid.UUID(response.json()["id"])
-
-    async def member(self, ctx: TenantCtx, team_id: uuid.UUID, *, role: str = "agent") -> dict[str, Any]:
-        """A signed-in user of `role` who belongs to `team_id`."""
-        user = await self.user(ctx, role=role, login=True)
-        response = await self.client.put(f"/api/v1/teams/{team_id}/members/{user['id']}", headers=ctx.headers)
-        assert response.status_code in (200, 201, 204), response.text
-        # Team membership is read at request time, the token need not change.
-        return user
