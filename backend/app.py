@@ -43,7 +43,7 @@ from backend.channels.voice.media_controllers import (
 )
 from backend.channels.voice.nodes import NodeAddressBook
 from backend.channels.voice.outbound import OutboundGuard
-from backend.channels.voice.recordings import VoicemailDesk
+from backend.channels.voice.recordings import CustomerStoreTickets, VoicemailDesk
 from backend.channels.voice.service import VoiceSwitchboard
 from backend.channels.voice.supervision import SupervisionDesk
 from backend.channels.voice.xml_curl import XmlCurl
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
     xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address)
     storage = make_storage(settings)
+    voicemail = VoicemailDesk(sessionmaker, storage, settings, routing, CustomerStoreTickets(sessionmaker))
     job_queue = make_job_queue(settings)
 
     async def start_hub() -> None:
@@ -192,7 +193,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "storage": storage,
                 "prompts": PromptLibrary(),
                 "prompt_player": PromptPlayer(settings),
-                "voicemail": VoicemailDesk(sessionmaker, storage, settings, routing),
+                "voicemail": voicemail,
                 "outbound": OutboundGuard(sessionmaker, redis, settings),
                 "supervision": SupervisionDesk(sessionmaker),
                 "job_queue": job_queue,

@@ -541,3 +541,24 @@ async def add_comment(
     await session.flush()
     await _notify(session, notify, ticket, viewer.actor_id, "comment")
     return ticket_out(ticket, await _events(session, ticket.id))
+
+
+async def open_voicemail_ticket(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    *,
+    interaction_id: uuid.UUID,
+    caller_number: str,
+    duration_ms: int | None,
+    voicemail_id: uuid.UUID,
+) -> TicketOut:
+    """A ticket for a voicemail its queue wants followed up: made by the system, tied to the call's interaction
+    (and so to the caller's record when the interaction has one)."""
+    system = Viewer(tenant_id, None, "system", None, frozenset(), frozenset())
+    seconds = f", {round(duration_ms / 1000)} s" if duration_ms else ""
+    data = TicketCreate(
+        subject=f"Voicemail from {caller_number or 'an unknown caller'}"[:300],
+        description=f"A caller left a voicemail{seconds}. Message {voicemail_id}.",
+        interaction_id=interaction_id,
+    )
+    return await create_ticket(session, system, data)

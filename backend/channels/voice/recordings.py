@@ -32,6 +32,7 @@ from backend.channels.voice.audio import sniff_file
 from backend.channels.voice.models import QueueVoiceSettings, Recording, Voicemail
 from backend.channels.voice.schemas import PausedInterval, RecordingOut, VoicemailOut
 from backend.config import Settings
+from backend.customers import tickets as tickets_service
 from backend.db.base import utcnow
 from backend.db.engine import tenant_transaction
 from backend.lib.pagination import PageRequest, paginate
@@ -347,6 +348,26 @@ class VoicemailTickets(Protocol):
     async def open_ticket(self, request: VoicemailTicketRequest) -> str | None:
         """Open a ticket; returns its id (kept on the voicemail), or None if none was opened."""
         ...
+
+
+class CustomerStoreTickets:
+    """Voicemail tickets in the customer store's ticket desk."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self.sessionmaker = sessionmaker
+
+    async def open_ticket(self, request: VoicemailTicketRequest) -> str | None:
+        """Open the ticket in the tenant's desk; its id is kept on the voicemail."""
+        async with tenant_transaction(self.sessionmaker, request.tenant_id) as session:
+            ticket = await tickets_service.open_voicemail_ticket(
+                session,
+                request.tenant_id,
+                interaction_id=request.interaction.id,
+                caller_number=request.voicemail.caller_number,
+                duration_ms=request.voicemail.duration_ms,
+                voicemail_id=request.voicemail.id,
+            )
+        return str(ticket.id)
 
 
 class NoVoicemailTickets:

@@ -342,6 +342,26 @@ async def test_voicemail_becomes_an_interaction_and_a_ticket_when_the_queue_says
     assert played.content == content
 
 
+async def test_the_app_opens_a_real_ticket_in_the_customer_store_for_a_voicemail(factory: Factory, app):
+    a = await factory.tenant()
+    queue = await factory.queue(a)
+    await factory.client.put(
+        f"/api/v1/voice/queues/{queue}/settings",
+        json={"voicemail_enabled": True, "voicemail_creates_ticket": True},
+        headers=a.headers,
+    )
+    desk = app.state.voicemail  # as the application wires it: tickets in the customer store
+    target = await desk.begin(a.tenant_id, queue_id=queue, caller_number="+33612345678")
+    stored = await desk.receive(a.tenant_id, target.id, "audio.wav", _chunks(wav_bytes(seconds=0.5)))
+    assert stored.ticket_id is not None
+    ticket = await factory.client.get(f"/api/v1/tickets/{stored.ticket_id}", headers=a.headers)
+    assert ticket.status_code == 200, ticket.text
+    body = ticket.json()
+    assert body["subject"] == "Voicemail from +33612345678"
+    assert body["interaction_id"] == str(stored.interaction_id)
+    assert body["status"] == "new"
+
+
 async def test_agents_hear_their_own_box_only(factory: Factory):
     a = await factory.tenant()
     agent = await factory.user(a, role="agent", login=True)
