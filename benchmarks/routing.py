@@ -7,7 +7,7 @@ interactions waiting (created durably in PostgreSQL, as the engine does before i
 
 Ours is the production path without HTTP: the Redis matcher (`backend.routing.matcher`) decides, and
 `backend.routing.offers.OfferRecorder` writes the interaction's new state and its `offered` timeline event
-durably, group-committing concurrent offers. The baseline does the same work the way a first version
+durably, group-committing concurrent offers. Every process runs on uvloop, as the API and workers do. The baseline does the same work the way a first version
 usually does: one PostgreSQL transaction per decision, `SELECT ... FOR UPDATE SKIP LOCKED` to claim the
 oldest waiting interaction and a free agent, then the same interaction update and timeline event.
 
@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import uvloop
 from sqlalchemy import text
 
 from backend.config import get_settings
@@ -227,7 +228,7 @@ async def ours_load(world: World) -> None:
 
 
 def _ours_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
-    out.put(asyncio.run(_ours_drain(world, share, shares, concurrency, go)))
+    out.put(uvloop.run(_ours_drain(world, share, shares, concurrency, go)))
 
 
 async def _ours_drain(world: World, share: int, shares: int, concurrency: int, go: Any) -> dict[str, float]:
@@ -355,7 +356,7 @@ def _base_dsn() -> str:
 
 
 def _base_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
-    out.put(asyncio.run(_base_drain(world, share, shares, concurrency, go)))
+    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go)))
 
 
 async def _base_drain(world: World, share: int, shares: int, concurrency: int, go: Any) -> dict[str, float]:
@@ -452,7 +453,7 @@ async def base_steady(world: World, rate: float, seconds: float) -> dict[str, An
 
 
 def _hammer_process(noisy: str, agents: list[str], rate: float, stop: Any, out: Any) -> None:
-    out.put(asyncio.run(_hammer(uuid.UUID(noisy), [uuid.UUID(a) for a in agents], rate, stop)))
+    out.put(uvloop.run(_hammer(uuid.UUID(noisy), [uuid.UUID(a) for a in agents], rate, stop)))
 
 
 async def _hammer(noisy: uuid.UUID, agents: list[uuid.UUID], rate: float, stop: Any) -> float:
@@ -564,8 +565,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent decision loops per process")
     args = parser.parse_args()
     print(f"seeding {args.tenants} tenants, {args.agents} agents, {args.waiting} waiting interactions ...", flush=True)
-    world = asyncio.run(seed(args))
-    asyncio.run(ours_load(world))
+    world = uvloop.run(seed(args))
+    uvloop.run(ours_load(world))
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     ours = drain(_ours_drain_process, world, args.processes, args.concurrency)
@@ -584,7 +585,7 @@ def main() -> None:
         ("ours", ours_steady(world, args.steady_rate, args.steady_seconds)),
         ("baseline", base_steady(world, args.steady_rate, args.steady_seconds)),
     ):
-        r = asyncio.run(steady)
+        r = uvloop.run(steady)
         print(
             f"{name:9} steady {args.steady_rate:.0f}/s for {args.steady_seconds:.0f} s (achieved {r['achieved_rate']:.0f}/s): "
             f"offered {r['offered']:,}, unmatched {r['unmatched']}; enqueue-to-offer decided p50 {r['decided_p50']:.2f} ms "
@@ -592,7 +593,7 @@ def main() -> None:
             f"({r['batches']:,} commits)",
             flush=True,
         )
-    n = asyncio.run(neighbours(200, 10, 10_000, 1_000))
+    n = uvloop.run(neighbours(200, 10, 10_000, 1_000))
     for waiting in (10, 10_000):
         p50, p99 = n[waiting]
         print(

@@ -41,10 +41,20 @@ STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill"
 # agent an interaction is offered to (or connected with) carries one unit of load on its channel.
 _COMMON = r"""
 local P = KEYS[1]
+-- JSON (requirements, agents' skills) decoded once per script run, however many times it is compared.
+local decoded = {}
+local function decode(json)
+  local value = decoded[json]
+  if value == nil then
+    value = cjson.decode(json)
+    decoded[json] = value
+  end
+  return value
+end
 local function required_ok(req_json, agent_skills_json, waited_s)
   if req_json == nil or req_json == false or req_json == '' or req_json == '[]' then return true, 0 end
-  local req = cjson.decode(req_json)
-  local skills = cjson.decode(agent_skills_json or '{}')
+  local req = decode(req_json)
+  local skills = decode(agent_skills_json or '{}')
   local total = 0
   for _, r in ipairs(req) do
     local level = tonumber(skills[r[1]] or 0)
@@ -109,8 +119,11 @@ local function most_urgent_for(agent, now, depth)
     local channel = string.match(fields[f], '^cap:(.+)$')
     if channel and has_room(agent, channel) then
       for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
-        -- Read the lane a few entries at a time: the head usually qualifies.
+        -- Read the lane a few entries at a time: the head usually qualifies. Requirements only relax with
+        -- waiting (queue settings refuse a rising step), so once an interaction fails, any with the same
+        -- requirements that arrived later fails too and is passed over without a second look.
         local lane, from, done = P .. 'qc:' .. queue .. ':' .. channel, 0, false
+        local failed_req, failed_enq = nil, nil
         while not done and from < depth do
           local upto = math.min(from + 8, depth) - 1
           local items = redis.call('ZRANGE', lane, from, upto, 'WITHSCORES')
@@ -121,11 +134,14 @@ local function most_urgent_for(agent, now, depth)
               done = true
               break
             end
-            local ikey = P .. 'i:' .. iid
-            local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
-            if required_ok(redis.call('HGET', ikey, 'req'), skills, waited) then
-              best, best_rank, done = iid, rank, true
-              break
+            local fields = redis.call('HMGET', P .. 'i:' .. iid, 'enq', 'req')
+            local enq, req = tonumber(fields[1]), fields[2]
+            if not (req == failed_req and enq >= failed_enq) then
+              if required_ok(req, skills, (now - enq) / 1000) then
+                best, best_rank, done = iid, rank, true
+                break
+              end
+              if req ~= failed_req or enq < failed_enq then failed_req, failed_enq = req, enq end
             end
           end
           from = upto + 1
