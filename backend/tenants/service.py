@@ -417,6 +417,17 @@ async def verify_email(session: AsyncSession, token: str) -> None:
     )
 
 
+async def _serialise_user_changes(session: AsyncSession, tenant_id: uuid.UUID) -> None:
+    """Role and status changes of one tenant's users run one at a time.
+
+    A change locks its user's row, and a change to an owner then locks every owner's row to count them:
+    two such changes would each hold one owner and wait for the other's. Taking this lock first orders them.
+    """
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('user-roles:' || :t, 0))"), {"t": str(tenant_id)}
+    )
+
+
 async def _active_owner_ids(session: AsyncSession) -> list[uuid.UUID]:
     owner_role = select(Role.id).where(Role.name == OWNER_ROLE, Role.builtin.is_(True)).scalar_subquery()
     # FOR UPDATE serialises concurrent demotions: the second waits, then re-checks the rows.
@@ -439,6 +450,8 @@ async def update_user(
 ) -> tuple[UserOut, RevokedCredentials | None]:
     """Rename a user or change their role; a role change revokes all their tokens and keys."""
     assert principal.tenant_id is not None
+    if data.role_id is not msgspec.UNSET:
+        await _serialise_user_changes(session, principal.tenant_id)
     user = await _user(session, user_id, lock=True)
     before = {"name": user.name, "role_id": str(user.role_id)}
     revoked: RevokedCredentials | None = None
@@ -476,6 +489,7 @@ async def set_user_active(
 ) -> tuple[UserOut, RevokedCredentials | None]:
     """Deactivate (revoking every token and key) or reactivate a user. The last owner stays."""
     assert principal.tenant_id is not None
+    await _serialise_user_changes(session, principal.tenant_id)
     user = await _user(session, user_id, lock=True)
     before = {"status": user.status}
     revoked: RevokedCredentials | None = None
