@@ -4,7 +4,7 @@ When a node is lost these are the calls that were live on it: each gets a
 closed CDR (`node_failure`) and its interaction is ended. One Redis hash per
 leg (fields only ever added or overwritten, so events may be applied by
 several consumers in any order) and one set of leg ids per node. After a
-reconnect the inbound-ESL manager hands `reconcile` the node's own list
+reconnect the node's inbound link (`links.py`) hands `reconcile` the node's own list
 (`show channels as json`) to drop legs whose hangup was missed.
 """
 

@@ -54,9 +54,23 @@ class FrameParser:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add received bytes; return every frame they complete. Raises ProtocolError on garbage."""
+        frames, error = self.feed_until_error(data)
+        if error is not None:
+            raise error
+        return frames
+
+    def feed_until_error(self, data: bytes) -> tuple[list[Frame], ProtocolError | None]:
+        """Like `feed`, but the frames completed before garbage are returned with the error, not lost with it."""
+        frames: list[Frame] = []
+        try:
+            self._feed(data, frames)
+        except ProtocolError as error:
+            return frames, error
+        return frames, None
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> None:
         buffer = self._buffer
         buffer += data
-        frames: list[Frame] = []
         start = 0
         while True:
             if self._headers is None:
@@ -86,7 +100,6 @@ class FrameParser:
             self._need = 0
         if start:
             del buffer[:start]
-        return frames
 
     def _parse_headers(self, block: bytes) -> tuple[tuple[tuple[str, str], ...], int]:
         pairs: list[tuple[str, str]] = []
