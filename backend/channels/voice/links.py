@@ -82,7 +82,9 @@ LEASE_MARGIN = 0.1
 """The holder stops this fraction of the lease time before its lease could expire."""
 LAG_LOG_EVERY_SECONDS = 10.0
 _USED_EVENTS = frozenset(name for name in SUBSCRIBED_EVENTS if name != "CUSTOM" and "::" not in name)
-_TRANSIENT_SQLSTATES = ("08", "57P", "53", "40001", "40P01")
+# Connection trouble, shutdown and start-up, resources, serialisation failures and deadlocks; and unique
+# violations, which a concurrent first writer causes and a retry resolves (the row is there by then).
+_TRANSIENT_SQLSTATES = ("08", "57P", "53", "40001", "40P01", "23505")
 
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
