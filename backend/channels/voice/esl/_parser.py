@@ -104,13 +104,12 @@ class FrameParser:
     def _parse_headers(self, block: bytes) -> tuple[tuple[tuple[str, str], ...], int]:
         pairs: list[tuple[str, str]] = []
         length = 0
-        for raw in block.split(b"\n"):
-            line = raw.decode("utf-8", errors="replace")
+        for line in block.decode("utf-8", errors="replace").split("\n"):
             name, colon, value = line.partition(":")
             if not colon or not name or " " in name:
-                raise ProtocolError(f"not an ESL header line: {raw[:80]!r}")
+                raise ProtocolError(f"not an ESL header line: {line[:80].encode()!r}")
             value = value.lstrip(" ")
-            if name.lower() == "content-length":
+            if len(name) == 14 and name.lower() == "content-length":
                 length = _content_length(value, self._max_body)
             pairs.append((name, value))
         return tuple(pairs), length
