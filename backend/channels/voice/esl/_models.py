@@ -63,8 +63,8 @@ class Headers(Mapping[str, str]):
 
     def _value(self, name: str, value: object) -> str:
         # JSON array headers become FreeSWITCH's `ARRAY::a|:b` text, as in a plain event, once read.
-        if value.__class__ is str:
-            return value  # type: ignore[return-value]
+        if isinstance(value, str):
+            return value
         text = _json_value(value)
         self._index[name] = text
         return text
