@@ -17,6 +17,8 @@ DEFAULT_MAX_BODY_BYTES = 10_485_760
 """Largest Content-Length accepted; FreeSWITCH's own read limit for a command is 10 MiB too."""
 
 _COMMAND_END = re.compile(rb"\n\r?\n")
+_REMEMBERED_BLOCK_BYTES = 80
+_REMEMBERED_BLOCKS = 4096
 
 
 def _content_length(value: str, limit: int) -> int:
@@ -36,7 +38,7 @@ class FrameParser:
     and is absent on frames without a body (auth/request, command/reply).
     """
 
-    __slots__ = ("_buffer", "_headers", "_max_body", "_max_header", "_need")
+    __slots__ = ("_buffer", "_headers", "_known", "_max_body", "_max_header", "_need")
 
     def __init__(
         self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -46,6 +48,9 @@ class FrameParser:
         self._need = 0
         self._max_header = max_header_bytes
         self._max_body = max_body_bytes
+        # Event frames repeat the same two header lines (`Content-Length: n`, `Content-Type: ...`) with a
+        # few hundred different lengths: their parse is remembered, per connection and bounded.
+        self._known: dict[bytes, tuple[tuple[tuple[str, str], ...], int]] = {}
 
     @property
     def buffered(self) -> int:
@@ -84,7 +89,15 @@ class FrameParser:
                     break
                 if end - start > self._max_header:
                     raise ProtocolError(f"header block over {self._max_header} bytes")
-                headers, length = self._parse_headers(bytes(buffer[start:end]))
+                block = bytes(buffer[start:end])
+                known = self._known.get(block)
+                if known is None:
+                    known = self._parse_headers(block)
+                    if len(block) <= _REMEMBERED_BLOCK_BYTES:
+                        if len(self._known) >= _REMEMBERED_BLOCKS:
+                            self._known.clear()
+                        self._known[block] = known
+                headers, length = known
                 start = end + 2
                 if length == 0:
                     frames.append(Frame(headers))
