@@ -135,6 +135,9 @@ class Settings:
         default_factory=lambda: float(os.environ.get("CC_SWITCH_NODES_REFRESH", "5"))
     )
     """How often the holders re-read the registered nodes (added, changed, removed) without a restart."""
+    switch_event_lanes: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_LANES", 16))
+    """A node's events are applied by this many lanes at once; one leg's events (and one seat's registrations)
+    always take the same lane, so they are applied in the order the node sent them."""
     switch_event_retries: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_RETRIES", 5))
     """Attempts after the first at applying a switch event when the database or Redis fails transiently."""
     switch_event_retry_seconds: float = field(

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import cProfile
 import json
 import multiprocessing
 import os
@@ -234,8 +235,6 @@ def blaster(port_queue: Any, report: Any, tenant_id: str, rate: float, seconds: 
 
 async def prepare_ingestion(nodes: int) -> tuple[str, list[tuple[uuid.UUID, str]]]:
     """A tenant for the calls' CDRs and `nodes` registered switch nodes (ports filled in later)."""
-    from sqlalchemy import delete
-
     from backend.auth.crypto import SecretBox
     from backend.channels.voice.models import SwitchNode
     from backend.config import get_settings
@@ -263,11 +262,11 @@ async def prepare_ingestion(nodes: int) -> tuple[str, list[tuple[uuid.UUID, str]
         )
         tenant_id = str(result.tenant.id)
     created = []
+    run = uuid.uuid4().hex[:6]
     async with sessionmaker() as session, session.begin():
-        await session.execute(delete(SwitchNode).where(SwitchNode.name.like("fs-ingest-%")))
         for index in range(nodes):
             node = SwitchNode(
-                name=f"fs-ingest-{index}",
+                name=f"fs-ingest-{run}-{index}",
                 esl_host="127.0.0.1",
                 esl_port=1,
                 esl_password_sealed=SecretBox(settings.secret_key).seal("ClueCon"),
@@ -291,6 +290,7 @@ async def ingest(rate: float, seconds: float) -> dict[str, Any]:
     from backend.channels.voice.service import VoiceSwitchboard
     from backend.config import get_settings
     from backend.db.engine import make_engine, make_sessionmaker
+    from backend.lib.observability import configure_logging
     from backend.lib.redis_client import make_redis
     from backend.worker import build_routing
 
@@ -303,7 +303,9 @@ async def ingest(rate: float, seconds: float) -> dict[str, Any]:
     ]
     for process in processes:
         process.start()
-    settings = replace(get_settings(), esl_node_pattern="fs-ingest-*", log_level="WARNING")
+    run = nodes[0][1].rsplit("-", 1)[0]
+    settings = replace(get_settings(), esl_node_pattern=f"{run}-*", log_level="WARNING")
+    configure_logging(settings)  # as the worker does: warnings and errors only
     engine = make_engine(settings)
     sessionmaker = make_sessionmaker(engine)
     redis = make_redis(settings.redis_url)
@@ -328,6 +330,9 @@ async def ingest(rate: float, seconds: float) -> dict[str, Any]:
 
     board = Measured(sessionmaker, redis, settings, build_routing(settings, sessionmaker, redis))
     links = SwitchLinks(board, redis, settings)
+    profile = cProfile.Profile() if os.environ.get("CC_BENCH_PROFILE") else None
+    if profile is not None:
+        profile.enable()
     await links.start()
     reports = []
     try:
@@ -346,6 +351,9 @@ async def ingest(rate: float, seconds: float) -> dict[str, Any]:
         failed = sum(link.stats.failed for link in links.links.values())
     finally:
         await links.stop()
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(os.environ["CC_BENCH_PROFILE"])
         for process in processes:
             process.terminate()
         await redis.aclose()

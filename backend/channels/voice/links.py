@@ -81,6 +81,8 @@ HOLDERS_KEY = global_key("esl", "holders")
 LEASE_MARGIN = 0.1
 """The holder stops this fraction of the lease time before its lease could expire."""
 LAG_LOG_EVERY_SECONDS = 10.0
+LANE_DEPTH = 64
+"""Events waiting per lane before the consumer stops taking more from the ESL buffer (which never blocks)."""
 _USED_EVENTS = frozenset(name for name in SUBSCRIBED_EVENTS if name != "CUSTOM" and "::" not in name)
 # Connection trouble, shutdown and start-up, resources, serialisation failures and deadlocks; and unique
 # violations, which a concurrent first writer causes and a retry resolves (the row is there by then).
@@ -122,6 +124,18 @@ def transient(error: BaseException) -> bool:
             return True
         seen = getattr(seen, "orig", None) or seen.__cause__
     return False
+
+
+def order_key(event: Event) -> str:
+    """What must be applied in order: one leg's events, one seat's registrations; heartbeats among themselves."""
+    leg = event.unique_id
+    if leg:
+        return leg
+    if event.name == "CUSTOM":
+        user = event.get("username") or event.get("user") or event.get("from-user") or ""
+        realm = event.get("realm") or event.get("domain_name") or event.get("host") or event.get("from-host") or ""
+        return f"{user}@{realm}".lower()
+    return event.name
 
 
 def node_patterns(value: str) -> list[str]:
@@ -243,8 +257,11 @@ class NodeLink:
             events=SUBSCRIBED_EVENTS,
         )
         self._apply_lock = asyncio.Lock()
-        self._applied = 0
+        self._dispatched = 0
         self._in_hand = 0
+        lanes = max(1, settings.switch_event_lanes)
+        self._lanes: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(lanes)]
+        self._room = asyncio.Semaphore(lanes * LANE_DEPTH)
         self._pending: Snapshot | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -271,6 +288,10 @@ class NodeLink:
             asyncio.create_task(self._consume(), name=f"esl-events-{self.name}"),
             asyncio.create_task(self._keep_lease(), name=f"esl-lease-{self.name}"),
             asyncio.create_task(self._serve_commands(), name=f"esl-commands-{self.name}"),
+            *(
+                asyncio.create_task(self._run_lane(lane), name=f"esl-lane-{self.name}-{index}")
+                for index, lane in enumerate(self._lanes)
+            ),
         ]
         await self._publish_status()
         log.info("switch_link_taken", node=self.name, node_id=str(self.node_id), holder=self.lease.token)
@@ -280,7 +301,8 @@ class NodeLink:
         if self._stopping:
             return
         self._stopping = True
-        consumer, keeper, server = self._tasks or (None, None, None)
+        started: list[asyncio.Task[None] | None] = [*self._tasks] or [None, None, None]
+        consumer, keeper, server, *lanes = started
         await self._cancel(server)
         await self._cancel(self._resync_task)
         await self.client.close()  # ends events() once the buffer is drained
@@ -292,10 +314,12 @@ class NodeLink:
                 log.error(
                     "switch_link_stopped_behind",
                     node=self.name,
-                    unapplied=self.client.pending_events,
+                    unapplied=self.client.pending_events + sum(lane.qsize() for lane in self._lanes),
                     detail="the next holder re-reads the node's channels and registrations",
                 )
                 await self._cancel(consumer)
+        for lane_task in lanes:
+            await self._cancel(lane_task)
         await self._cancel(keeper)
         for task in list(self._commands):
             await self._cancel(task)
@@ -437,10 +461,11 @@ class NodeLink:
         channels = _rows((await client.api("show channels as json")).json())
         registrations = _rows((await client.api("show registrations as json")).json())
         # Events received before this point happened before the snapshot: they are applied first.
-        position = self._applied + self._in_hand + client.pending_events
+        position = self._dispatched + self._in_hand + client.pending_events
         self._pending = Snapshot(position, [str(row.get("uuid", "")) for row in channels], registrations)
         async with self._apply_lock:
-            if self._pending is not None and self._applied >= self._pending.position:
+            if self._pending is not None and self._dispatched >= self._pending.position:
+                await self._drain_lanes()
                 await self._apply_snapshot()
 
     async def _apply_snapshot(self) -> None:
@@ -475,20 +500,23 @@ class NodeLink:
     # ----- events -----
 
     async def _consume(self) -> None:
+        """Take events in the node's order and hand each to its lane; a snapshot waits for what came before it."""
         async for event in self.client.events():
             if not self.valid():
                 return  # the lease is going: the keeper closes the link
             self._in_hand = 1
             async with self._apply_lock:
                 try:
-                    await self._apply(event)
+                    await self._dispatch(event)
                 finally:
                     self._in_hand = 0
-                    self._applied += 1
-                if self._pending is not None and self._applied >= self._pending.position:
+                    self._dispatched += 1
+                if self._pending is not None and self._dispatched >= self._pending.position:
+                    await self._drain_lanes()
                     await self._apply_snapshot()
+        await self._drain_lanes()
 
-    async def _apply(self, event: Event) -> None:
+    async def _dispatch(self, event: Event) -> None:
         name = event.name
         if name not in _USED_EVENTS and not (name == "CUSTOM" and event.subclass in REGISTRATION_EVENTS):
             self.stats.ignored += 1
@@ -499,9 +527,28 @@ class NodeLink:
                 self.stats.unknown.add(label)
                 log.warning("switch_event_unknown", node=self.name, event_name=label[:80], detail="ignored")
             return
+        await self._room.acquire()  # at most lanes x depth events in flight: beyond, the ESL buffer waits
+        self._lanes[hash(order_key(event)) % len(self._lanes)].put_nowait(event)
+
+    async def _run_lane(self, lane: asyncio.Queue[Event]) -> None:
+        while True:
+            event = await lane.get()
+            try:
+                await self._apply(event)
+            finally:
+                lane.task_done()
+                self._room.release()
+
+    async def _drain_lanes(self) -> None:
+        """Wait until every event handed to a lane is applied."""
+        for lane in self._lanes:
+            await lane.join()
+
+    async def _apply(self, event: Event) -> None:
         self._measure_lag(event)
-        headers: Mapping[str, Any] = event.headers
-        await self._with_retries(name, lambda: self.switchboard.handle_event(self.node_id, headers), event)
+        # The switchboard reads headers by their exact names, arrays as lists: the shape `event json` has.
+        headers: Mapping[str, Any] = event.headers.by_name
+        await self._with_retries(event.name, lambda: self.switchboard.handle_event(self.node_id, headers), event)
 
     def _measure_lag(self, event: Event) -> None:
         stamp = event.get("Event-Date-Timestamp")

@@ -53,6 +53,7 @@ class Headers(Mapping[str, str]):
                 for name, value in reversed(self._pairs):
                     self._index[name] = value
         self._folded: dict[str, str] | None = None
+        """Lower-cased name to the name in the index, for lookups in another case."""
 
     @classmethod
     def from_json(cls, document: dict[str, object]) -> Headers:
@@ -70,6 +71,15 @@ class Headers(Mapping[str, str]):
         return text
 
     @property
+    def by_name(self) -> Mapping[str, str | list[str]]:
+        """Each name, exactly as sent, to its first value; a JSON event's array headers are lists here.
+
+        A plain dict, for consumers that look up many exact names (no case folding, no conversion):
+        the shape `event json` itself has.
+        """
+        return self._index
+
+    @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         """Every header in wire order, repeated names included."""
         if self._pairs is None:
@@ -83,11 +93,14 @@ class Headers(Mapping[str, str]):
         try:
             value = self._index[name]
         except KeyError:
+            # Not under that exact name: FreeSWITCH's own lookups ignore case. Names are folded once per
+            # event, and only names (values are read through the index, first one of each name).
             if self._folded is None:
                 self._folded = {}
-                for key, folded in self.pairs:
-                    self._folded.setdefault(key.lower(), folded)
-            return self._folded[name.lower()]
+                for key in reversed(self._index):
+                    self._folded[key.lower()] = key
+            name = self._folded[name.lower()]
+            value = self._index[name]
         return value if not self._arrays or value.__class__ is str else self._value(name, value)
 
     def __contains__(self, name: object) -> bool:
