@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import cProfile
 import json
 import multiprocessing
@@ -117,8 +116,12 @@ def bench_parse() -> None:
 # --- 2. ingestion ------------------------------------------------------------------------------------
 
 
-def call_templates(tenant_id: str) -> tuple[list[bytes], list[bytes]]:
-    """The a08 events our subscription receives, as JSON bodies: (the call's 12, the registration pair)."""
+def call_templates(tenant_id: str, mix: str) -> tuple[list[bytes], list[bytes]]:
+    """The a08 events our subscription receives, as JSON bodies: (one call's, the registration pair).
+
+    `full`: the call's 12 events, two of them CHANNEL_HANGUP_COMPLETE (a CDR written to PostgreSQL).
+    `redis`: the 10 channel-state events only (state kept in Redis), the issue's "parse, state update in Redis".
+    """
     from backend.channels.voice.registrations import REGISTRATION_EVENTS
     from backend.channels.voice.service import SUBSCRIBED_EVENTS
 
@@ -133,14 +136,17 @@ def call_templates(tenant_id: str) -> tuple[list[bytes], list[bytes]]:
             registration.append(frame.body)
         elif name in SUBSCRIBED_EVENTS and name not in {"CUSTOM", "HEARTBEAT"}:
             body = frame.body
-            if name == "CHANNEL_HANGUP_COMPLETE":  # what our dialplan exports: the CDR finds its tenant
+            if name == "CHANNEL_HANGUP_COMPLETE":
+                if mix == "redis":
+                    continue
+                # What our dialplan exports on every call: the CDR finds its tenant.
                 body = body.replace(
                     b'{"Event-Name":"CHANNEL_HANGUP_COMPLETE",',
                     b'{"Event-Name":"CHANNEL_HANGUP_COMPLETE","variable_cc_tenant_id":"%s",' % tenant_id.encode(),
                     1,
                 )
             call.append(body)
-    return call, registration
+    return call, (registration if mix == "full" else [])
 
 
 def _stamped(body: bytes, now_us: int) -> bytes:
@@ -155,53 +161,23 @@ def _frame(body: bytes) -> bytes:
     return b"Content-Length: %d\nContent-Type: text/event-json\n\n" % len(body) + body
 
 
-def blaster(port_queue: Any, report: Any, tenant_id: str, rate: float, seconds: float, seed: int) -> None:
-    """One simulated node: an ESL server that, once subscribed, sends calls' events at `rate` events/s."""
-    call, registration = call_templates(tenant_id)
+def blaster(
+    port_queue: Any, report: Any, go: Any, tenant_id: str, mix: str, rate: float, seconds: float, seed: int
+) -> None:
+    """One simulated node: an ESL server that, once `go` is set, sends calls' events at `rate` events/s to
+    whichever connection subscribed last (its holder)."""
+    call, registration = call_templates(tenant_id, mix)
     heartbeat = next(
         f.body
         for f in FrameParser().feed(A08.read_bytes())
         if f.content_type == "text/event-json" and b'"HEARTBEAT"' in f.body[:40]
     )
     rng = random.Random(seed)
+    holder: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = CommandParser()
         writer.write(b"Content-Type: auth/request\n\n")
-        started = asyncio.Event()
-        sender: asyncio.Task[None] | None = None
-
-        async def send() -> None:
-            sent = 0
-            calls = 0
-            begin = time.monotonic()
-            next_heartbeat = begin
-            tick = 0.01
-            while time.monotonic() - begin < seconds:
-                due = int((time.monotonic() - begin) * rate)
-                out = bytearray()
-                while sent < due:
-                    a, b = (
-                        str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                        str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                    )
-                    now_us = int(time.time() * 1_000_000)
-                    templates = call + (registration if calls % 10 == 0 else [])
-                    for template in templates:
-                        body = template.replace(A_LEG.encode(), a.encode()).replace(B_LEG.encode(), b.encode())
-                        out += _frame(_stamped(body, now_us))
-                    sent += len(templates)
-                    calls += 1
-                if time.monotonic() >= next_heartbeat:
-                    out += _frame(_stamped(heartbeat, int(time.time() * 1_000_000)))
-                    sent += 1
-                    next_heartbeat += 2.0
-                if out:
-                    writer.write(bytes(out))
-                    await writer.drain()
-                await asyncio.sleep(tick)
-            report.put({"sent": sent, "calls": calls, "seconds": time.monotonic() - begin})
-
         try:
             while data := await reader.read(65536):
                 for command in parser.feed(data):
@@ -214,21 +190,53 @@ def blaster(port_queue: Any, report: Any, tenant_id: str, rate: float, seconds: 
                         return
                     else:
                         writer.write(reply_frame("+OK"))
-                    if line == "api show registrations as json" and not started.is_set():
-                        started.set()
-                        sender = asyncio.create_task(send())
+                    if line.startswith("event json"):
+                        holder[:] = [writer]
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
-            if sender is not None and not sender.done():
-                await sender
+            if holder and holder[0] is writer:
+                holder.clear()
             writer.close()
+
+    async def send() -> None:
+        while not go.is_set():  # noqa: ASYNC110 - a multiprocessing event, set by another process
+            await asyncio.sleep(0.01)
+        sent = 0
+        calls = 0
+        begin = time.monotonic()
+        next_heartbeat = begin
+        while time.monotonic() - begin < seconds:
+            due = int((time.monotonic() - begin) * rate)
+            out = bytearray()
+            while sent < due:
+                a, b = (
+                    str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                    str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                )
+                now_us = int(time.time() * 1_000_000)
+                templates = call + (registration if calls % 10 == 0 else [])
+                for template in templates:
+                    body = template.replace(A_LEG.encode(), a.encode()).replace(B_LEG.encode(), b.encode())
+                    out += _frame(_stamped(body, now_us))
+                sent += len(templates)
+                calls += 1
+            if time.monotonic() >= next_heartbeat:
+                out += _frame(_stamped(heartbeat, int(time.time() * 1_000_000)))
+                sent += 1
+                next_heartbeat += 2.0
+            if out and holder:
+                holder[0].write(bytes(out))
+                await holder[0].drain()
+            await asyncio.sleep(0.01)
+        report.put({"sent": sent, "calls": calls, "seconds": time.monotonic() - begin})
 
     async def main() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port_queue.put(server.sockets[0].getsockname()[1])
-        await asyncio.sleep(seconds + 120)
+        await send()
+        await asyncio.sleep(300)
 
     asyncio.run(main())
 
@@ -282,11 +290,9 @@ async def prepare_ingestion(nodes: int) -> tuple[str, list[tuple[uuid.UUID, str]
     return tenant_id, created
 
 
-async def ingest(rate: float, seconds: float) -> dict[str, Any]:
-    from sqlalchemy import update
-
+def holder(pattern: str, index: int, applied: Any, dropped: Any, results: Any, stop: Any, profile_path: str) -> None:
+    """A worker's `SwitchLinks` (the production path), its switchboard measuring each event's lag."""
     from backend.channels.voice.links import SwitchLinks
-    from backend.channels.voice.models import SwitchNode
     from backend.channels.voice.service import VoiceSwitchboard
     from backend.config import get_settings
     from backend.db.engine import make_engine, make_sessionmaker
@@ -294,95 +300,141 @@ async def ingest(rate: float, seconds: float) -> dict[str, Any]:
     from backend.lib.redis_client import make_redis
     from backend.worker import build_routing
 
-    tenant_id, nodes = await prepare_ingestion(2)
-    context = multiprocessing.get_context("spawn")
-    ports, report = context.Queue(), context.Queue()
-    processes = [
-        context.Process(target=blaster, args=(ports, report, tenant_id, rate / len(nodes), seconds, index), daemon=True)
-        for index in range(len(nodes))
-    ]
-    for process in processes:
-        process.start()
-    run = nodes[0][1].rsplit("-", 1)[0]
-    settings = replace(get_settings(), esl_node_pattern=f"{run}-*", log_level="WARNING")
-    configure_logging(settings)  # as the worker does: warnings and errors only
-    engine = make_engine(settings)
-    sessionmaker = make_sessionmaker(engine)
-    redis = make_redis(settings.redis_url)
-    async with sessionmaker() as session, session.begin():
-        for (node_id, _), _process in zip(nodes, processes, strict=True):
-            port = await asyncio.to_thread(ports.get, True, 60)
-            await session.execute(update(SwitchNode).where(SwitchNode.id == node_id).values(esl_port=port))
+    async def main() -> None:
+        settings = replace(get_settings(), esl_node_pattern=pattern, log_level="WARNING", esl_rebalance_seconds=0.5)
+        configure_logging(settings)  # as the worker does: warnings and errors only
+        engine = make_engine(settings)
+        sessionmaker = make_sessionmaker(engine)
+        redis = make_redis(settings.redis_url)
+        lags: list[float] = []
 
-    lags: list[float] = []
-    applied = {node_id: 0 for node_id, _ in nodes}
-    caught_up = asyncio.Event()
-    target = {"sent": -1}
+        class Measured(VoiceSwitchboard):
+            async def handle_event(self, node_id: uuid.UUID, event: Any) -> None:
+                await super().handle_event(node_id, event)
+                lags.append(time.time() - int(event.get("Event-Date-Timestamp")) / 1_000_000)
+                with applied.get_lock():
+                    applied.value += 1
 
-    class Measured(VoiceSwitchboard):
-        async def handle_event(self, node_id: uuid.UUID, event: Any) -> None:
-            await super().handle_event(node_id, event)
-            stamp = event.get("Event-Date-Timestamp")
-            lags.append(time.time() - int(stamp) / 1_000_000)
-            applied[node_id] += 1
-            if sum(applied.values()) == target["sent"]:
-                caught_up.set()
-
-    board = Measured(sessionmaker, redis, settings, build_routing(settings, sessionmaker, redis))
-    links = SwitchLinks(board, redis, settings)
-    profile = cProfile.Profile() if os.environ.get("CC_BENCH_PROFILE") else None
-    if profile is not None:
-        profile.enable()
-    await links.start()
-    reports = []
-    try:
-        for _ in processes:
-            reports.append(await asyncio.to_thread(report.get, True, seconds + 120))
-        sent = sum(r["sent"] for r in reports)
-        target["sent"] = sent
-        if sum(applied.values()) >= sent:
-            caught_up.set()
-        waited = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(120):
-                await caught_up.wait()
-        drained_after = time.monotonic() - waited
-        dropped = sum(link.client.dropped_events for link in links.links.values())
+        board = Measured(sessionmaker, redis, settings, build_routing(settings, sessionmaker, redis))
+        links = SwitchLinks(board, redis, settings)
+        profile = cProfile.Profile() if profile_path else None
+        if profile is not None:
+            profile.enable()
+        await links.start()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            lost = sum(link.client.dropped_events for link in links.links.values())
+            dropped[index] = lost
         failed = sum(link.stats.failed for link in links.links.values())
-    finally:
         await links.stop()
         if profile is not None:
             profile.disable()
-            profile.dump_stats(os.environ["CC_BENCH_PROFILE"])
-        for process in processes:
-            process.terminate()
+            profile.dump_stats(f"{profile_path}.{os.getpid()}")
+        results.put({"lags": lags, "failed": failed, "dropped": lost})
         await redis.aclose()
         await engine.dispose()
-    total = sum(applied.values())
+
+    asyncio.run(main())
+
+
+async def _holders_settled(redis: Any, nodes: list[tuple[uuid.UUID, str]], processes: int) -> bool:
+    from backend.channels.voice.commands import status_key
+
+    holders = set()
+    for node_id, _ in nodes:
+        status = await redis.hgetall(status_key(node_id))
+        if status.get("connected") != "1":
+            return False
+        holders.add(status.get("holder"))
+    return len(holders) == min(processes, len(nodes))
+
+
+async def ingest(rate: float, seconds: float, mix: str, processes: int) -> dict[str, Any]:
+    from sqlalchemy import update
+
+    from backend.channels.voice.models import SwitchNode
+    from backend.config import get_settings
+    from backend.db.engine import make_engine, make_sessionmaker
+    from backend.lib.redis_client import make_redis
+
+    tenant_id, nodes = await prepare_ingestion(2)
+    context = multiprocessing.get_context("spawn")
+    ports, report, results = context.Queue(), context.Queue(), context.Queue()
+    go, stop = context.Event(), context.Event()
+    applied, dropped = context.Value("q", 0), context.Array("q", processes)
+    blasters = [
+        context.Process(target=blaster, args=(ports, report, go, tenant_id, mix, rate / len(nodes), seconds, index))
+        for index in range(len(nodes))
+    ]
+    for process in blasters:
+        process.start()
+    settings = get_settings()
+    engine = make_engine(settings)
+    async with make_sessionmaker(engine)() as session, session.begin():
+        for node_id, _ in nodes:
+            port = await asyncio.to_thread(ports.get, True, 60)
+            await session.execute(update(SwitchNode).where(SwitchNode.id == node_id).values(esl_port=port))
+    await engine.dispose()
+    pattern = nodes[0][1].rsplit("-", 1)[0] + "-*"
+    profile_path = os.environ.get("CC_BENCH_PROFILE", "")
+    holders = [
+        context.Process(target=holder, args=(pattern, index, applied, dropped, results, stop, profile_path))
+        for index in range(processes)
+    ]
+    for process in holders:
+        process.start()
+    redis = make_redis(settings.redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while not await _holders_settled(redis, nodes, processes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the holders did not take the nodes")
+            await asyncio.sleep(0.1)
+        go.set()
+        reports = [await asyncio.to_thread(report.get, True, seconds + 60) for _ in blasters]
+        sent = sum(r["sent"] for r in reports)
+        finished = time.monotonic()
+        while applied.value + sum(dropped) < sent and time.monotonic() - finished < 60:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        caught_up = time.monotonic() - finished
+        stop.set()
+        outcomes = [await asyncio.to_thread(results.get, True, 120) for _ in holders]
+    finally:
+        stop.set()
+        await redis.aclose()
+        for process in [*blasters, *holders]:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+    lags = [lag for outcome in outcomes for lag in outcome["lags"]]
     send_seconds = max(r["seconds"] for r in reports)
     return {
         "sent": sent,
-        "applied": total,
-        "dropped": dropped,
-        "failed": failed,
+        "applied": applied.value,
+        "dropped": sum(outcome["dropped"] for outcome in outcomes),
+        "failed": sum(outcome["failed"] for outcome in outcomes),
         "calls": sum(r["calls"] for r in reports),
-        "rate": total / (send_seconds + drained_after),
+        "rate": applied.value / (send_seconds + caught_up),
         "offered_rate": sent / send_seconds,
-        "drained_after": drained_after,
+        "caught_up": caught_up,
         "p50_ms": percentile(lags, 0.50) * 1000,
         "p99_ms": percentile(lags, 0.99) * 1000,
         "max_ms": max(lags) * 1000 if lags else float("nan"),
     }
 
 
-def bench_ingest(rate: float, seconds: float) -> None:
-    print(f"ingest: two nodes, {rate:,.0f} events/s offered for {seconds:.0f} s (load {load()}) ...", flush=True)
-    r = asyncio.run(ingest(rate, seconds))
+def bench_ingest(rate: float, seconds: float, mix: str, processes: int) -> None:
     print(
-        f"ingest {r['applied']:,} of {r['sent']:,} events applied ({r['calls']:,} calls), dropped {r['dropped']}, "
-        f"failed {r['failed']}; offered {r['offered_rate']:,.0f}/s, applied {r['rate']:,.0f}/s "
-        f"(caught up {r['drained_after']:.2f} s after the last send); event-to-state p50 {r['p50_ms']:.1f} ms "
-        f"p99 {r['p99_ms']:.1f} ms max {r['max_ms']:.1f} ms (goal 5,000/s, 0 dropped, p99 < 50 ms)",
+        f"ingest: two nodes, {mix} mix, {rate:,.0f} events/s offered for {seconds:.0f} s, {processes} holder "
+        f"process(es) (load {load()}) ...",
+        flush=True,
+    )
+    r = asyncio.run(ingest(rate, seconds, mix, processes))
+    print(
+        f"ingest {mix} x{processes}: {r['applied']:,} of {r['sent']:,} events applied ({r['calls']:,} calls), "
+        f"dropped {r['dropped']}, failed {r['failed']}; offered {r['offered_rate']:,.0f}/s, applied "
+        f"{r['rate']:,.0f}/s (caught up {r['caught_up']:.2f} s after the last send); event-to-state p50 "
+        f"{r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms max {r['max_ms']:.1f} ms (goal 5,000/s, 0 dropped, p99 < 50 ms)",
         flush=True,
     )
 
@@ -732,6 +784,8 @@ def main() -> None:
     parser.add_argument("parts", nargs="*", default=["parse", "ingest", "directory", "chaos"])
     parser.add_argument("--ingest-rate", type=float, default=5000)
     parser.add_argument("--ingest-seconds", type=float, default=20)
+    parser.add_argument("--ingest-mix", choices=["redis", "full"], nargs="*", default=["redis", "full"])
+    parser.add_argument("--holders", type=int, nargs="*", default=[1, 2], help="holder (worker) processes")
     parser.add_argument("--directory-rate", type=float, default=500)
     parser.add_argument("--directory-seconds", type=float, default=30)
     parser.add_argument("--workers", type=int, default=2)
@@ -741,7 +795,9 @@ def main() -> None:
     if "parse" in args.parts:
         bench_parse()
     if "ingest" in args.parts:
-        bench_ingest(args.ingest_rate, args.ingest_seconds)
+        for mix in args.ingest_mix:
+            for processes in args.holders:
+                bench_ingest(args.ingest_rate, args.ingest_seconds, mix, processes)
     if "directory" in args.parts:
         bench_directory(args.directory_rate, args.directory_seconds, args.workers)
     if "chaos" in args.parts:

@@ -22,7 +22,8 @@ one poll; a holder that dies is replaced once its lease expires, within
 
 Leases are spread: a process takes free leases up to its fair share of the nodes (nodes
 divided by live processes), and beyond it only a lease that stayed free for two polls,
-so that no node is ever left without a holder.
+so that no node is ever left without a holder; a process holding more than its share
+(another one started later) gives its newest node up every `esl_rebalance_seconds`.
 """
 
 from __future__ import annotations
@@ -705,6 +706,7 @@ class SwitchLinks:
         self._targets: dict[uuid.UUID, EslTarget] = {}
         self._refresh_at = 0.0
         self._free_since: dict[uuid.UUID, float] = {}
+        self._last_rebalance = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -763,6 +765,7 @@ class SwitchLinks:
                 await link.stop(release=True, reason=reason)
         live = await self._live_holders()
         share = math.ceil(len(self._targets) / max(1, live))
+        await self._rebalance(share)
         free = [t for t in self._targets.values() if t.id not in self.links]
         random.shuffle(free)
         for target in free:
@@ -779,6 +782,18 @@ class SwitchLinks:
             )
             self.links[target.id] = link
             await link.start()
+
+    async def _rebalance(self, share: int) -> None:
+        """More nodes than our share (another process started since): give the newest one up, now and then."""
+        every = self.settings.esl_rebalance_seconds
+        if every <= 0 or len(self.links) <= share or time.monotonic() - self._last_rebalance < every:
+            return
+        self._last_rebalance = time.monotonic()
+        newest = max(self.links.values(), key=lambda link: link.taken_at)
+        self.links.pop(newest.node_id, None)
+        log.info("switch_link_rebalanced", node=newest.name, held=len(self.links), share=share)
+        # Released cleanly; over our share we take it back only if nobody else does for two polls.
+        await newest.stop(release=True, reason="this process holds more than its share of the nodes")
 
     async def _live_holders(self) -> int:
         now = time.time()
