@@ -120,6 +120,45 @@ class Settings:
     """Random spread of reconnection delays (0.2 = +/-20%) so processes do not retry in step."""
     esl_event_queue_size: int = field(default_factory=lambda: _env_int("CC_ESL_EVENT_QUEUE", 10_000))
     """Events buffered between the ESL reader and our handlers; beyond it events are dropped, counted and logged."""
+    esl_links_enabled: bool = field(default_factory=lambda: _env_bool("CC_ESL_LINKS", True))
+    """Whether this worker process competes for switch nodes' inbound event sockets (any number of workers may)."""
+    esl_node_pattern: str = field(default_factory=lambda: _env("CC_ESL_NODES", ""))
+    """Which nodes this process may hold, as shell patterns of node names (`fs-paris-*,fs-lyon-*`); empty: all."""
+    esl_lease_ttl_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_TTL", "3")))
+    """A process's hold on a node's inbound event socket lasts this long unless renewed (a dead holder's node is
+    taken over within about this long plus one poll; keep it well under the heartbeat timeout)."""
+    esl_lease_renew_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_RENEW", "1")))
+    """How often the holder renews its lease; at most a third of the lease time."""
+    esl_lease_poll_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_POLL", "0.5")))
+    """How often a process looks for nodes nobody holds."""
+    esl_rebalance_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_ESL_REBALANCE", "30"))
+    )
+    """A process holding more than its share of the nodes gives one up (to a process with fewer) at most this
+    often; 0 never does. The node's new holder re-reads its state on connecting."""
+    switch_nodes_refresh_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_NODES_REFRESH", "5"))
+    )
+    """How often the holders re-read the registered nodes (added, changed, removed) without a restart."""
+    switch_event_lanes: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_LANES", 16))
+    """A node's events are applied by this many lanes at once; one leg's events (and one seat's registrations)
+    always take the same lane, so they are applied in the order the node sent them."""
+    switch_event_retries: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_RETRIES", 5))
+    """Attempts after the first at applying a switch event when the database or Redis fails transiently."""
+    switch_event_retry_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_EVENT_RETRY", "0.2"))
+    )
+    """First delay before retrying a switch event; it doubles after each failed attempt."""
+    switch_event_lag_warning_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_EVENT_LAG_WARNING", "1"))
+    )
+    """An event applied this long after the switch fired it is logged (the holder is falling behind)."""
+    switch_command_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_COMMAND_TIMEOUT", "10"))
+    )
+    """How long a process waits for the node's holder to answer a command (`api`, or a bgapi's acceptance)."""
+    switch_command_concurrency: int = field(default_factory=lambda: _env_int("CC_SWITCH_COMMAND_CONCURRENCY", 64))
+    """Commands from other processes that one holder runs at once per node."""
     switch_source_cache_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_SOURCE_CACHE", "5"))
     )
