@@ -380,6 +380,17 @@ class RoutingEngine:
                 return None
             if interaction.state in ("ended", "wrap_up"):
                 return None
+            if (
+                interaction.channel == "callback"
+                and interaction.state in ("queued", "offered")
+                and outcome
+                in (
+                    None,
+                    "node_failure",
+                )
+            ):
+                # The caller hung up after asking to be called back: the callback keeps its place.
+                return None
             agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
             result = interactions.out(interaction)
         await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
@@ -462,6 +473,12 @@ class RoutingEngine:
                 return interactions.out(interaction)
         await self._queued(tenant_id, waiting, rules)
         await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction_id)
+            return await self.describe(session, tenant_id, found)
+
+    async def place(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> InteractionOut:
+        """The interaction with its place in line and estimated wait (what a waiting caller is told)."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             found, _ = await interactions.get(session, interaction_id)
             return await self.describe(session, tenant_id, found)
@@ -660,6 +677,11 @@ class RoutingEngine:
                         session, existing, "voicemail", voicemail_id=voicemail_id, duration_ms=duration_ms
                     )
                     result = interactions.out(existing)
+                elif existing is not None and existing.outcome == "voicemail":
+                    # The call's channel already ended it as a voicemail when the caller began the message
+                    # (so the caller's hang-up could not make it abandoned): the message joins it.
+                    existing.attributes = {**existing.attributes, **attributes}
+                    return interactions.out(existing)
                 else:
                     existing = None
             if existing is not None:

@@ -68,6 +68,14 @@ def _leg(switch: Switch, uuid: str) -> CallLeg | None:
     return switch.find(uuid.strip())
 
 
+async def api_global_getvar(switch: Switch, argument: str) -> str:
+    return switch.global_vars.get(argument.strip(), "")
+
+
+async def api_uuid_exists(switch: Switch, argument: str) -> str:
+    return "true" if _leg(switch, argument.split(maxsplit=1)[0] if argument else "") is not None else "false"
+
+
 async def api_uuid_kill(switch: Switch, argument: str) -> str:
     parts = argument.split()
     leg = _leg(switch, parts[0]) if parts else None
@@ -428,6 +436,8 @@ API_COMMANDS: dict[str, ApiFunction] = {
     "version": api_version,
     "originate": api_originate,
     "uuid_kill": api_uuid_kill,
+    "uuid_exists": api_uuid_exists,
+    "global_getvar": api_global_getvar,
     "sched_hangup": api_sched_hangup,
     "uuid_setvar": api_uuid_setvar,
     "uuid_getvar": api_uuid_getvar,

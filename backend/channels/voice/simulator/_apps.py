@@ -493,6 +493,16 @@ async def app_set(switch: Switch, leg: CallLeg, data: str) -> None:
     leg.channel.variables.set(name.strip(), value or None)
 
 
+async def app_multiset(switch: Switch, leg: CallLeg, data: str) -> None:
+    """multiset a=b c=d, or with another separator `^^|a=b|c=d e`."""
+    separator = " "
+    if data.startswith("^^") and len(data) > 2:
+        separator, data = data[2], data[3:]
+    for item in data.split(separator):
+        if item:
+            await app_set(switch, leg, item)
+
+
 async def app_unset(switch: Switch, leg: CallLeg, data: str) -> None:
     leg.channel.variables.set(data.strip(), None)
 
@@ -738,6 +748,10 @@ async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
         switch.set_callstate(leg, "ACTIVE" if channel.answered else "RINGING")
     channel.variables.set("originate_disposition", cause)
     channel.variables.set("originate_failed_cause", cause)
+    if leg.failed_legs:
+        # switch_ivr_originate: `originate_causes`, one `<leg uuid>;<cause>` per leg rung.
+        channel.variables.set("originate_causes", "ARRAY::" + "|:".join(f"{u};{c}" for u, c in leg.failed_legs))
+        leg.failed_legs.clear()
     channel.variables.set("DIALSTATUS", dialstatus(cause))
     channel.variables.set("current_application_response", cause)
     if not continues_on_fail(leg, cause):
@@ -1077,6 +1091,8 @@ def schedule_hangup_seconds(switch: Switch, leg: CallLeg, seconds: float) -> Non
 
 async def finish_failed_leg(switch: Switch, leg: CallLeg, cause: str, originator: CallLeg | None) -> None:
     await switch.hangup(leg, cause)
+    if originator is not None:
+        originator.failed_legs.append((leg.channel.uuid, cause))
     if originator is not None and not originator.channel.down and originator.channel.callstate == "RING_WAIT":
         switch.set_callstate(originator, "ACTIVE" if originator.channel.answered else "RINGING")
     await switch.teardown(leg)
@@ -1244,6 +1260,7 @@ APPLICATIONS: dict[str, Application] = {
     "record": app_record,
     "stop_record_session": app_stop_record_session,
     "set": app_set,
+    "multiset": app_multiset,
     "unset": app_unset,
     "export": app_export,
     "hash": app_hash,

@@ -112,6 +112,8 @@ class CallLeg:
     broadcast: asyncio.Task[object] | None = None
     """A looping broadcast (hold music from the partner's `uuid_hold`); `uuid_break` stops it."""
     post_process: list[asyncio.Task[object]] = field(default_factory=list)
+    failed_legs: list[tuple[str, str]] = field(default_factory=list)
+    """Legs this channel's bridge rang that failed, with their causes (`originate_causes`)."""
     """`record_post_process_exec_api` commands still running (the leg is reported once they are done)."""
 
 

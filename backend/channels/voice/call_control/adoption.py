@@ -1,0 +1,94 @@
+"""Calls whose controlling process died, taken over by another process without their socket.
+
+What FreeSWITCH does when the controlling socket closes (mod_event_socket.c,
+`listener_run` and the `socket` application in async mode): the listener clears
+the channel's CF_CONTROLLED and closes; the application running on the channel
+(a `bridge`, a `playback`) is not interrupted. When it returns, `switch_ivr_park`
+sees the channel is no longer controlled and returns, the `socket` application
+ends and the dialplan goes on with its next action (no `socket_resume` is set,
+so nothing is re-run). Our dialplan's next action is a second `socket` to call
+control, so a call that was waiting is picked up by a live process, which finds
+its record and resumes it. A call talking to an agent stays bridged; with
+`hangup_after_bridge=true` it ends with the conversation.
+
+Such a bridged call is adopted here: its record's lease lapsed, a surviving
+process claimed it, and now follows it through the node command path
+(`uuid_exists` until it is gone), answers API requests for it with API commands
+(hold, blind transfer, recording), and when it is over closes the recording
+(the upload is checked) and ends the interaction if the CDR has not already.
+A call that reconnects through the dialplan's second `socket` is handed back to
+the process it reached (the record's owner changes; the adopter lets go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from backend.channels.voice.call_control.operations import carry_out, close_recording
+from backend.channels.voice.call_control.records import CallRecord, CallReply, CallRequest
+from backend.channels.voice.call_control.services import CallServices
+from backend.channels.voice.call_control.switch import NodeLine, SwitchLine
+from backend.db.base import utcnow
+
+log = structlog.get_logger("voice.call_control")
+
+
+class AdoptedCall:
+    """A call another process controlled, followed and served through its node."""
+
+    def __init__(self, services: CallServices, record: CallRecord) -> None:
+        self.s = services
+        self.record = record
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        assert record.node_id is not None
+        self.line: SwitchLine = NodeLine(services.voice.commands, record.node_id)
+        self.log = log.bind(tenant_id=str(record.tenant_id), call=str(record.call_uuid))
+
+    async def run(self) -> None:
+        """Follow the call until it is gone or someone else took it; then finish it."""
+        self.log.warning(
+            "call_adopted",
+            previous_owner=self.record.owner,
+            phase=self.record.phase,
+            interaction_id=str(self.record.interaction_id),
+            agent_id=str(self.record.agent_id),
+        )
+        await self.s.store.save(self.record)
+        poll = self.s.settings.call_control_adopted_poll_seconds
+        while True:
+            exists = await self.line.api(f"uuid_exists {self.record.call_uuid}")
+            if exists.ok and exists.text.strip() == "false":
+                break
+            current = await self.s.store.load(self.record.tenant_id, self.record.call_uuid)
+            if current is None or current.owner != self.s.store.owner:
+                # It reconnected through the dialplan's second socket (or ended there): not ours any more.
+                self.log.info("adopted_call_handed_over", owner=current.owner if current else None)
+                return
+            self.record = current
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    while True:
+                        message = await self.inbox.get()
+                        if isinstance(message, CallRequest):
+                            reply = await carry_out(self, message)
+                            await self.s.store.answer(message, reply)
+        await self._finish()
+
+    async def _finish(self) -> None:
+        record = self.record
+        if record.recording_id is not None:
+            await close_recording(self.s, record)
+        if record.interaction_id is not None and record.phase != "voicemail":
+            try:
+                await self.s.routing.end_from_channel(record.tenant_id, record.interaction_id, at=utcnow())
+            except Exception:
+                self.log.exception("adopted_call_end_not_recorded")
+        while not self.inbox.empty():
+            message = self.inbox.get_nowait()
+            if isinstance(message, CallRequest):
+                await self.s.store.answer(message, CallReply(False, 409, "The call has ended", "call-ended"))
+        await self.s.store.forget(record)
+        self.log.info("adopted_call_ended", interaction_id=str(record.interaction_id))
