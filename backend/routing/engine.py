@@ -540,22 +540,21 @@ class RoutingEngine:
     ) -> str:
         """The channel reports the agent did not take it (voice: their leg was not answered, busy or failed).
 
-        `reason` is `no_answer` (recorded as `offer_timed_out`; the agent goes away like one who misses an
-        offer), `unreachable` (the phone could not be rung: away too, so it is not rung again at once), or
-        `declined` (busy or refused: `offer_rejected`). The interaction goes back to its old place and is
-        offered again. Returns the matcher's verdict: `ok`, `ringing` (a ring-all call still rings others),
-        or why nothing was done (`not_offered`, `not_yours`, `expired`: the offer had already ended).
+        `reason` is `no_answer` (recorded as `offer_timed_out`), `unreachable` (the phone could not be rung)
+        or `declined` (busy or refused on the phone: `offer_rejected`). In each case the agent goes away like
+        one who misses an offer, so the call is not put straight back to the same phone. The interaction
+        goes back to its old place and is offered again. Returns the matcher's verdict: `ok`, `ringing` (a
+        ring-all call still rings others), or why nothing was done (`not_offered`, `not_yours`, `expired`:
+        the offer had already ended).
         """
         result = await self.matcher.reject(tenant_id, interaction_id, agent_id)
         event = "offer_rejected" if reason == "declined" else "offer_timed_out"
         if result not in ("ok", "ringing"):
             return result
-        if reason in ("no_answer", "unreachable") and self.away_on_missed_offer:
+        if self.away_on_missed_offer:
             async with tenant_transaction(self.sessionmaker, tenant_id) as session:
                 await service.set_system_state(session, tenant_id, agent_id, "away", "offer_timeout")
-            await self.sync_agent(tenant_id, agent_id)
-        else:
-            await self.sync_agent(tenant_id, agent_id)
+        await self.sync_agent(tenant_id, agent_id)
         if result == "ringing":
             async with tenant_transaction(self.sessionmaker, tenant_id) as session:
                 interaction = await interactions.lock(session, interaction_id)

@@ -64,7 +64,9 @@ def services_for(app: Any, settings: Settings, store: CallStore | None = None) -
         routing=state.routing,
         voice=state.voice,
         player=PromptPlayer(settings),
-        voicemail=VoicemailDesk(state.sessionmaker, state.storage, settings, state.routing, CustomerStoreTickets(state.sessionmaker)),
+        voicemail=VoicemailDesk(
+            state.sessionmaker, state.storage, settings, state.routing, CustomerStoreTickets(state.sessionmaker)
+        ),
         outbound=state.outbound,
         store=store or CallStore(state.redis, settings),
     )
@@ -132,7 +134,9 @@ class CallRig:
     async def agent_state(self, agent: Agent) -> str:
         return str((await self.client.get("/api/v1/routing/me/state", headers=agent.headers)).json()["state"])
 
-    async def number(self, ctx: TenantCtx, *, queue_id: uuid.UUID | None = None, flow_id: uuid.UUID | None = None) -> str:
+    async def number(
+        self, ctx: TenantCtx, *, queue_id: uuid.UUID | None = None, flow_id: uuid.UUID | None = None
+    ) -> str:
         """A DID of the tenant pointed at a queue or an IVR flow."""
         number = await self.factory.number(ctx, queue_id=queue_id)
         if flow_id is not None:
@@ -184,9 +188,10 @@ class CallRig:
         return self.switch.find(leg) is None
 
     def app_log(self, leg: str) -> list[tuple[str, str]]:
-        """The applications a live channel ran, in order (the simulator's record)."""
-        found = self.switch.find(leg)
-        return list(found.channel.app_log) if found else []
+        """The applications a channel ran, in order (the simulator's record, kept after the channel is gone)."""
+        return [
+            (str(r["app"]), str(r["data"])) for r in self.switch.requests if r["kind"] == "app" and r["uuid"] == leg
+        ]
 
     def api_commands(self, name: str) -> list[str]:
         return [str(r["argument"]) for r in self.switch.requests if r["kind"] == "api" and r["command"] == name]
@@ -215,6 +220,7 @@ async def call_rig(app: Any, client: Any, factory: Factory, tmp: Path, **overrid
         time_scale=TIME_SCALE,
         answer_delay=0.0,
         recordings_dir=str(recordings),
+        default_playback_seconds=10.0,
         http_cache_headers=(("x-switch-secret", settings.switch_shared_secret),),
     )
     stop = asyncio.Event()

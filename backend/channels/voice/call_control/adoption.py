@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import uuid
+from typing import Any
 
 import structlog
 
@@ -57,6 +60,7 @@ class AdoptedCall:
             agent_id=str(self.record.agent_id),
         )
         await self.s.store.save(self.record)
+        await self._reconcile()
         poll = self.s.settings.call_control_adopted_poll_seconds
         while True:
             exists = await self.line.api(f"uuid_exists {self.record.call_uuid}")
@@ -76,6 +80,39 @@ class AdoptedCall:
                             reply = await carry_out(self, message)
                             await self.s.store.answer(message, reply)
         await self._finish()
+
+    async def _dump(self, leg: uuid.UUID) -> dict[str, Any] | None:
+        answer = await self.line.api(f"uuid_dump {leg} json")
+        if not answer.ok or not answer.text.startswith("{"):
+            return None
+        try:
+            found = json.loads(answer.text)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
+
+    async def _reconcile(self) -> None:
+        """The record says what the dead process knew; FreeSWITCH says what is true now (`uuid_dump`).
+
+        A process that died while agents' phones rang may have missed the answer: if one of the rung legs is
+        up and answered, the call is bridged to it, and routing hears of it now.
+        """
+        record = self.record
+        if record.phase != "ringing":
+            return
+        for ringing in record.ringing:
+            dump = await self._dump(ringing.leg)
+            if dump is None or dump.get("Answer-State") != "answered":
+                continue
+            record.phase = "bridged"
+            record.agent_id = ringing.agent_id
+            record.agent_leg = ringing.leg
+            record.ringing = []
+            await self.s.store.save(record)
+            self.log.info("adopted_call_found_bridged", agent_id=str(ringing.agent_id), leg=str(ringing.leg))
+            if record.interaction_id is not None:
+                await self.s.routing.connect_from_channel(record.tenant_id, record.interaction_id, ringing.agent_id)
+            return
 
     async def _finish(self) -> None:
         record = self.record

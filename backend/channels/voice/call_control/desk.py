@@ -57,7 +57,7 @@ class CallDesk:
             interaction = await routing_service.interaction_for_customer_store(session, interaction_id)
         handling = interaction.agent_id is not None and interaction.agent_id == principal.user_id
         if not handling and not principal.can(SUPERVISOR_PERMISSION):
-            log.info(
+            log.warning(
                 "call_request_forbidden",
                 tenant_id=str(principal.tenant_id),
                 interaction_id=str(interaction_id),
@@ -124,7 +124,7 @@ class CallDesk:
                 try:
                     await routing_service.get_queue(session, data.queue_id)
                 except NotFound:
-                    log.info(
+                    log.warning(
                         "call_transfer_refused",
                         tenant_id=str(principal.tenant_id),
                         interaction_id=str(interaction_id),

@@ -326,7 +326,14 @@ class InboundCall:
             except Exception:
                 self.log.exception("call_end_not_recorded")
         await self.s.store.forget(self.record)
-        self.log.info("call_ended", phase=self.record.phase, hangup_cause=cause)
+        if not self.hung_up and self.record.phase in ("ivr", "queued", "ringing"):
+            # The caller left before an agent took the call (abandoned, or in the IVR).
+            self.log.warning("caller_hung_up", phase=self.record.phase, node=self._node(), hangup_cause=cause)
+        else:
+            self.log.info("call_ended", phase=self.record.phase, hangup_cause=cause)
+
+    def _node(self) -> str | None:
+        return self.record.flow.node if self.record.flow is not None and self.record.phase == "ivr" else None
 
     # --- waiting on the switch while handling the inbox ----------------------------------------------
 
@@ -430,13 +437,31 @@ class InboundCall:
                 event = await self._carry_out(interpreter, step)
             except CallerGone:
                 gone = interpreter.advance(step.state, CallerHungUp())
-                self.log.info("caller_left_ivr", node=gone.state.node)
+                self.log.warning("caller_left_ivr", node=gone.state.node)
                 raise
+            before = step.state
             try:
                 step = interpreter.advance(step.state, event)
             except InterpreterError as exc:
-                self.log.warning("ivr_flow_error", node=step.state.node, error=str(exc)[:200])
+                self.log.warning("ivr_flow_error", node=before.node, error=str(exc)[:200])
                 return Hangup(Speech(_tts_prompt(APOLOGY), None, None), "NORMAL_CLEARING", "flow")
+            if isinstance(event, DigitsEntered | NoInput) and step.state.attempt > before.attempt:
+                self.log.warning(
+                    "ivr_input_not_accepted",
+                    node=before.node,
+                    digits=event.digits if isinstance(event, DigitsEntered) else None,
+                    attempt=step.state.attempt,
+                )
+                await self.s.routing.note(
+                    self.tenant_id,
+                    self.interaction_id,
+                    "ivr_step",
+                    node=before.node,
+                    rejected=event.digits if isinstance(event, DigitsEntered) else "",
+                    attempt=step.state.attempt,
+                )
+            elif isinstance(event, DigitsEntered | NoInput) and step.finished and not step.trace:
+                self.log.warning("ivr_retries_exhausted", node=before.node)
 
     async def _trace(self, interpreter: FlowInterpreter, step: Step) -> None:
         for node_id in step.trace:
@@ -643,7 +668,7 @@ class InboundCall:
                 raise InvalidInput.field("number", "the caller's number cannot be called back")
             await self.s.routing.request_callback(self.tenant_id, self.interaction_id, number, None)
         except (InvalidInput, Conflict) as exc:
-            self.log.info("callback_refused", error=str(exc)[:200])
+            self.log.warning("callback_refused", error=str(exc)[:200])
             await self._perform(self.channel.play([self.s.tts(CALLBACK_FAILED, self.record.voice)]))
             await self._wait()
             return
@@ -661,7 +686,7 @@ class InboundCall:
                 raise InvalidInput.field("number", "no callback possible")
             await self.s.routing.request_callback(self.tenant_id, self.interaction_id, number, None)
         except (InvalidInput, Conflict, NotFound) as exc:
-            self.log.info("callback_refused", error=str(exc)[:200])
+            self.log.warning("callback_refused", error=str(exc)[:200])
             await self._say_and_hang_up(CALLBACK_FAILED)
             return
         self.keep_interaction = True
@@ -710,7 +735,7 @@ class InboundCall:
     ) -> str | None:
         where = await self.s.voice.where_registered(self.tenant_id, agent_id)
         if where is None:
-            self.log.info("agent_unreachable", agent_id=str(agent_id), reason="no registered phone on a live node")
+            self.log.warning("agent_unreachable", agent_id=str(agent_id), reason="no registered phone on a live node")
             return None
         if self._domain is None:
             self._domain = await self.s.sip_domain(self.tenant_id)
@@ -765,7 +790,7 @@ class InboundCall:
         for ringing in legs:
             cause = causes.get(ringing.leg, overall)
             reason = decline_reason(cause)
-            self.log.info("agent_did_not_answer", agent_id=str(ringing.agent_id), cause=cause, reason=reason)
+            self.log.warning("agent_did_not_answer", agent_id=str(ringing.agent_id), cause=cause, reason=reason)
             if not self.direct:
                 await self.s.routing.decline_from_channel(
                     self.tenant_id, self.interaction_id, ringing.agent_id, reason, cause=cause

@@ -62,6 +62,7 @@ async def execute(
     expanded = switch.expand(leg, data) if data else ""
     uuid = app_uuid or Channel.new_uuid()
     channel.app_log.append((application, expanded))
+    switch.record("app", uuid=channel.uuid, app=application, data=expanded)
     variables = channel.variables
     variables.set("current_application", application)
     variables.set("current_application_data", expanded)
@@ -932,7 +933,13 @@ async def originate_leg(
         return target[6:].upper() or "NORMAL_CLEARING"
     if target.startswith("loopback/"):
         return await originate_loopback(switch, target, variables, originator)
-    if target.startswith("user/"):
+    external: Endpoint | None = None
+    if target.startswith("sofia/gateway/"):
+        # A carrier gateway: the far end is a simulated PSTN party (an endpoint of its own, else one answering).
+        user = target.split("/", 3)[-1]
+        domain = "pstn"
+        external = switch.endpoints.get(user) or Endpoint(user, domain, answer_delay=switch.config.answer_delay)
+    elif target.startswith("user/"):
         user, _, domain = target[5:].partition("@")
     elif target.startswith("sofia/"):
         # sofia/<profile>/<user>@<host> or sofia/<profile>/sip:<user>@<host>:<port>;params
@@ -944,17 +951,18 @@ async def originate_leg(
     domain = domain or switch.config.domain
     if originator is not None and originator.channel.callstate != "RING_WAIT":
         switch.set_callstate(originator, "RING_WAIT")
-    probe = Endpoint(user, domain)
-    exported: list[tuple[str, str]] = []
-    if originator is not None:
-        names = originator.channel.variables.get("export_vars")
-        if names:
-            exported.append(("export_vars", names))
-            exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
-    await switch.directory_user(probe, action="user_call", exported=exported)
-    if originator is not None:
-        switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
-    endpoint = switch.endpoints.get(user)
+    if external is None:
+        probe = Endpoint(user, domain)
+        exported: list[tuple[str, str]] = []
+        if originator is not None:
+            names = originator.channel.variables.get("export_vars")
+            if names:
+                exported.append(("export_vars", names))
+                exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
+        await switch.directory_user(probe, action="user_call", exported=exported)
+        if originator is not None:
+            switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
+    endpoint = external or switch.endpoints.get(user)
     if endpoint is None:
         return "SUBSCRIBER_ABSENT" if originator is None else "USER_NOT_REGISTERED"
     a_profile = originator.channel.profile if originator else None

@@ -1,0 +1,263 @@
+"""Call control runs IVR flows end to end: every node type, driven by keys a simulated caller presses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.channels.voice.call_rig import CallRig, call_rig
+from tests.channels.voice.rig import eventually
+from tests.factories import Factory, MediaFactory, TenantCtx
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+ALWAYS_OPEN = [{"day": day, "start": "00:00", "end": "24:00"} for day in range(7)]
+
+
+@pytest.fixture(scope="module")
+async def rig(app, client, factory, tmp_path_factory) -> AsyncIterator[CallRig]:
+    async with call_rig(app, client, factory, tmp_path_factory.mktemp("ivr")) as made:
+        yield made
+
+
+async def hours(factory: Factory, ctx: TenantCtx, weekly: list[dict[str, Any]]) -> str:
+    response = await factory.client.post(
+        "/api/v1/routing/business-hours",
+        json={"name": f"h{uuid.uuid4().hex[:6]}", "weekly": weekly},
+        headers=ctx.headers,
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def tts(text: str) -> dict[str, str]:
+    return {"kind": "tts", "text": text}
+
+
+def full_flow(
+    prompt_id: str, gold: uuid.UUID, standard: uuid.UUID, business_hours: str, *, menu_timeout: int = 30
+) -> dict[str, Any]:
+    """Every node type: set language, play a file and TTS, a menu, a digit collection, branches on a variable and
+    on the customer, business hours, queues, a callback offer, voicemail and hang-up."""
+    return {
+        "start": "lang",
+        "nodes": {
+            "lang": {"type": "set_language", "language": "fr-FR", "voice": "alice", "next": "welcome"},
+            "welcome": {"type": "play", "prompt": {"kind": "file", "prompt_id": prompt_id}, "next": "greet"},
+            "greet": {"type": "play", "prompt": tts("Bienvenue"), "next": "menu"},
+            "menu": {
+                "type": "menu",
+                "prompt": tts("Press 1 for accounts, 2 for opening hours"),
+                "options": {"1": "account", "2": "hours"},
+                "invalid_prompt": tts("That is not an option"),
+                "retry_prompt": tts("Please choose"),
+                "timeout_seconds": menu_timeout,
+                "max_retries": 2,
+                "on_failure": "bye",
+            },
+            "account": {
+                "type": "collect",
+                "prompt": tts("Enter your account number, then hash"),
+                "variable": "account",
+                "min_digits": 4,
+                "max_digits": 8,
+                "timeout_seconds": 30,
+                "next": "vip",
+            },
+            "vip": {
+                "type": "branch",
+                "source": "variable",
+                "name": "account",
+                "cases": [{"op": "prefix", "value": "9", "next": "customer"}],
+                "default": "bye",
+            },
+            "customer": {
+                "type": "branch",
+                "source": "customer",
+                "name": "tags",
+                "cases": [{"op": "equals", "value": "gold", "next": "gold"}],
+                "default": "standard",
+            },
+            "gold": {"type": "queue", "queue_id": str(gold), "variables": ["account"], "attributes": {"path": "gold"}},
+            "standard": {"type": "queue", "queue_id": str(standard)},
+            "hours": {"type": "hours", "business_hours_id": business_hours, "open": "callback", "closed": "vm"},
+            "callback": {
+                "type": "callback_offer",
+                "prompt": tts("Press 1 to be called back"),
+                "queue_id": str(standard),
+                "timeout_seconds": 30,
+                "confirmation": tts("We will call you back"),
+                "declined": "bye",
+            },
+            "vm": {
+                "type": "voicemail",
+                "queue_id": str(standard),
+                "greeting": tts("Leave a message"),
+                "max_seconds": 60,
+            },
+            "bye": {"type": "hangup", "prompt": tts("Goodbye")},
+        },
+    }
+
+
+async def collecting(rig: CallRig, leg: str, count: int) -> bool:
+    """The caller's channel is in its `count`-th digit collection (the prompt is playing or keys are awaited)."""
+    found = rig.switch.find(leg)
+    if found is None:
+        return False
+    runs = sum(1 for app, _ in found.channel.app_log if app == "play_and_get_digits")
+    return runs >= count and found.channel.variables.get("current_application") == "play_and_get_digits"
+
+
+async def press_at(rig: CallRig, leg: str, count: int, digits: str) -> None:
+    await eventually(lambda: collecting(rig, leg, count))
+    assert rig.switch.press(leg, digits)
+
+
+async def ivr_nodes(rig: CallRig, ctx: TenantCtx, interaction_id: str) -> list[tuple[str, str | None]]:
+    timeline = (await rig.interaction(ctx, interaction_id))["timeline"]
+    return [(e["data"].get("node"), e["data"].get("rejected")) for e in timeline if e["name"] == "ivr_step"]
+
+
+async def test_a_caller_walks_the_menu_enters_digits_and_reaches_the_queue_the_flow_chose(
+    rig: CallRig, factory: Factory
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    prompt = await media.prompt(ctx)
+    gold, standard = await factory.queue(ctx), await factory.queue(ctx)
+    await factory.customer(ctx, phones=["+33612345678"], tags=["gold"])
+    flow = await media.flow(ctx, full_flow(prompt["id"], gold, standard, await hours(factory, ctx, ALWAYS_OPEN)))
+    did = await rig.number(ctx, flow_id=flow)
+    agent = await rig.agent(ctx)
+    leg = await rig.call(did)
+    await press_at(rig, leg, 1, "7")  # not an option: the invalid prompt, then the menu again
+    await press_at(rig, leg, 2, "1")
+    await press_at(rig, leg, 3, "9123#")
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    connected = await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+    assert connected["queue_id"] == str(gold) and connected["agent_id"] == str(agent.user_id)
+    assert connected["attributes"]["account"] == "9123"
+    assert connected["attributes"]["language"] == "fr-FR" and connected["attributes"]["path"] == "gold"
+    assert await ivr_nodes(rig, ctx, iid) == [
+        ("lang", None),
+        ("welcome", None),
+        ("greet", None),
+        ("menu", None),
+        ("menu", "7"),
+        ("account", None),
+        ("vip", None),
+        ("customer", None),
+        ("gold", None),
+    ]
+    played = rig.app_log(leg)
+    # The uploaded prompt, from our switch media route through http_cache (fetched with the switch secret).
+    fetched = [r for r in rig.switch.requests if r["kind"] == "http_cache" and prompt["sha256"] in str(r["url"])]
+    assert fetched and fetched[0]["status"] == 200
+    assert any(app == "playback" and prompt["sha256"] in data for app, data in played)
+    # TTS in the voice the flow chose, the menu prompt quoted as one argument of play_and_get_digits.
+    assert ("playback", "tts://flite|alice|Bienvenue") in played
+    menus = [data for app, data in played if app == "play_and_get_digits"]
+    assert menus[0].startswith("1 1 1 30000 # 'tts://flite|alice|Press 1 for accounts, 2 for opening hours'")
+    assert menus[1].startswith("1 1 1 30000 # 'file_string://tts://flite|alice|That is not an option!")
+    assert menus[2].startswith("4 8 1 30000 # ")
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
+async def test_closed_hours_send_the_caller_to_voicemail_which_becomes_the_calls_interaction(
+    rig: CallRig, factory: Factory
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    prompt = await media.prompt(ctx)
+    queue = await factory.queue(ctx)
+    flow = await media.flow(ctx, full_flow(prompt["id"], queue, queue, await hours(factory, ctx, [])))
+    did = await rig.number(ctx, flow_id=flow)
+    leg = await rig.call(did)
+    await press_at(rig, leg, 1, "2")
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+
+    async def recording_message() -> bool:
+        found = rig.switch.find(leg)
+        return found is not None and found.channel.variables.get("current_application") == "record"
+
+    await eventually(recording_message)
+    await rig.switch.caller_hangup(leg)  # the caller says their piece, then hangs up
+    ended = await eventually(lambda: _with_voicemail(rig, ctx, iid))
+    assert ended["outcome"] == "voicemail" and ended["state"] == "ended"
+    voicemail_id = ended["attributes"]["voicemail_id"]
+    audio = await rig.client.get(f"/api/v1/voice/voicemails/{voicemail_id}/audio", headers=ctx.headers)
+    assert audio.status_code == 200 and audio.content[:4] == b"RIFF" and audio.content[8:12] == b"WAVE"
+    assert [n for n, _ in await ivr_nodes(rig, ctx, iid)][-2:] == ["hours", "vm"]
+    upload = [r for r in rig.switch.requests if r["kind"] == "http_cache" and r["method"] == "PUT"]
+    assert any(voicemail_id in str(r["url"]) and r["status"] == 200 for r in upload)
+
+
+async def _with_voicemail(rig: CallRig, ctx: TenantCtx, iid: str) -> dict[str, Any] | None:
+    body = await rig.interaction(ctx, iid)
+    return body if body["attributes"].get("voicemail_id") else None
+
+
+async def test_open_hours_offer_a_callback_that_keeps_its_place_after_the_caller_hangs_up(
+    rig: CallRig, factory: Factory
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    prompt = await media.prompt(ctx)
+    queue = await factory.queue(ctx)
+    flow = await media.flow(ctx, full_flow(prompt["id"], queue, queue, await hours(factory, ctx, ALWAYS_OPEN)))
+    did = await rig.number(ctx, flow_id=flow)
+    leg = await rig.call(did)
+    await press_at(rig, leg, 1, "2")
+    await press_at(rig, leg, 2, "1")
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    await eventually(lambda: _gone_and_reported(rig, ctx, leg))
+    body = await rig.interaction(ctx, iid)
+    assert (body["channel"], body["state"]) == ("callback", "queued")
+    assert body["attributes"]["callback_number"] == "+33612345678"
+    assert "callback_requested" in [e["name"] for e in body["timeline"]]
+    assert await rig.app.state.routing.matcher.state(ctx.tenant_id, uuid.UUID(iid)) == "waiting"
+
+
+async def _gone_and_reported(rig: CallRig, ctx: TenantCtx, leg: str) -> bool:
+    return rig.gone(leg) and bool(await rig.legs(ctx, leg_uuid=uuid.UUID(leg)))
+
+
+async def test_keys_outside_the_menu_use_up_its_retries_and_the_flow_says_goodbye(
+    rig: CallRig, factory: Factory, caplog
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    prompt = await media.prompt(ctx)
+    queue = await factory.queue(ctx)
+    flow = await media.flow(ctx, full_flow(prompt["id"], queue, queue, await hours(factory, ctx, ALWAYS_OPEN)))
+    did = await rig.number(ctx, flow_id=flow)
+    leg = await rig.call(did)
+    for attempt, key in enumerate("789", start=1):
+        await press_at(rig, leg, attempt, key)
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["outcome"] == "ivr"
+    assert [r for _, r in await ivr_nodes(rig, ctx, iid) if r] == ["7", "8"]
+    assert [n for n, _ in await ivr_nodes(rig, ctx, iid)][-1] == "bye"
+    assert "ivr_input_not_accepted" in caplog.text
+    assert await rig.app.state.routing.matcher.state(ctx.tenant_id, uuid.UUID(iid)) is None
+
+
+async def test_silence_at_a_menu_replays_it_then_gives_up(rig: CallRig, factory: Factory):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    prompt = await media.prompt(ctx)
+    queue = await factory.queue(ctx)
+    graph = full_flow(prompt["id"], queue, queue, await hours(factory, ctx, ALWAYS_OPEN), menu_timeout=1)
+    flow = await media.flow(ctx, graph)
+    leg = await rig.call(await rig.number(ctx, flow_id=flow))
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    played = [data for _, data in rig.app_log(leg)]
+    assert ended["outcome"] == "ivr"
+    assert sum(1 for data in played if "Please choose" in data) == 2  # the retry prompt, before each new try
