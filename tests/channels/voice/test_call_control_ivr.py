@@ -261,3 +261,112 @@ async def test_silence_at_a_menu_replays_it_then_gives_up(rig: CallRig, factory:
     played = [data for _, data in rig.app_log(leg)]
     assert ended["outcome"] == "ivr"
     assert sum(1 for data in played if "Please choose" in data) == 2  # the retry prompt, before each new try
+
+
+def transfer_flow(agent_id: uuid.UUID, queue_id: uuid.UUID, number: str) -> dict[str, Any]:
+    return {
+        "start": "menu",
+        "nodes": {
+            "menu": {
+                "type": "menu",
+                "prompt": tts("Press 1 for your agent, 2 for the outside, 3 for sales"),
+                "options": {"1": "agent", "2": "outside", "3": "sales"},
+                "timeout_seconds": 30,
+            },
+            "agent": {"type": "transfer", "target": "agent", "agent_id": str(agent_id)},
+            "outside": {"type": "transfer", "target": "external", "number": number},
+            "sales": {"type": "transfer", "target": "queue", "queue_id": str(queue_id)},
+        },
+    }
+
+
+async def test_a_transfer_node_puts_the_call_straight_through_to_an_agent(rig: CallRig, factory: Factory):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    agent = await rig.agent(ctx)
+    flow = await media.flow(ctx, transfer_flow(agent.user_id, await factory.queue(ctx), "+33142685300"))
+    leg = await rig.call(await rig.number(ctx, flow_id=flow))
+    await press_at(rig, leg, 1, "1")
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    connected = await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+    assert connected["agent_id"] == str(agent.user_id)
+    assert await rig.agent_state(agent) == "busy"
+    await rig.switch.caller_hangup(leg)
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["outcome"] == "handled"
+
+
+async def test_a_transfer_node_to_a_queue_and_one_to_the_outside_through_a_carrier(rig: CallRig, factory: Factory):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    gateway = await media.outbound_route("+33")
+    queue = await factory.queue(ctx)
+    agent = await rig.agent(ctx)
+    flow = await media.flow(ctx, transfer_flow(agent.user_id, queue, "+33142685300"))
+    did = await rig.number(ctx, flow_id=flow)
+
+    to_queue = await rig.call(did)
+    await press_at(rig, to_queue, 1, "3")
+    first = (await rig.interaction_of(ctx, to_queue))["id"]
+    connected = await eventually(lambda: rig.state_is(ctx, first, "connected"))
+    assert connected["queue_id"] == str(queue)
+    await rig.switch.caller_hangup(to_queue)
+    await eventually(lambda: rig.state_is(ctx, first, "ended"))
+
+    outside = await rig.call(did, caller_number="+33699999999")
+    await press_at(rig, outside, 1, "2")
+    second = (await rig.interaction_of(ctx, outside))["id"]
+    ended = await eventually(lambda: rig.state_is(ctx, second, "ended"))
+    assert ended["outcome"] == "transferred"
+    bridges = [data for app, data in rig.app_log(outside) if app == "bridge"]
+    await eventually(lambda: _bridged(rig, outside))
+    assert bridges == [f"sofia/gateway/{gateway}/+33142685300"]
+    await rig.switch.caller_hangup(outside)
+    await eventually(lambda: _gone_and_reported(rig, ctx, outside))
+
+
+async def _bridged(rig: CallRig, leg: str) -> bool:
+    found = rig.switch.find(leg)
+    return found is not None and bool(found.channel.partner)
+
+
+async def test_publishing_a_new_version_does_not_change_a_call_in_the_old_one(rig: CallRig, factory: Factory):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    old_queue, new_queue = await factory.queue(ctx), await factory.queue(ctx)
+    graph = {
+        "start": "menu",
+        "nodes": {
+            "menu": {"type": "menu", "prompt": tts("Press 1"), "options": {"1": "q"}, "timeout_seconds": 30},
+            "q": {"type": "queue", "queue_id": str(old_queue)},
+        },
+    }
+    flow = await media.flow(ctx, graph)
+    leg = await rig.call(await rig.number(ctx, flow_id=flow))
+    await eventually(lambda: collecting(rig, leg, 1))
+    # Meanwhile the flow is changed and published: new calls would go to the new queue.
+    graph["nodes"]["q"]["queue_id"] = str(new_queue)
+    detail = (await rig.client.get(f"/api/v1/routing/ivr-flows/{flow}", headers=ctx.headers)).json()
+    saved = await rig.client.put(
+        f"/api/v1/routing/ivr-flows/{flow}",
+        json={"name": detail["name"], "graph": graph},
+        headers=ctx.headers,
+    )
+    assert saved.status_code == 200, saved.text
+    published = await rig.client.post(f"/api/v1/routing/ivr-flows/{flow}/publish", headers=ctx.headers)
+    assert published.status_code == 201, published.text
+    # A draft that fails validation is refused on save and changes nothing either.
+    broken = await rig.client.put(
+        f"/api/v1/routing/ivr-flows/{flow}",
+        json={"name": detail["name"], "graph": {"start": "menu", "nodes": {"menu": graph["nodes"]["menu"]}}},
+        headers=ctx.headers,
+    )
+    assert broken.status_code == 422, broken.text
+    assert rig.switch.press(leg, "1")
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    queued = await eventually(lambda: rig.state_is(ctx, iid, "queued"))
+    assert queued["queue_id"] == str(old_queue)
+    steps = [e["data"] for e in queued["timeline"] if e["name"] == "ivr_step"]
+    assert {s["version"] for s in steps} == {1}
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
