@@ -370,3 +370,100 @@ async def test_publishing_a_new_version_does_not_change_a_call_in_the_old_one(ri
     assert {s["version"] for s in steps} == {1}
     await rig.switch.caller_hangup(leg)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
+def step_flow(queue_id: uuid.UUID) -> dict[str, Any]:
+    return {
+        "start": "welcome",
+        "nodes": {
+            "welcome": {"type": "play", "prompt": tts("Welcome"), "next": "menu"},
+            "menu": {
+                "type": "menu",
+                "prompt": tts("Choose"),
+                "options": {"1": "account", "2": "vm", "3": "callback", "4": "q"},
+                "timeout_seconds": 30,
+            },
+            "account": {
+                "type": "collect",
+                "prompt": tts("Account"),
+                "variable": "account",
+                "timeout_seconds": 30,
+                "next": "q",
+            },
+            "vm": {"type": "voicemail", "queue_id": str(queue_id), "max_seconds": 60},
+            "callback": {
+                "type": "callback_offer",
+                "prompt": tts("Press 1"),
+                "queue_id": str(queue_id),
+                "timeout_seconds": 30,
+                "declined": "q",
+            },
+            "q": {"type": "queue", "queue_id": str(queue_id)},
+        },
+    }
+
+
+async def running(rig: CallRig, leg: str, application: str) -> bool:
+    found = rig.switch.find(leg)
+    return found is not None and found.channel.variables.get("current_application") == application
+
+
+@pytest.mark.parametrize(
+    ("step", "keys", "application", "phase", "outcome"),
+    [
+        ("play", "", "playback", "ivr", "abandoned"),
+        ("menu", "", "play_and_get_digits", "ivr", "abandoned"),
+        ("collect", "1", "play_and_get_digits", "ivr", "abandoned"),
+        ("callback_offer", "3", "play_and_get_digits", "ivr", "abandoned"),
+        ("voicemail", "2", "record", "voicemail", "voicemail"),
+        ("queue", "4", "playback", "queued", "abandoned"),
+        ("ringing", "4", "bridge", "ringing", "abandoned"),
+        ("talking", "4", "bridge", "bridged", "handled"),
+    ],
+)
+async def test_a_caller_who_hangs_up_at_any_step_leaves_nothing_behind(
+    rig: CallRig, factory: Factory, caplog, step: str, keys: str, application: str, phase: str, outcome: str
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    agent = None
+    if step in ("ringing", "talking"):
+        agent = await rig.agent(ctx, answer_delay=60.0 if step == "ringing" else 0.0)
+    flow = await media.flow(ctx, step_flow(queue))
+    leg = await rig.call(await rig.number(ctx, flow_id=flow))
+    if keys:
+        await press_at(rig, leg, 1, keys)
+        if step in ("collect", "callback_offer"):
+            await eventually(lambda: collecting(rig, leg, 2))
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    if step == "talking":
+        await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+    elif step == "queue":
+        await eventually(lambda: rig.state_is(ctx, iid, "queued"))
+    await eventually(lambda: running(rig, leg, application))
+    record = await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid))
+    assert record is not None and record.phase == phase
+    await rig.switch.caller_hangup(leg)
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["outcome"] == outcome
+    routing = rig.app.state.routing
+    assert await routing.matcher.state(ctx.tenant_id, uuid.UUID(iid)) is None
+    assert await routing.matcher.waiting(ctx.tenant_id, queue) == []
+    await eventually(lambda: _forgotten(rig, ctx, iid))
+    if agent is not None:
+        assert await routing.matcher.load(ctx.tenant_id, agent.user_id) in ({}, {"voice": 0})
+        assert await rig.agent_state(agent) == ("wrap_up" if step == "talking" else "available")
+    if outcome == "abandoned":
+        await eventually(lambda: _logged(caplog, "caller_hung_up"))
+        if phase in ("queued", "ringing"):
+            abandoned = next(e for e in ended["timeline"] if e["name"] == "abandoned")
+            assert abandoned["data"]["waited_seconds"] > 0
+
+
+async def _forgotten(rig: CallRig, ctx: TenantCtx, iid: str) -> bool:
+    return await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid)) is None
+
+
+async def _logged(caplog: Any, text: str) -> bool:
+    return text in caplog.text

@@ -138,6 +138,8 @@ class CallChannel:
             ]
         )
         done = await self.execute("play_and_get_digits", argument)
+        if self.down:
+            raise CallerGone("play_and_get_digits")
         digits = done.variable(DIGITS_VARIABLE) or done.variable(f"{DIGITS_VARIABLE}_invalid")
         return digits or None
 

@@ -343,6 +343,9 @@ async def app_play_and_get_digits(switch: Switch, leg: CallLeg, data: str) -> No
     channel = leg.channel
     channel.variables.set(f"{variable}_invalid", None)
     for _ in range(max(tries, 1)):
+        # switch_ivr_read: the variable is cleared before each try.
+        channel.variables.set(variable, None)
+        channel.variables.set("read_result", None)
         if not channel.digits:
             await play(switch, leg, prompt, interruptible=True)
         digits, _timed_out = await collect_digits(
