@@ -218,3 +218,205 @@ async def test_the_agent_hanging_up_ends_the_call_and_the_agent_wraps_up(rig: Ca
     assert ended["outcome"] == "handled"
     await eventually(lambda: _gone_and_reported(rig, ctx, leg))  # hangup_after_bridge ended the caller's leg
     assert await rig.agent_state(agent) == "wrap_up"
+
+
+async def _connected_call(rig: CallRig, factory: Factory, ctx, queue: uuid.UUID, agent) -> tuple[str, str]:
+    leg = await rig.call(await rig.number(ctx, queue_id=queue))
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    connected = await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+    assert connected["agent_id"] == str(agent.user_id)
+    return leg, iid
+
+
+async def test_the_handling_agent_holds_and_resumes_the_caller_who_hears_the_queues_music(
+    rig: CallRig, factory: Factory, caplog
+):
+    media = MediaFactory(factory)
+    ctx = await factory.tenant()
+    music = await media.prompt(ctx, kind="music")
+    queue = await factory.queue(ctx)
+    await _voice_settings(rig, ctx, queue, music_on_hold_id=music["id"])
+    agent = await rig.agent(ctx)
+    colleague = await rig.agent(ctx, available=False)
+    leg, iid = await _connected_call(rig, factory, ctx, queue, agent)
+    refused = await rig.client.post(f"/api/v1/voice/calls/{iid}/hold", headers=colleague.headers)
+    assert refused.status_code == 403, refused.text
+    assert "call_request_forbidden" in caplog.text
+    held = await rig.client.post(f"/api/v1/voice/calls/{iid}/hold", headers=agent.headers)
+    assert held.status_code == 200, held.text
+    assert held.json()["held"] is True
+    record = await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid))
+    assert record is not None and record.agent_leg is not None
+    agent_leg = rig.switch.find(str(record.agent_leg))
+    assert agent_leg is not None and agent_leg.channel.callstate == "HELD"
+    await eventually(lambda: _hold_music(rig, leg, music["sha256"]))  # broadcast to the caller, the held party
+    again = await rig.client.post(f"/api/v1/voice/calls/{iid}/hold", headers=agent.headers)
+    assert again.status_code == 409
+    # A supervisor (queues:write) may resume someone else's call.
+    resumed = await rig.client.post(f"/api/v1/voice/calls/{iid}/unhold", headers=ctx.headers)
+    assert resumed.status_code == 200, resumed.text
+    assert agent_leg.channel.callstate == "ACTIVE"
+    names = await rig.events(ctx, iid)
+    assert names[-2:] == ["held", "resumed"]
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    gone = await rig.client.post(f"/api/v1/voice/calls/{iid}/hold", headers=agent.headers)
+    assert gone.status_code == 409
+
+
+async def _hold_music(rig: CallRig, leg: str, sha: str) -> bool:
+    return any(app == "playback" and sha in data for app, data in rig.app_log(leg))
+
+
+async def test_a_blind_transfer_to_another_queue_goes_to_its_agents_and_the_first_agent_wraps_up(
+    rig: CallRig, factory: Factory, caplog
+):
+    ctx = await factory.tenant()
+    sales = await factory.queue(ctx, wrap_up_seconds=60)
+    support = await factory.queue(ctx)
+    skill = await factory.skill(ctx)
+    # Only the second agent qualifies for the support queue (a skill the first one lacks).
+    response = await rig.client.put(
+        f"/api/v1/routing/queues/{support}",
+        json={
+            "name": f"support-{uuid.uuid4().hex[:6]}",
+            "skills": [{"skill_id": str(skill), "steps": [{"after_seconds": 0, "min_level": 5}]}],
+        },
+        headers=ctx.headers,
+    )
+    assert response.status_code == 200, response.text
+    first = await rig.agent(ctx)
+    leg, iid = await _connected_call(rig, factory, ctx, sales, first)
+    second = await rig.agent(ctx, available=False)
+    profile = await rig.client.put(
+        f"/api/v1/routing/agents/{second.user_id}",
+        json={"capacity": {"voice": 1}, "skills": [{"skill_id": str(skill), "level": 8}]},
+        headers=ctx.headers,
+    )
+    assert profile.status_code == 200, profile.text
+    await rig.set_state(second, "available")
+    other = await factory.tenant()
+    foreign = await factory.queue(other)
+    refused = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/transfer", json={"target": "queue", "queue_id": str(foreign)}, headers=first.headers
+    )
+    assert refused.status_code == 404, refused.text
+    assert "call_transfer_refused" in caplog.text
+    assert (await rig.interaction(ctx, iid))["agent_id"] == str(first.user_id)  # nothing changed
+    moved = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/transfer", json={"target": "queue", "queue_id": str(support)}, headers=first.headers
+    )
+    assert moved.status_code == 202, moved.text
+    connected = await eventually(lambda: _with_agent(rig, ctx, iid, second.user_id))
+    assert connected["queue_id"] == str(support)
+    transferred = next(e for e in connected["timeline"] if e["name"] == "transferred")
+    assert transferred["agent_id"] == str(first.user_id) and transferred["data"]["to_queue"] == str(support)
+    assert await rig.agent_state(first) == "wrap_up"
+    assert rig.switch.find(leg) is not None  # the caller never left
+    await rig.switch.caller_hangup(leg)
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["agent_id"] == str(second.user_id) and ended["outcome"] == "handled"
+
+
+async def _with_agent(rig: CallRig, ctx, iid: str, agent_id: uuid.UUID) -> dict | None:
+    body = await rig.interaction(ctx, iid)
+    return body if body["state"] == "connected" and body["agent_id"] == str(agent_id) else None
+
+
+async def test_a_blind_transfer_to_an_agent_rings_their_phone_and_connects_them(rig: CallRig, factory: Factory):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    first = await rig.agent(ctx)
+    leg, iid = await _connected_call(rig, factory, ctx, queue, first)
+    expert = await rig.agent(ctx, available=False)
+    await rig.set_state(expert, "available")
+    moved = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/transfer",
+        json={"target": "agent", "agent_id": str(expert.user_id)},
+        headers=first.headers,
+    )
+    assert moved.status_code == 202, moved.text
+    connected = await eventually(lambda: _with_agent(rig, ctx, iid, expert.user_id))
+    transferred = next(e for e in connected["timeline"] if e["name"] == "transferred")
+    assert transferred["data"]["to_agent"] == str(expert.user_id)
+    assert await rig.agent_state(expert) == "busy"
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert await rig.agent_state(expert) == "wrap_up"
+
+
+async def _stored_recording(rig: CallRig, ctx, iid: str) -> dict | None:
+    listed = await rig.client.get("/api/v1/voice/recordings", params={"interaction_id": iid}, headers=ctx.headers)
+    items = listed.json()["items"]
+    return items[0] if items and items[0]["status"] == "stored" else None
+
+
+async def test_a_queue_that_always_records_gets_a_real_wav_that_plays_back_through_the_api(
+    rig: CallRig, factory: Factory
+):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    await _voice_settings(rig, ctx, queue, recording_policy="always")
+    agent = await rig.agent(ctx)
+    leg, iid = await _connected_call(rig, factory, ctx, queue, agent)
+    record = await eventually(lambda: _recording_record(rig, ctx, iid))
+    path = str(record.recording_path)
+    assert path.startswith(str(rig.recordings_dir)) and path.endswith(f"recording-{record.recording_id}.wav")
+    assert any(str(record.call_uuid) in a and "start" in a for a in rig.api_commands("uuid_record"))
+    await rig.switch.caller_hangup(leg)
+    stored = await eventually(lambda: _stored_recording(rig, ctx, iid))
+    assert stored["agent_id"] == str(agent.user_id) and stored["policy"] == "always"
+    audio = await rig.client.get(f"/api/v1/voice/recordings/{stored['id']}/audio", headers=ctx.headers)
+    assert audio.status_code == 200 and audio.content[:4] == b"RIFF" and audio.content[8:12] == b"WAVE"
+    assert len(audio.content) == stored["size_bytes"] > 44
+
+
+async def _recording_record(rig: CallRig, ctx, iid: str):
+    record = await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid))
+    return record if record is not None and record.recording_id is not None else None
+
+
+async def test_an_on_demand_recording_is_started_paused_and_resumed_by_the_agent(rig: CallRig, factory: Factory):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    await _voice_settings(rig, ctx, queue, recording_policy="on_demand")
+    agent = await rig.agent(ctx)
+    leg, iid = await _connected_call(rig, factory, ctx, queue, agent)
+    assert (await rig.client.get(f"/api/v1/voice/calls/{iid}", headers=agent.headers)).json()["recording_id"] is None
+    paused_early = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/recording", json={"action": "pause"}, headers=agent.headers
+    )
+    assert paused_early.status_code == 409
+    started = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/recording", json={"action": "start"}, headers=agent.headers
+    )
+    assert started.status_code == 200, started.text
+    assert started.json()["recording_id"] is not None
+    paused = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/recording", json={"action": "pause"}, headers=agent.headers
+    )
+    assert paused.status_code == 200 and paused.json()["recording_paused"] is True
+    resumed = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/recording", json={"action": "resume"}, headers=agent.headers
+    )
+    assert resumed.status_code == 200 and resumed.json()["recording_paused"] is False
+    commands = rig.api_commands("uuid_record")
+    assert [c.split()[1] for c in commands if str(leg) in c] == ["start", "mask", "unmask"]
+    await rig.switch.caller_hangup(leg)
+    stored = await eventually(lambda: _stored_recording(rig, ctx, iid))
+    assert stored["policy"] == "on_demand"
+    [interval] = stored["paused_intervals"]
+    assert interval["paused_at"] <= interval["resumed_at"]
+
+
+async def test_a_queue_that_never_records_refuses_a_recording(rig: CallRig, factory: Factory):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    agent = await rig.agent(ctx)
+    leg, iid = await _connected_call(rig, factory, ctx, queue, agent)
+    refused = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/recording", json={"action": "start"}, headers=agent.headers
+    )
+    assert refused.status_code == 409 and refused.json()["type"].endswith("recording-not-allowed")
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
