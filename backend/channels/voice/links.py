@@ -747,9 +747,13 @@ class SwitchLinks:
             except Exception as error:
                 log.error("switch_links_pass_failed", error=str(error) or type(error).__name__, exc_info=True)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.esl_lease_poll_seconds):
-                    await self._wake.wait()
+            # asyncio.wait, not asyncio.timeout: on Python 3.11 a cancellation arriving as the timeout fires
+            # is turned into TimeoutError, and suppressing it would lose the cancellation (stop() then hangs).
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.settings.esl_lease_poll_seconds)
+            finally:
+                waiter.cancel()
 
     async def run_once(self) -> None:
         """One pass: follow the registered nodes, drop links of nodes gone or changed, take free leases."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ async def test_a_call_to_a_queue_number_reaches_an_agent_and_ends_in_wrap_up(rig
     assert ended["outcome"] == "handled"
     names = [e["name"] for e in ended["timeline"]]
     assert names == ["created", "queued", "offered", "offer_accepted", "connected", "ended"], names
-    assert await rig.agent_state(agent) == "wrap_up"
+    await eventually(lambda: _in_state(rig, agent, "wrap_up"))
 
     async def both_legs() -> list:
         legs = await rig.legs(ctx, interaction_id=uuid.UUID(iid))
@@ -159,13 +160,13 @@ async def test_a_busy_phone_and_an_unreachable_one_are_declined_and_their_agents
     leg = await rig.call(await rig.number(ctx, queue_id=queue))
     iid = (await rig.interaction_of(ctx, leg))["id"]
     await eventually(lambda: _has(rig, ctx, iid, "offer_rejected"))
-    assert await rig.agent_state(busy) == "away"
+    await eventually(lambda: _in_state(rig, busy, "away"))
     # A phone the switch lost without an unregister: routing still thinks it registered; the bridge fails.
     ghost = await rig.agent(ctx, available=False)
     rig.switch.endpoints.pop(ghost.username)
     await rig.set_state(ghost, "available")
     await eventually(lambda: _declined_twice(rig, ctx, iid))
-    assert await rig.agent_state(ghost) == "away"
+    await eventually(lambda: _in_state(rig, ghost, "away"))
     assert (await rig.interaction(ctx, iid))["state"] == "queued"
     await rig.switch.caller_hangup(leg)
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
@@ -198,7 +199,7 @@ async def test_a_ring_all_queue_rings_every_agent_at_once_and_the_first_to_answe
     assert sorted(offered["data"].get("agents", [])) in ([], sorted([str(slow.user_id), str(quick.user_id)]))
     lost = await eventually(lambda: _agent_legs(rig, ctx, slow.user_id))
     assert lost[0].hangup_cause == "LOSE_RACE"
-    assert await rig.agent_state(slow) == "available"
+    await eventually(lambda: _in_state(rig, slow, "available"))
     await rig.switch.caller_hangup(leg)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
 
@@ -217,7 +218,7 @@ async def test_the_agent_hanging_up_ends_the_call_and_the_agent_wraps_up(rig: Ca
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
     assert ended["outcome"] == "handled"
     await eventually(lambda: _gone_and_reported(rig, ctx, leg))  # hangup_after_bridge ended the caller's leg
-    assert await rig.agent_state(agent) == "wrap_up"
+    await eventually(lambda: _in_state(rig, agent, "wrap_up"))
 
 
 async def _connected_call(rig: CallRig, factory: Factory, ctx, queue: uuid.UUID, agent) -> tuple[str, str]:
@@ -311,7 +312,7 @@ async def test_a_blind_transfer_to_another_queue_goes_to_its_agents_and_the_firs
     assert connected["queue_id"] == str(support)
     transferred = next(e for e in connected["timeline"] if e["name"] == "transferred")
     assert transferred["agent_id"] == str(first.user_id) and transferred["data"]["to_queue"] == str(support)
-    assert await rig.agent_state(first) == "wrap_up"
+    await eventually(lambda: _in_state(rig, first, "wrap_up"))
     assert rig.switch.find(leg) is not None  # the caller never left
     await rig.switch.caller_hangup(leg)
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
@@ -339,10 +340,10 @@ async def test_a_blind_transfer_to_an_agent_rings_their_phone_and_connects_them(
     connected = await eventually(lambda: _with_agent(rig, ctx, iid, expert.user_id))
     transferred = next(e for e in connected["timeline"] if e["name"] == "transferred")
     assert transferred["data"]["to_agent"] == str(expert.user_id)
-    assert await rig.agent_state(expert) == "busy"
+    await eventually(lambda: _in_state(rig, expert, "busy"))
     await rig.switch.caller_hangup(leg)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
-    assert await rig.agent_state(expert) == "wrap_up"
+    await eventually(lambda: _in_state(rig, expert, "wrap_up"))
 
 
 async def _stored_recording(rig: CallRig, ctx, iid: str) -> dict | None:
@@ -420,3 +421,7 @@ async def test_a_queue_that_never_records_refuses_a_recording(rig: CallRig, fact
     assert refused.status_code == 409 and refused.json()["type"].endswith("recording-not-allowed")
     await rig.switch.caller_hangup(leg)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
+async def _in_state(rig: CallRig, agent: Any, state: str) -> bool:
+    return await rig.agent_state(agent) == state

@@ -290,7 +290,7 @@ async def test_a_transfer_node_puts_the_call_straight_through_to_an_agent(rig: C
     iid = (await rig.interaction_of(ctx, leg))["id"]
     connected = await eventually(lambda: rig.state_is(ctx, iid, "connected"))
     assert connected["agent_id"] == str(agent.user_id)
-    assert await rig.agent_state(agent) == "busy"
+    await eventually(lambda: _in_state(rig, agent, "busy"))
     await rig.switch.caller_hangup(leg)
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
     assert ended["outcome"] == "handled"
@@ -453,7 +453,7 @@ async def test_a_caller_who_hangs_up_at_any_step_leaves_nothing_behind(
     await eventually(lambda: _forgotten(rig, ctx, iid))
     if agent is not None:
         assert await routing.matcher.load(ctx.tenant_id, agent.user_id) in ({}, {"voice": 0})
-        assert await rig.agent_state(agent) == ("wrap_up" if step == "talking" else "available")
+        await eventually(lambda: _in_state(rig, agent, ("wrap_up" if step == "talking" else "available")))
     if outcome == "abandoned":
         await eventually(lambda: _logged(caplog, "caller_hung_up"))
         if phase in ("queued", "ringing"):
@@ -467,3 +467,7 @@ async def _forgotten(rig: CallRig, ctx: TenantCtx, iid: str) -> bool:
 
 async def _logged(caplog: Any, text: str) -> bool:
     return text in caplog.text
+
+
+async def _in_state(rig: CallRig, agent: Any, state: str) -> bool:
+    return await rig.agent_state(agent) == state

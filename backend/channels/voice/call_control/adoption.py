@@ -23,7 +23,6 @@ the process it reached (the record's owner changes; the adopter lets go).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from typing import Any
@@ -72,14 +71,25 @@ class AdoptedCall:
                 self.log.info("adopted_call_handed_over", owner=current.owner if current else None)
                 return
             self.record = current
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll):
-                    while True:
-                        message = await self.inbox.get()
-                        if isinstance(message, CallRequest):
-                            reply = await carry_out(self, message)
-                            await self.s.store.answer(message, reply)
+            await self._serve(poll)
         await self._finish()
+
+    async def _serve(self, seconds: float) -> None:
+        """Answer requests for a while (asyncio.wait: a cancellation is never mistaken for the time running out)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            getter = asyncio.ensure_future(self.inbox.get())
+            try:
+                done, _ = await asyncio.wait({getter}, timeout=left)
+            finally:
+                getter.cancel()
+            if getter not in done:
+                return
+            message = getter.result()
+            if isinstance(message, CallRequest):
+                reply = await carry_out(self, message)
+                await self.s.store.answer(message, reply)
 
     async def _dump(self, leg: uuid.UUID) -> dict[str, Any] | None:
         answer = await self.line.api(f"uuid_dump {leg} json")
