@@ -425,3 +425,58 @@ async def test_a_queue_that_never_records_refuses_a_recording(rig: CallRig, fact
 
 async def _in_state(rig: CallRig, agent: Any, state: str) -> bool:
     return await rig.agent_state(agent) == state
+
+
+async def test_declining_in_the_workspace_stops_the_phone_ringing_and_the_call_goes_to_the_next_agent(
+    rig: CallRig, factory: Factory
+):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, offer_timeout_seconds=60)
+    reluctant = await rig.agent(ctx, answer_delay=3000.0)
+    leg = await rig.call(await rig.number(ctx, queue_id=queue))
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    await eventually(lambda: _ringing(rig, leg))
+    declined = await rig.client.post(f"/api/v1/interactions/{iid}/reject", headers=reluctant.headers)
+    assert declined.status_code == 204, declined.text
+    legs = await eventually(lambda: _agent_legs(rig, ctx, reluctant.user_id))
+    assert legs[0].hangup_cause == "ORIGINATOR_CANCEL"  # the phone stopped ringing at once
+    willing = await rig.agent(ctx)
+    connected = await eventually(lambda: _with_agent(rig, ctx, iid, willing.user_id))
+    assert [e["name"] for e in connected["timeline"]].count("offer_rejected") == 1
+    await rig.switch.caller_hangup(leg)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
+async def _ringing(rig: CallRig, leg: str) -> bool:
+    found = rig.switch.find(leg)
+    return found is not None and found.channel.callstate == "RING_WAIT"
+
+
+async def test_a_queue_that_overflows_to_voicemail_takes_a_message_from_its_waiting_caller(
+    rig: CallRig, factory: Factory
+):
+    ctx = await factory.tenant()
+    queue = await factory.queue(
+        ctx, max_wait_seconds=1, overflow_action={"type": "voicemail", "message": "All our agents are busy"}
+    )
+    await _voice_settings(rig, ctx, queue, voicemail_enabled=True, voicemail_max_seconds=60)
+    await rig.agent(ctx, available=False)
+    leg = await rig.call(await rig.number(ctx, queue_id=queue))
+    iid = (await rig.interaction_of(ctx, leg))["id"]
+    overflowed = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert overflowed["outcome"] == "overflowed"
+
+    async def recording_message() -> bool:
+        found = rig.switch.find(leg)
+        return found is not None and found.channel.variables.get("current_application") == "record"
+
+    await eventually(recording_message)
+    assert any("All our agents are busy" in data for _, data in rig.app_log(leg))
+    await rig.switch.caller_hangup(leg)
+
+    async def stored() -> list:
+        listed = await rig.client.get("/api/v1/voice/voicemails", params={"queue_id": str(queue)}, headers=ctx.headers)
+        return listed.json()["items"]
+
+    [message] = await eventually(stored)
+    assert message["caller_number"] == "+33612345678" and message["interaction_id"]
