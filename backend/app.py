@@ -23,6 +23,8 @@ from backend.auth.sso_controllers import SsoConfigController, SsoLoginController
 from backend.auth.throttle import LoginThrottle
 from backend.auth.tokens import TokenSigner
 from backend.channels.voice.admission import AdmitEveryCall
+from backend.channels.voice.call_control import CallDesk, CallStore
+from backend.channels.voice.call_control.controllers import LiveCallController
 from backend.channels.voice.controllers import (
     CdrController,
     NumberController,
@@ -132,6 +134,7 @@ ROUTE_HANDLERS: list[Any] = [
     OutboundController,
     SupervisionController,
     CarrierController,
+    LiveCallController,
     CustomerController,
     CustomerConfigController,
     CustomerImportController,
@@ -196,6 +199,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "voicemail": voicemail,
                 "outbound": OutboundGuard(sessionmaker, redis, settings),
                 "supervision": SupervisionDesk(sessionmaker),
+                "calls": CallDesk(sessionmaker, CallStore(redis, settings), settings),
                 "job_queue": job_queue,
             }
         ),

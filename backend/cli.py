@@ -1,4 +1,5 @@
-"""The `contactcenter` command: serve, worker, migrate, demo, create-provider-user, import-cdrs, switch-sim."""
+"""The `contactcenter` command: serve, worker, call-control, migrate, demo, create-provider-user, import-cdrs,
+switch-sim."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def worker() -> None:
 
     configure_logging(get_settings())
     asyncio.run(build_worker().start())
+
+
+@main.command("call-control")
+def call_control() -> None:
+    """Run a call-control server (the dialplan's `socket` target); several processes may share its address."""
+    from backend.channels.voice.call_control.process import run
+    from backend.config import get_settings
+    from backend.lib.observability import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    asyncio.run(run(settings))
 
 
 @main.command()

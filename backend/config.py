@@ -120,12 +120,105 @@ class Settings:
     """Random spread of reconnection delays (0.2 = +/-20%) so processes do not retry in step."""
     esl_event_queue_size: int = field(default_factory=lambda: _env_int("CC_ESL_EVENT_QUEUE", 10_000))
     """Events buffered between the ESL reader and our handlers; beyond it events are dropped, counted and logged."""
+    esl_links_enabled: bool = field(default_factory=lambda: _env_bool("CC_ESL_LINKS", True))
+    """Whether this worker process competes for switch nodes' inbound event sockets (any number of workers may)."""
+    esl_node_pattern: str = field(default_factory=lambda: _env("CC_ESL_NODES", ""))
+    """Which nodes this process may hold, as shell patterns of node names (`fs-paris-*,fs-lyon-*`); empty: all."""
+    esl_lease_ttl_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_TTL", "3")))
+    """A process's hold on a node's inbound event socket lasts this long unless renewed (a dead holder's node is
+    taken over within about this long plus one poll; keep it well under the heartbeat timeout)."""
+    esl_lease_renew_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_RENEW", "1")))
+    """How often the holder renews its lease; at most a third of the lease time."""
+    esl_lease_poll_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_LEASE_POLL", "0.5")))
+    """How often a process looks for nodes nobody holds."""
+    esl_rebalance_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_REBALANCE", "30")))
+    """A process holding more than its share of the nodes gives one up (to a process with fewer) at most this
+    often; 0 never does. The node's new holder re-reads its state on connecting."""
+    switch_nodes_refresh_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_NODES_REFRESH", "5"))
+    )
+    """How often the holders re-read the registered nodes (added, changed, removed) without a restart."""
+    switch_event_lanes: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_LANES", 16))
+    """A node's events are applied by this many lanes at once; one leg's events (and one seat's registrations)
+    always take the same lane, so they are applied in the order the node sent them."""
+    switch_event_retries: int = field(default_factory=lambda: _env_int("CC_SWITCH_EVENT_RETRIES", 5))
+    """Attempts after the first at applying a switch event when the database or Redis fails transiently."""
+    switch_event_retry_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_EVENT_RETRY", "0.2"))
+    )
+    """First delay before retrying a switch event; it doubles after each failed attempt."""
+    switch_event_lag_warning_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_EVENT_LAG_WARNING", "1"))
+    )
+    """An event applied this long after the switch fired it is logged (the holder is falling behind)."""
+    switch_command_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_SWITCH_COMMAND_TIMEOUT", "10"))
+    )
+    """How long a process waits for the node's holder to answer a command (`api`, or a bgapi's acceptance)."""
+    switch_command_concurrency: int = field(default_factory=lambda: _env_int("CC_SWITCH_COMMAND_CONCURRENCY", 64))
+    """Commands from other processes that one holder runs at once per node."""
     switch_source_cache_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_SOURCE_CACHE", "5"))
     )
     """How long a process trusts its copy of the registered switch nodes' source addresses."""
     call_control_address: str = field(default_factory=lambda: _env("CC_CALL_CONTROL_ADDRESS", "127.0.0.1:8084"))
     """`host:port` of the outbound-ESL call-control server that the dialplan's `socket` application connects to."""
+    call_control_listen: str = field(default_factory=lambda: _env("CC_CALL_CONTROL_LISTEN", ""))
+    """`host:port` the call-control server binds (empty: `CC_CALL_CONTROL_ADDRESS`); several processes may share it."""
+    call_control_lease_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_LEASE", "15"))
+    )
+    """A call whose controlling process has not renewed its claim this long is taken over by another process."""
+    call_control_renew_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_RENEW", "4"))
+    )
+    """How often a call-control process renews the claims on its calls."""
+    call_control_sweep_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_SWEEP", "3"))
+    )
+    """How often a call-control process looks for calls whose controller died (and adopts them)."""
+    call_control_offer_poll_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_OFFER_POLL", "2"))
+    )
+    """How often a waiting call asks routing for an offer it may have missed (signals make it immediate)."""
+    call_control_request_timeout_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_REQUEST_TIMEOUT", "8"))
+    )
+    """How long an API request (hold, transfer, recording) waits for the process controlling the call."""
+    call_control_adopted_poll_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_ADOPTED_POLL", "2"))
+    )
+    """How often a call taken over without its socket is checked on its node (is it still up?)."""
+    call_control_announcement_scale: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_ANNOUNCEMENT_SCALE", "1"))
+    )
+    """Multiplies queues' announcement intervals (1 in production; tests shorten them)."""
+    call_control_transfer_ring_seconds: int = field(
+        default_factory=lambda: _env_int("CC_CALL_CONTROL_TRANSFER_RING", 30)
+    )
+    """How long an agent's phone rings for a call put straight through to them (an IVR or blind transfer)."""
+    call_control_callback_digit: str = field(default_factory=lambda: _env("CC_CALL_CONTROL_CALLBACK_DIGIT", "1"))
+    """The key a waiting caller presses to be called back instead (empty: no callback offer while waiting)."""
+    call_control_default_music: str = field(
+        default_factory=lambda: _env("CC_CALL_CONTROL_DEFAULT_MUSIC", "local_stream://moh")
+    )
+    """What a waiting caller hears when the queue has no music of its own (FreeSWITCH's default stream)."""
+    call_control_upload_attempts: int = field(default_factory=lambda: _env_int("CC_CALL_CONTROL_UPLOAD_ATTEMPTS", 3))
+    """Times call control asks a node to upload a recording or message that has not arrived after the call."""
+    call_control_upload_wait_seconds: float = field(
+        default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_UPLOAD_WAIT", "5"))
+    )
+    """How long after a call call control waits for the node's own upload before asking for it again."""
+    switch_recordings_dir: str = field(
+        default_factory=lambda: _env("CC_SWITCH_RECORDINGS_DIR", "${recordings_dir}/contactcenter")
+    )
+    """Where nodes write recordings and messages before uploading them (FreeSWITCH expands `${...}`)."""
+    switch_http_cache_profile: str = field(
+        default_factory=lambda: _env("CC_SWITCH_HTTP_CACHE_PROFILE", "contactcenter")
+    )
+    """The mod_http_cache profile whose headers (the switch secret) authenticate uploads from the node."""
+    switch_sip_profile: str = field(default_factory=lambda: _env("CC_SWITCH_SIP_PROFILE", "internal"))
+    """The sofia profile agents' phones register on (used to call a phone registered on another node)."""
     switch_heartbeat_timeout_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_HEARTBEAT_TIMEOUT", "6"))
     )

@@ -1,4 +1,7 @@
-"""Worker mode: SAQ jobs (Redis), the routing timers and the switch watchdog. Later capabilities add theirs here."""
+"""Worker mode: SAQ jobs (Redis), the routing timers, the switch watchdog and the switch nodes' inbound links.
+
+Later capabilities add theirs here.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from backend.auth.authenticate import Authenticator
 from backend.auth.revocation import Revocations
 from backend.auth.tokens import TokenSigner
 from backend.channels.voice.cdrs import import_cdr_directory
+from backend.channels.voice.links import SwitchLinks
 from backend.channels.voice.recordings import sweep_missing_uploads
 from backend.channels.voice.service import VoiceSwitchboard
 from backend.config import Settings, get_settings
@@ -42,6 +46,7 @@ class WorkerContext(Context, total=False):
     timers: asyncio.Task[None]
     voice: VoiceSwitchboard
     watchdog: asyncio.Task[None]
+    links: SwitchLinks | None
 
 
 async def deliver_mail(ctx: WorkerContext) -> int:
@@ -110,9 +115,18 @@ async def _startup(ctx: WorkerContext) -> None:
     ctx["timers"] = asyncio.create_task(engine.run_timers(ctx["timers_stop"]), name="routing-timers")
     ctx["voice"] = VoiceSwitchboard(ctx["sessionmaker"], redis, settings, engine)
     ctx["watchdog"] = asyncio.create_task(ctx["voice"].run_watchdog(ctx["timers_stop"]), name="switch-watchdog")
+    # Every worker competes for the switch nodes' inbound event sockets; a Redis lease gives each node
+    # to exactly one of them at a time, and another takes over within seconds when its holder dies.
+    links = SwitchLinks(ctx["voice"], redis, settings) if settings.esl_links_enabled else None
+    if links is not None:
+        await links.start()
+    ctx["links"] = links
 
 
 async def _shutdown(ctx: WorkerContext) -> None:
+    links = ctx.get("links")
+    if links is not None:
+        await links.stop()  # leases released: another worker takes the nodes over within a poll
     ctx["timers_stop"].set()
     await ctx["timers"]
     await ctx["watchdog"]

@@ -49,7 +49,13 @@ pids+=($!)
 # The switch simulator stands in for a FreeSWITCH node (ESL 8021, control API 8099); CC_SIM_* settings apply.
 export CC_SIM_RECORDINGS="${CC_SIM_RECORDINGS:-$STATE/recordings}"
 export CC_SIM_CDR_ERR_LOG_DIR="${CC_SIM_CDR_ERR_LOG_DIR:-$STATE/json_cdr_err}"
+# mod_http_cache's profile header: the node fetches prompts and uploads recordings with the switch secret.
+export CC_SIM_HTTP_CACHE_HEADERS="${CC_SIM_HTTP_CACHE_HEADERS:-x-switch-secret: ${CC_SWITCH_SECRET:-dev-switch-secret}}"
 contactcenter switch-sim >"$STATE/switch-sim.log" 2>&1 &
+pids+=($!)
+# Call control: where the dialplan's `socket` sends each call (CC_CALL_CONTROL_ADDRESS, 127.0.0.1:8084).
+# More processes may listen on the same address (SO_REUSEPORT); one that dies has its calls taken over.
+contactcenter call-control >"$STATE/call-control.log" 2>&1 &
 pids+=($!)
 contactcenter serve --host 127.0.0.1 --port "$API_PORT" --workers "${CC_WORKERS:-2}" &
 pids+=($!)
@@ -67,6 +73,7 @@ cat <<INFO
   API reference http://127.0.0.1:$API_PORT/schema  (Swagger UI: /schema/swagger)
   Health        http://127.0.0.1:$API_PORT/healthz   /readyz   /metrics
   Worker log    $STATE/worker.log
+  Call control  127.0.0.1:8084 (the dialplan's socket target), log $STATE/call-control.log
   Switch sim    ESL 127.0.0.1:${CC_SIM_ESL_PORT:-8021} (password ${CC_SIM_ESL_PASSWORD:-ClueCon}),
                 control http://127.0.0.1:${CC_SIM_CONTROL_PORT:-8099}/state, log $STATE/switch-sim.log
 

@@ -247,13 +247,21 @@ class Factory:
             assert response.status_code == 200, response.text
         return {"id": uuid.UUID(number_id), "number": e164}
 
-    async def switch_node(self, *, name: str | None = None, sources: list[str] | None = None) -> dict[str, Any]:
+    async def switch_node(
+        self,
+        *,
+        name: str | None = None,
+        sources: list[str] | None = None,
+        esl_port: int = 8021,
+        esl_password: str = "ClueCon",
+    ) -> dict[str, Any]:
         """A registered switch node (by default reachable from the test client's address, 127.0.0.1)."""
         ops = await self.provider_headers()
         body = {
             "name": name or unique("fs-node-"),
             "esl_host": "127.0.0.1",
-            "esl_password": "ClueCon",
+            "esl_port": esl_port,
+            "esl_password": esl_password,
             "xml_curl_sources": sources or ["127.0.0.1"],
         }
         response = await self.client.post("/api/v1/ops/switch-nodes", json=body, headers=ops)

@@ -12,6 +12,7 @@ editing the walk itself, only the registries.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -28,6 +29,7 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 from backend.auth import schemas as auth_schemas
 from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
 from backend.channels.voice import schemas as voice_schemas
+from backend.channels.voice.call_control import schemas as call_schemas
 from backend.customers import schemas as customer_schemas
 from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
@@ -103,7 +105,44 @@ async def _code(f: Factory, owned: Owned) -> str:
     return owned.keep(await f.code(owned.ctx, catalogue))
 
 
+_RESPONDERS: dict[str, asyncio.Task[None]] = {}
+
+
+async def _answer_every_request(store: Any) -> None:
+    """Stands in for the call-control process that owns the calls `_live_call` makes: says yes to everything."""
+    from backend.channels.voice.call_control.records import CallReply
+
+    while True:
+        request = await store.next_request(1.0)
+        if request is not None:
+            await store.answer(request, CallReply(True))
+
+
+async def _live_call(f: Factory, owned: Owned) -> str:
+    """A call under control: its interaction (opened by the voice channel) and the record call control keeps."""
+    from backend.channels.voice.call_control import CallRecord, CallStore
+
+    opened = await f.app.state.routing.open(owned.ctx.tenant_id, channel="voice", customer_ref="+33612345678")
+    store = CallStore(f.app.state.redis, f.settings, owner="cross-tenant-call-control")
+    await store.save(
+        CallRecord(
+            tenant_id=owned.ctx.tenant_id,
+            call_uuid=uuid.uuid4(),
+            node_id=uuid.uuid4(),
+            interaction_id=opened.id,
+            phase="bridged",
+            agent_id=owned.ctx.owner_id,
+            agent_leg=uuid.uuid4(),
+        )
+    )
+    if "calls" not in _RESPONDERS:
+        _RESPONDERS["calls"] = asyncio.create_task(_answer_every_request(store))
+    return owned.keep(opened.id)
+
+
 async def _interaction(f: Factory, owned: Owned) -> str:
+    if owned.route_path.startswith("/api/v1/voice/calls/"):
+        return await _live_call(f, owned)
     if owned.route_path.endswith("/callback"):
         return owned.keep(await f.waiting_interaction(owned.ctx))
     return owned.keep(await f.offered_interaction(owned.ctx))
@@ -303,6 +342,11 @@ async def _outbound_check(f: Factory, owned: Owned) -> dict[str, Any]:
     return {"destination": "+33142685300", "caller_id": owned.keep(number["number"])}
 
 
+async def _call_transfer(f: Factory, owned: Owned) -> dict[str, Any]:
+    """A transfer to A's queue: B must not be able to send a call there."""
+    return {"target": "queue", "queue_id": await _queue(f, owned)}
+
+
 async def _customer_body(f: Factory, owned: Owned) -> dict[str, Any]:
     """A customer in A's business unit: B must not be able to use A's team."""
     return {"name": "New Customer", "phones": ["+8613900001111"], "team_id": await _team(f, owned)}
@@ -356,6 +400,8 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     voice_schemas.PromptPatch: lambda f, o: _constant({"name": unique("renamed")}),
     voice_schemas.QueueVoiceSettingsIn: _queue_voice_body,
     voice_schemas.OutboundCheckIn: _outbound_check,
+    call_schemas.CallTransfer: _call_transfer,
+    call_schemas.RecordingControl: lambda f, o: _constant({"action": "pause"}),
     customer_schemas.CustomerCreate: _customer_body,
     customer_schemas.CustomerUpdate: lambda f, o: _constant({"name": "Renamed Customer", "tags": ["vip"]}),
     customer_schemas.MergeRequest: _merge_body,

@@ -34,6 +34,7 @@ from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInterac
 from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
 from backend.routing.offers import OfferRecorder
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
+from backend.routing.signals import RoutingSignal, SignalPublisher
 from backend.tenants import service as tenants_service
 
 log = structlog.get_logger("routing")
@@ -81,12 +82,15 @@ class RoutingEngine:
         hub: AgentHub,
         *,
         away_on_missed_offer: bool = True,
+        signals: SignalPublisher | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.offers = OfferRecorder(sessionmaker)
         self.matcher = matcher
         self.hub = hub
         self.away_on_missed_offer = away_on_missed_offer
+        self.signals = signals or SignalPublisher(matcher.redis)
+        """Tells the channel holding a contact (voice call control) what routing did with it (`signals.py`)."""
         self.offer_context: list[OfferContextProvider] = []
         """Filled by the app's wiring (the customer store's screen pop); a failing provider never blocks an offer."""
 
@@ -144,24 +148,36 @@ class RoutingEngine:
             session.add(interaction)
             await session.flush()
             await interactions.record(session, interaction, "created", channel=data.channel)
-            if not await self._open_now(session, rules.queue, now):
-                await self._end(session, interaction, "closed", action=rules.queue.closed_action)
+            waiting = await self._admit(session, interaction, rules, now)
+            if waiting is None:
                 return interactions.out(interaction)
-            if rules.queue.no_agents_action.get("type", "none") != "none" and not await self._anyone_logged_in(session):
-                await self._end(session, interaction, "no_agents", action=rules.queue.no_agents_action)
-                return interactions.out(interaction)
-            interaction.state = "queued"
-            interaction.queued_at = now
-            await interactions.record(session, interaction, "queued", queue_id=data.queue_id)
-            waiting = self._waiting(interaction, rules)
-            max_wait_ms = rules.queue.max_wait_seconds * 1000
-        await self.matcher.enqueue(tenant_id, waiting)
-        await self._offer(tenant_id, waiting)
-        await self._schedule_wait(tenant_id, waiting, max_wait_ms, waiting.enqueued_ms)
-        await self.queue_changed(tenant_id, data.queue_id)
+        await self._queued(tenant_id, waiting, rules)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             found, _ = await interactions.get(session, interaction.id)
             return await self.describe(session, tenant_id, found)
+
+    async def _admit(
+        self, session: AsyncSession, interaction: Interaction, rules: QueueRules, now: datetime
+    ) -> WaitingInteraction | None:
+        """Put the interaction in the queue's line durably, or end it by the queue's closed or no-agent action."""
+        if not await self._open_now(session, rules.queue, now):
+            await self._end(session, interaction, "closed", action=rules.queue.closed_action)
+            return None
+        if rules.queue.no_agents_action.get("type", "none") != "none" and not await self._anyone_logged_in(session):
+            await self._end(session, interaction, "no_agents", action=rules.queue.no_agents_action)
+            return None
+        interaction.state = "queued"
+        interaction.queue_id = rules.queue.id
+        interaction.queued_at = now
+        await interactions.record(session, interaction, "queued", queue_id=rules.queue.id)
+        return self._waiting(interaction, rules)
+
+    async def _queued(self, tenant_id: uuid.UUID, waiting: WaitingInteraction, rules: QueueRules) -> None:
+        """After the durable write: the matcher holds it, it is offered if someone may take it, timers are set."""
+        await self.matcher.enqueue(tenant_id, waiting)
+        await self._offer(tenant_id, waiting)
+        await self._schedule_wait(tenant_id, waiting, rules.queue.max_wait_seconds * 1000, waiting.enqueued_ms)
+        await self.queue_changed(tenant_id, waiting.queue_id)
 
     async def describe(
         self, session: AsyncSession, tenant_id: uuid.UUID, interaction: Interaction, timeline: list[Any] | None = None
@@ -228,6 +244,9 @@ class RoutingEngine:
             # It ended (the customer left) between the match and the write: free the agents it took.
             await self.matcher.finish(tenant_id, interaction_id)
             return
+        await self.signals.publish(
+            RoutingSignal(tenant_id, interaction_id, "offered", agents=tuple(agents), timeout_ms=timeout_ms)
+        )
         payload = {
             "type": "offer",
             "interaction": _plain(offered),
@@ -269,6 +288,7 @@ class RoutingEngine:
             await self.hub.publish(
                 tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
             )
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "connected", agents=(agent,)))
         await self.queue_changed(tenant_id, result.queue_id)
         return result
 
@@ -291,13 +311,16 @@ class RoutingEngine:
                 interaction = await interactions.lock(session, interaction_id)
                 if interaction.state != "ended":
                     await interactions.record(session, interaction, "offer_rejected", agent_id=agent)
+            await self.signals.publish(
+                RoutingSignal(tenant_id, interaction_id, "offer_ended", agents=(agent,), reason="offer_rejected")
+            )
             return
         if result != "ok":
             await self._explain_refusal(tenant_id, interaction_id, result)
         await self._returned(tenant_id, interaction_id, (agent,), "offer_rejected")
 
     async def _returned(
-        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], event: str
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agents: Sequence[uuid.UUID], event: str, **data: Any
     ) -> None:
         """The offer ended without an answer: record it per agent, then offer the interaction again."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
@@ -309,9 +332,13 @@ class RoutingEngine:
                 interaction.state = "queued"
                 interaction.agent_id = None
             for agent in agents or (None,):
-                await interactions.record(session, interaction, event, agent_id=agent)
+                await interactions.record(session, interaction, event, agent_id=agent, **data)
             assert interaction.queue_id is not None
             waiting = self._waiting(interaction, await self._rules(session, interaction.queue_id))
+        if agents:
+            await self.signals.publish(
+                RoutingSignal(tenant_id, interaction_id, "offer_ended", agents=tuple(agents), reason=event)
+            )
         await self._offer(tenant_id, waiting)
 
     async def end(self, principal: Principal, interaction_id: uuid.UUID, outcome: str = "handled") -> InteractionOut:
@@ -325,7 +352,7 @@ class RoutingEngine:
                 raise Forbidden("Only the agent handling it, or a supervisor, may end this interaction")
             agent, wrap_up = await self._close(session, interaction, outcome)
             result = interactions.out(interaction)
-        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
         return result
 
     async def end_from_channel(
@@ -353,10 +380,271 @@ class RoutingEngine:
                 return None
             if interaction.state in ("ended", "wrap_up"):
                 return None
+            if (
+                interaction.channel == "callback"
+                and interaction.state in ("queued", "offered")
+                and outcome
+                in (
+                    None,
+                    "node_failure",
+                )
+            ):
+                # The caller hung up after asking to be called back: the callback keeps its place.
+                return None
             agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
             result = interactions.out(interaction)
-        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
         return result
+
+    # --- contacts a channel holds itself (a call in its IVR, bridged by call control) ---------------
+
+    async def open(
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        channel: str,
+        customer_ref: str | None = None,
+        attributes: dict[str, str] | None = None,
+    ) -> InteractionOut:
+        """A contact that does not wait for an agent yet (a call in its IVR): `created`, state new, no queue.
+
+        The channel records its own steps with `note` and queues it with `enqueue` (or ends it).
+        """
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = Interaction(
+                tenant_id=tenant_id,
+                channel=channel,
+                queue_id=None,
+                customer_ref=customer_ref[:120] if customer_ref else None,
+                attributes=dict(attributes or {}),
+                state="new",
+                created_at=utcnow(),
+            )
+            session.add(interaction)
+            await session.flush()
+            await interactions.record(session, interaction, "created", channel=channel)
+            return interactions.out(interaction)
+
+    async def note(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        name: str,
+        *,
+        agent_id: uuid.UUID | None = None,
+        **data: Any,
+    ) -> bool:
+        """Append one of the channel's own events (`ivr_step`, `held`, `resumed`) to the timeline, durably.
+
+        Nothing moves in routing. Returns False (and records nothing) once the interaction has ended.
+        """
+        if name not in CHANNEL_EVENTS:
+            raise ValueError(f"{name!r} is not an event a channel records itself")
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state in ("ended", "wrap_up"):
+                return False
+            await interactions.record(session, interaction, name, agent_id=agent_id, **data)
+            return True
+
+    async def enqueue(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        queue_id: uuid.UUID,
+        *,
+        priority: int | None = None,
+        attributes: dict[str, str] | None = None,
+    ) -> InteractionOut:
+        """Queue a contact the channel held so far (state new), exactly as `create` queues a new one.
+
+        The queue's closed and no-agent actions apply: the result is then ended with their outcome.
+        """
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state != "new":
+                raise Conflict("Only a contact that is not queued yet can be queued", kind="not-new")
+            rules = await self._rules(session, queue_id)
+            interaction.priority = priority if priority is not None else rules.queue.priority
+            if attributes:
+                interaction.attributes = {**interaction.attributes, **attributes}
+            waiting = await self._admit(session, interaction, rules, utcnow())
+            if waiting is None:
+                return interactions.out(interaction)
+        await self._queued(tenant_id, waiting, rules)
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction_id)
+            return await self.describe(session, tenant_id, found)
+
+    async def place(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> InteractionOut:
+        """The interaction with its place in line and estimated wait (what a waiting caller is told)."""
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction_id)
+            return await self.describe(session, tenant_id, found)
+
+    async def current_offer(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> Offer | None:
+        """The interaction's open offer (agents and time left), for a channel that may have missed its signal."""
+        return await self.matcher.current_offer(tenant_id, interaction_id)
+
+    async def connect_from_channel(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID
+    ) -> InteractionOut | None:
+        """The channel reports the agent took the contact (voice: the agent's leg answered and is bridged).
+
+        The switch is the truth: the customer is talking to this agent, so the interaction is connected to
+        them even if the offer expired or went to someone else meanwhile (those are withdrawn). None when it
+        has ended (the customer left first).
+        """
+        acceptance = await self.matcher.accept(tenant_id, interaction_id, agent_id, now_ms())
+        withdrawn = list(acceptance.withdrawn)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state in ("ended", "wrap_up"):
+                if acceptance.ok:
+                    await self.matcher.finish(tenant_id, interaction_id)
+                return None
+            if interaction.state == "connected" and interaction.agent_id == agent_id:
+                return interactions.out(interaction)
+            forced = not acceptance.ok
+            if forced:
+                current = await self.matcher.current_offer(tenant_id, interaction_id)
+                withdrawn = [a for a in (current.agents if current else ()) if a != agent_id]
+                await self.matcher.finish(tenant_id, interaction_id)
+                if interaction.queue_id is not None:
+                    rules = await self._rules(session, interaction.queue_id)
+                    if interaction.queued_at is None:
+                        interaction.queued_at = utcnow()
+                    await self.matcher.restore_connected(tenant_id, self._waiting(interaction, rules), agent_id)
+            interaction.state = "connected"
+            interaction.agent_id = agent_id
+            interaction.connected_at = interaction.connected_at or utcnow()
+            await interactions.record(session, interaction, "offer_accepted", agent_id=agent_id, forced=forced)
+            await interactions.record(session, interaction, "connected", agent_id=agent_id)
+            state = await service.get_agent_state(session, tenant_id, agent_id)
+            if state.state in ("available", "away"):
+                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            result = interactions.out(interaction)
+        for other in withdrawn:
+            await self.hub.publish(
+                tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
+            )
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "connected", agents=(agent_id,)))
+        if forced:
+            await self.sync_agent(tenant_id, agent_id)
+        await self.queue_changed(tenant_id, result.queue_id)
+        return result
+
+    async def decline_from_channel(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, reason: str, **data: Any
+    ) -> str:
+        """The channel reports the agent did not take it (voice: their leg was not answered, busy or failed).
+
+        `reason` is `no_answer` (recorded as `offer_timed_out`), `unreachable` (the phone could not be rung)
+        or `declined` (busy or refused on the phone: `offer_rejected`). In each case the agent goes away like
+        one who misses an offer, so the call is not put straight back to the same phone. The interaction
+        goes back to its old place and is offered again. Returns the matcher's verdict: `ok`, `ringing` (a
+        ring-all call still rings others), or why nothing was done (`not_offered`, `not_yours`, `expired`:
+        the offer had already ended).
+        """
+        result = await self.matcher.reject(tenant_id, interaction_id, agent_id)
+        event = "offer_rejected" if reason == "declined" else "offer_timed_out"
+        if result not in ("ok", "ringing"):
+            return result
+        if self.away_on_missed_offer:
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                await service.set_system_state(session, tenant_id, agent_id, "away", "offer_timeout")
+        await self.sync_agent(tenant_id, agent_id)
+        if result == "ringing":
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                interaction = await interactions.lock(session, interaction_id)
+                if interaction.state != "ended":
+                    await interactions.record(session, interaction, event, agent_id=agent_id, reason=reason, **data)
+            await self.signals.publish(
+                RoutingSignal(tenant_id, interaction_id, "offer_ended", agents=(agent_id,), reason=event)
+            )
+            return result
+        await self._returned(tenant_id, interaction_id, (agent_id,), event, reason=reason, **data)
+        return result
+
+    async def connect_direct(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, **data: Any
+    ) -> InteractionOut | None:
+        """The channel put the contact straight through to an agent, outside any queue (an IVR transfer to an agent,
+        a blind transfer): connected to them, the previous agent (if any) released to wrap-up; `transferred` is
+        recorded when it had one. None when it has ended meanwhile."""
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state in ("ended", "wrap_up"):
+                return None
+            previous = interaction.agent_id if interaction.state == "connected" else None
+            wrap_up = 0
+            if previous is not None and previous != agent_id:
+                await interactions.record(
+                    session, interaction, "transferred", agent_id=previous, to_agent=agent_id, **data
+                )
+                if interaction.queue_id is not None:
+                    queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
+                    wrap_up = queue.wrap_up_seconds if queue else 0
+            interaction.state = "connected"
+            interaction.agent_id = agent_id
+            interaction.connected_at = interaction.connected_at or utcnow()
+            if interaction.queued_at is None:
+                interaction.queued_at = utcnow()
+            await interactions.record(session, interaction, "connected", agent_id=agent_id, direct=True)
+            state = await service.get_agent_state(session, tenant_id, agent_id)
+            if state.state in ("available", "away"):
+                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            rules = await self._rules(session, interaction.queue_id) if interaction.queue_id else None
+            result = interactions.out(interaction)
+            waiting = self._waiting(interaction, rules) if rules is not None else _unqueued(interaction)
+        await self.matcher.finish(tenant_id, interaction_id)
+        await self.matcher.restore_connected(tenant_id, waiting, agent_id)
+        if previous is not None and previous != agent_id:
+            await self._after_interaction(tenant_id, previous, wrap_up)
+        await self.sync_agent(tenant_id, agent_id)
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "connected", agents=(agent_id,)))
+        await self.queue_changed(tenant_id, result.queue_id)
+        return result
+
+    async def transfer_to_queue(
+        self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, queue_id: uuid.UUID, **data: Any
+    ) -> InteractionOut:
+        """The contact leaves its agent for another queue (a transfer): `transferred`, then `queued` there.
+
+        The agent goes to wrap-up as after any interaction; the contact waits in the new queue from now.
+        Raises NotFound for a queue that is not the tenant's (nothing changes).
+        """
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            target = await session.scalar(select(Queue).where(Queue.id == queue_id))
+            if target is None:
+                raise NotFound("No such queue")
+            interaction = await interactions.lock(session, interaction_id)
+            if interaction.state in ("ended", "wrap_up"):
+                raise Conflict("The interaction has already ended", kind="already-ended")
+            previous = interaction.agent_id if interaction.state == "connected" else None
+            wrap_up = 0
+            if previous is not None and interaction.queue_id is not None:
+                queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
+                wrap_up = queue.wrap_up_seconds if queue else 0
+            await interactions.record(session, interaction, "transferred", agent_id=previous, to_queue=queue_id, **data)
+            rules = await self._rules(session, queue_id)
+            interaction.agent_id = None
+            interaction.state = "new"
+            waiting = await self._admit(session, interaction, rules, utcnow())
+            if waiting is None:
+                result = interactions.out(interaction)
+        await self.matcher.finish(tenant_id, interaction_id)
+        if previous is not None:
+            await self._after_interaction(tenant_id, previous, wrap_up)
+        if waiting is None:
+            await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "ended", outcome=result.outcome))
+            return result
+        await self._queued(tenant_id, waiting, rules)
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            found, _ = await interactions.get(session, interaction_id)
+            return await self.describe(session, tenant_id, found)
 
     async def record_voicemail(
         self,
@@ -388,10 +676,15 @@ class RoutingEngine:
                         session, existing, "voicemail", voicemail_id=voicemail_id, duration_ms=duration_ms
                     )
                     result = interactions.out(existing)
+                elif existing is not None and existing.outcome == "voicemail":
+                    # The call's channel already ended it as a voicemail when the caller began the message
+                    # (so the caller's hang-up could not make it abandoned): the message joins it.
+                    existing.attributes = {**existing.attributes, **attributes}
+                    return interactions.out(existing)
                 else:
                     existing = None
             if existing is not None:
-                await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id)
+                await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
                 return result
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             if queue_id is not None:
@@ -435,11 +728,13 @@ class RoutingEngine:
         agent: uuid.UUID | None,
         wrap_up: int,
         queue_id: uuid.UUID | None,
+        outcome: str | None = None,
     ) -> None:
         await self.matcher.finish(tenant_id, interaction_id)
         if agent is not None:
             await self._after_interaction(tenant_id, agent, wrap_up)
         await self.queue_changed(tenant_id, queue_id)
+        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "ended", outcome=outcome))
 
     async def _end(
         self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
@@ -674,7 +969,12 @@ class RoutingEngine:
             if target is not None:
                 target_rules_wait = moved
                 await self.matcher.enqueue(tenant_id, target_rules_wait)
+                await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=target))
                 await self._offer(tenant_id, target_rules_wait)
+            else:
+                await self.signals.publish(
+                    RoutingSignal(tenant_id, interaction_id, "ended", outcome="overflowed", action=dict(action))
+                )
             return
         # A skill requirement relaxed: someone may now qualify.
         await self._offer(tenant_id, waiting, moment)
@@ -760,6 +1060,25 @@ class RoutingEngine:
         for user_id in agents:
             await self.sync_agent(tenant_id, user_id)
         return restored
+
+
+CHANNEL_EVENTS = frozenset({"ivr_step", "held", "resumed"})
+"""Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
+
+NO_QUEUE = uuid.UUID(int=0)
+"""The matcher's queue for a contact connected outside any queue (it never waits in a line)."""
+
+
+def _unqueued(interaction: Interaction) -> WaitingInteraction:
+    return WaitingInteraction(
+        interaction_id=interaction.id,
+        queue_id=NO_QUEUE,
+        channel=capacity_channel(interaction.channel),
+        priority=interaction.priority,
+        enqueued_ms=int((interaction.queued_at or interaction.created_at).timestamp() * 1000),
+        offer_timeout_ms=0,
+        strategy="longest_idle",
+    )
 
 
 def _who(principal: Principal) -> tuple[uuid.UUID, uuid.UUID]:

@@ -493,6 +493,11 @@ class Matcher:
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
         self._pop_due = redis.register_script(_POP_DUE)
 
+    @property
+    def redis(self) -> Redis:
+        """The Redis client the matcher works on (routing signals are published on it too)."""
+        return self._redis
+
     @staticmethod
     def prefix(tenant_id: uuid.UUID) -> str:
         """The tenant's routing key prefix (hash-tagged)."""
@@ -667,6 +672,21 @@ class Matcher:
         """`waiting`, `offered` or `connected`; None when routing does not hold it."""
         found = await self._redis.hget(self.prefix(tenant_id) + "i:" + str(interaction_id), "state")
         return cast(str | None, found)
+
+    async def current_offer(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> Offer | None:
+        """The open offer of an interaction: the agent (or every agent a ring-all call rings) and the time left."""
+        p = self.prefix(tenant_id)
+        iid = str(interaction_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(p + "i:" + iid, "state", "agent")
+            pipe.smembers(p + "ring:" + iid)
+            pipe.zscore(p + "offers", iid)
+            (state, agent), ringing, expiry = await pipe.execute()
+        if state != "offered" or expiry is None:
+            return None
+        agents = (agent,) if agent else tuple(sorted(ringing))
+        remaining = int(float(expiry)) - int(time.time() * 1000)
+        return Offer(interaction_id, tuple(uuid.UUID(a) for a in agents), max(0, remaining))
 
     async def position(self, tenant_id: uuid.UUID, queue_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
         """1-based place in the queue, or None when not waiting there."""

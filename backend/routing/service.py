@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
@@ -733,9 +734,14 @@ def _state_out(row: AgentState) -> AgentStateOut:
 async def _agent_state(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool) -> AgentState:
     row = await session.get(AgentState, (tenant_id, user_id), with_for_update=lock)
     if row is None:
-        row = AgentState(tenant_id=tenant_id, user_id=user_id, state="offline", reason=None, since=utcnow())
-        session.add(row)
-        await session.flush()
+        # Two first readers at once (the workspace, a softphone's registration in a worker) must not collide.
+        await session.execute(
+            pg_insert(AgentState)
+            .values(tenant_id=tenant_id, user_id=user_id, state="offline", reason=None, since=utcnow())
+            .on_conflict_do_nothing(index_elements=["tenant_id", "user_id"])
+        )
+        row = await session.get(AgentState, (tenant_id, user_id), with_for_update=lock)
+        assert row is not None
     return row
 
 

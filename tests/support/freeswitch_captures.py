@@ -1,4 +1,10 @@
-"""FreeSWITCH 1.10.12's captured bytes (../shared/fixtures/freeswitch), read the way the tests replay them."""
+"""FreeSWITCH 1.10.12's captured bytes (../shared/fixtures/freeswitch): where they are and how tests read them.
+
+The one place every test finds the captures: the conformance and parser tests replay
+`.esl` files and their `.jsonl` transcripts, the backend tests replay the HTTP
+requests and events. CI has `shared/` beside the clone; `CC_FREESWITCH_FIXTURES`
+points elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("CC_FREESWITCH_FIXTURES", REPO.parent / "shared" / "fixtures" / "freeswitch"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The repository's root directory."""
+FIXTURES = Path(os.environ.get("CC_FREESWITCH_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "freeswitch"))
 NODE_NAME = "fs-node-1"
 """The captures' switchname: requests are replayed byte for byte, so the test node carries it."""
 A_LEG = "7376847b-6112-4072-9af1-5a29049ccd1f"
@@ -19,12 +26,27 @@ B_LEG = "24fc06a7-8d67-4a2f-bb7d-1bebd658e967"
 """The leg it bridged to (user 1001)."""
 
 
-def fixture(group: str, name: str) -> Path:
-    """A capture file; the captures live beside the repository (../shared/fixtures/freeswitch)."""
-    path = FIXTURES / group / name
+def fixture(*parts: str) -> Path:
+    """A capture file, named as `fixture("json_cdr", name)` or `fixture("inbound_esl/a01_auth_ok_exit.esl")`."""
+    path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        raise FileNotFoundError(f"FreeSWITCH capture {path} missing: set CC_FREESWITCH_FIXTURES")
+        raise FileNotFoundError(
+            f"FreeSWITCH capture {path} missing: the captures live in ../shared/fixtures/freeswitch"
+        )
     return path
+
+
+def esl_files() -> list[Path]:
+    """Every captured `.esl` byte stream."""
+    files = sorted(FIXTURES.glob("*/*.esl"))
+    if not files:
+        raise FileNotFoundError(f"no .esl captures under {FIXTURES}")
+    return files
+
+
+def transcript(esl_path: Path) -> list[dict[str, Any]]:
+    """The `.jsonl` transcript beside a `.esl` capture: one record per write or frame, in order."""
+    return [json.loads(line) for line in esl_path.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
 
 
 def http_request(group: str, name: str) -> tuple[str, dict[str, str], bytes]:

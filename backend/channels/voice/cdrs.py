@@ -21,14 +21,15 @@ import asyncio
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import structlog
-from sqlalchemy import literal_column, select
+from sqlalchemy import Table, literal_column, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -154,12 +155,31 @@ def merge(row: CallLeg, leg: LegFacts, source: Source) -> bool:
     return True
 
 
+# One statement object, so SQLAlchemy compiles it once: the values travel as parameters.
+_LEGS = cast(Table, CallLeg.__table__)
+_INSERT_LEG = insert(_LEGS).on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"]).returning(_LEGS.c.id)
+KNOWN_TENANT_SECONDS = 60.0
+"""A tenant id a CDR's `cc_tenant_id` named and the database confirmed is trusted this long without asking."""
+
+
 class CdrRecorder:
     """Stores legs idempotently and tells the listeners."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], listeners: Sequence[CdrListener] = ()) -> None:
         self.sessionmaker = sessionmaker
         self.listeners = list(listeners)
+        self._known_tenants: dict[uuid.UUID, float] = {}
+
+    async def _attribute(self, session: AsyncSession, leg: LegFacts) -> tuple[uuid.UUID | None, str]:
+        hint = leg.tenant_hint
+        if hint is not None and time.monotonic() < self._known_tenants.get(hint, 0.0):
+            return hint, "variable"
+        tenant_id, how = await attribute(session, leg)
+        if tenant_id is not None and how == "variable":
+            if len(self._known_tenants) > 10_000:
+                self._known_tenants.clear()
+            self._known_tenants[tenant_id] = time.monotonic() + KNOWN_TENANT_SECONDS
+        return tenant_id, how
 
     async def record(self, leg: LegFacts, source: Source, node_id: uuid.UUID | None = None) -> Recorded:
         """Store the leg (once per leg UUID) and commit; then notify the listeners."""
@@ -168,7 +188,7 @@ class CdrRecorder:
         async with self.sessionmaker() as session, session.begin():
             if node_id is None and leg.node_name:
                 node_id = await session.scalar(select(SwitchNode.id).where(SwitchNode.name == leg.node_name))
-            tenant_id, how = await attribute(session, leg)
+            tenant_id, how = await self._attribute(session, leg)
             if tenant_id is None:
                 await self._unattributed(session, leg, source, how)
                 result = Recorded("unattributed", leg.leg_uuid, None, None)
@@ -207,27 +227,23 @@ class CdrRecorder:
     async def _store(
         session: AsyncSession, tenant_id: uuid.UUID, leg: LegFacts, source: Source, node_id: uuid.UUID | None
     ) -> tuple[Outcome, uuid.UUID]:
+        # The first report of a leg (nearly every report) is one INSERT; a later one finds the row taken.
+        inserted = await session.scalar(
+            _INSERT_LEG,
+            {
+                "tenant_id": tenant_id,
+                "id": uuid.uuid4(),
+                "leg_uuid": leg.leg_uuid,
+                "node_id": node_id,
+                "sources": [source],
+                **_columns(leg),
+            },
+        )
+        if inserted is not None:
+            return "created", inserted
+        # Stored already (an earlier report, or another process a moment ago): fold into its row.
         row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
-        if row is None:
-            new_id = uuid.uuid4()
-            inserted = await session.scalar(
-                insert(CallLeg)
-                .values(
-                    tenant_id=tenant_id,
-                    id=new_id,
-                    leg_uuid=leg.leg_uuid,
-                    node_id=node_id,
-                    sources=[source],
-                    **_columns(leg),
-                )
-                .on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"])
-                .returning(CallLeg.id)
-            )
-            if inserted is not None:
-                return "created", inserted
-            # Another process stored the same leg a moment ago: fold into its row.
-            row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
-            assert row is not None
+        assert row is not None
         if row.node_id is None and node_id is not None:
             row.node_id = node_id
         changed = merge(row, leg, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from litestar import Controller, Request, Response, get, patch, post
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from backend.auth.crypto import SecretBox
 from backend.auth.principal import Principal
 from backend.channels.voice import cdrs, nodes, numbers
+from backend.channels.voice.commands import LinkStatus
 from backend.channels.voice.legs import LegError, as_uuid, leg_from_json_cdr
 from backend.channels.voice.nodes import NodeAddressBook
 from backend.channels.voice.schemas import (
@@ -22,6 +24,7 @@ from backend.channels.voice.schemas import (
     NumberOut,
     NumberRouting,
     PoolNumberOut,
+    SwitchLinkOut,
     SwitchNodeCreate,
     SwitchNodeOut,
     SwitchNodePatch,
@@ -94,6 +97,29 @@ class SwitchController(Controller):
         return Response("OK", media_type="text/plain", status_code=HTTP_200_OK)
 
 
+def _moment(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch else None
+
+
+def link_out(node_id: uuid.UUID, status: LinkStatus | None) -> SwitchLinkOut:
+    """The API's view of a node's inbound link."""
+    if status is None:
+        return SwitchLinkOut(node_id, False, None, False, None, None, 0, 0, 0, None, None)
+    return SwitchLinkOut(
+        node_id=node_id,
+        held=True,
+        holder=status.holder,
+        connected=status.connected,
+        connected_since=_moment(status.since),
+        error=status.error,
+        events=status.events,
+        dropped=status.dropped,
+        failed=status.failed,
+        lag_ms=status.lag_ms,
+        reported_at=_moment(status.updated_at),
+    )
+
+
 def _box(request: Request[Any, Any, Any]) -> SecretBox:
     box: SecretBox = request.app.state.secret_box
     return box
@@ -134,6 +160,15 @@ class SwitchNodeController(Controller):
     async def get_node(self, db_session: AsyncSession, node_id: uuid.UUID) -> SwitchNodeOut:
         """One node."""
         return await nodes.get_node(db_session, node_id)
+
+    @get("/{node_id:uuid}/link", operation_id="ops_get_switch_node_link")
+    async def link(
+        self, request: Request[Any, Any, Any], db_session: AsyncSession, node_id: uuid.UUID
+    ) -> SwitchLinkOut:
+        """Which backend process holds the node's inbound event socket, and whether it is connected (or why not)."""
+        await nodes.get_node(db_session, node_id)
+        switchboard: VoiceSwitchboard = request.app.state.voice
+        return link_out(node_id, await switchboard.commands.link_status(node_id))
 
     @patch("/{node_id:uuid}", operation_id="ops_update_switch_node")
     async def update(

@@ -569,6 +569,13 @@ async def voicemail_audio(
     return StoredAudio(row.storage_key, row.size_bytes, _content_type(row.format), row.sha256)
 
 
+async def media_stored(session: AsyncSession, kind: Literal["recording", "voicemail"], item_id: uuid.UUID) -> bool:
+    """Whether a recording's or message's upload has arrived (call control checks after the call)."""
+    model: type[Recording] | type[Voicemail] = Recording if kind == "recording" else Voicemail
+    status = await session.scalar(select(model.status).where(model.id == item_id))
+    return status == "stored"
+
+
 def plain(value: Any) -> Any:
     """msgspec structs as JSON-able builtins."""
     return msgspec.to_builtins(value)

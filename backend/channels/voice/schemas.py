@@ -57,6 +57,26 @@ class SwitchNodeOut(msgspec.Struct):
     created_at: datetime
 
 
+class SwitchLinkOut(msgspec.Struct):
+    """The node's inbound event socket as the process holding it last reported (every lease renewal)."""
+
+    node_id: uuid.UUID
+    held: bool
+    """Whether some backend process holds the node's lease now."""
+    holder: str | None
+    """`host:pid:tag` of that process."""
+    connected: bool
+    connected_since: datetime | None
+    error: str | None
+    """Why it is not connected (a refused password, the node unreachable...)."""
+    events: int
+    dropped: int
+    failed: int
+    lag_ms: float | None
+    """How long after the switch fired it the last event was applied."""
+    reported_at: datetime | None
+
+
 class NumberCreate(Strict):
     number: Number
     label: Label = ""

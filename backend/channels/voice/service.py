@@ -1,8 +1,9 @@
 """The voice channel's switchboard: what each node's inbound event socket feeds, and the cluster watchdog.
 
-The inbound-ESL manager (one connection per node, held under a Redis lease)
-parses each event (`event json`: a mapping of header name to value) and hands
-it here with the node's id; nothing in this module speaks ESL. The watchdog
+The inbound links (`links.py`: one connection per node, held by one worker under
+a Redis lease) parse each event (`event json`: a mapping of header name to value)
+and hand it here with the node's id; commands for the nodes go through
+`commands` to whichever process holds the node. Nothing in this module speaks ESL. The watchdog
 runs in the workers: it marks silent nodes down, then closes their live legs
 (`node_failure` CDRs, interactions ended) and frees their agents, and drops
 registrations that expired without an event.
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from backend.auth.crypto import SecretBox
 from backend.channels.voice.cdrs import CdrListener, CdrRecorder, InteractionTimeline, Recorded
 from backend.channels.voice.channels import TRACKED_EVENTS, LiveChannels
+from backend.channels.voice.commands import SwitchCommands
 from backend.channels.voice.legs import Event, LegError, as_uuid, header
 from backend.channels.voice.nodes import EslTarget, FailedNode, NodeChoice, NodeHealth, esl_targets
 from backend.channels.voice.registrations import (
@@ -90,6 +92,8 @@ class VoiceSwitchboard:
         listeners: list[CdrListener] = [InteractionTimeline(routing)]
         self.cdrs = CdrRecorder(sessionmaker, listeners + list(cdr_listeners or []))
         self.registrations = Registrations(sessionmaker, routing)
+        self.commands = SwitchCommands(redis, self.health, settings)
+        """Originate, hang up, eavesdrop...: sent through Redis to whichever process holds the node's socket."""
 
     # --- events from a node's inbound event socket ----------------------------------------------
 
@@ -147,7 +151,7 @@ class VoiceSwitchboard:
         return await self.registrations.reconcile(node_id, rows)
 
     async def esl_targets(self) -> list[EslTarget]:
-        """Every registered node with its event socket address and (decrypted) password, for the inbound manager."""
+        """Every registered node with its event socket address and (decrypted) password, for the inbound links."""
         return await esl_targets(self.sessionmaker, self.box)
 
     # --- questions from routing and call control ------------------------------------------------

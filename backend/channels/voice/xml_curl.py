@@ -250,6 +250,10 @@ class XmlCurl:
         actions.append(("set", f"{VAR_NODE}={node.id}"))
         if shown:
             actions.append(("set", f"effective_caller_id_name={shown}"))
+        # Call control runs the call. If its process dies, the running application finishes and the `socket`
+        # application returns (mod_event_socket); the second `socket` hands the call to another process,
+        # which resumes it from its record (docs/decisions.md, "Call control").
+        actions.append(("socket", f"{self.call_control} async full"))
         actions.append(("socket", f"{self.call_control} async full"))
         log.info("dialplan_inbound", node=node.name, leg=str(leg), tenant_id=str(tenant.id), did=did)
         return dialplan(context, "cc_inbound", actions)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from backend.channels.voice.esl import Event, FrameParser, decode_frame
-from tests.channels.voice.fixtures import fixture
+from tests.support.freeswitch_captures import fixture
 
 # Headers whose presence depends on what the dialplan, the SIP peers or the clock did, not on the switch.
 VARIABLE_PREFIX = "variable_"

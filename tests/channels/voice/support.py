@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from tests.channels.voice.fixtures import fixture
+from tests.support.freeswitch_captures import fixture
 
 
 @dataclass

@@ -12,9 +12,9 @@ import pytest
 
 from backend.channels.voice.esl import InboundClient
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
-from tests.channels.voice.fixtures import fixture
 from tests.channels.voice.support import A08_DIALPLAN, BackendStandIn, RecordedRequest, fixture_responder, until
 from tests.channels.voice.test_conformance_inbound import simulator_config
+from tests.support.freeswitch_captures import fixture
 
 pytestmark = pytest.mark.integration
 

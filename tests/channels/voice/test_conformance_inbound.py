@@ -18,8 +18,8 @@ from backend.channels.voice.esl import (
 )
 from backend.channels.voice.simulator import Endpoint, SimulatorConfig, SwitchSimulator
 from tests.channels.voice.conformance import call_window, captured_events, header_names, shape, variable_names
-from tests.channels.voice.fixtures import fixture, transcript
 from tests.channels.voice.support import A08_DIALPLAN, BackendStandIn, fixture_responder
+from tests.support.freeswitch_captures import fixture, transcript
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import pytest
 from backend.channels.voice.esl import ClientConfig, Event, InboundClient
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
 from tests.channels.voice.conformance import captured_events, header_names
-from tests.channels.voice.fixtures import fixture, transcript
 from tests.channels.voice.support import until
 from tests.channels.voice.test_conformance_inbound import simulator_config
+from tests.support.freeswitch_captures import fixture, transcript
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import pytest
 from backend.channels.voice.esl import ClientConfig, DisconnectNotice, Event, OutboundServer, OutboundSession
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
 from tests.channels.voice.conformance import captured_events, header_names, variable_names
-from tests.channels.voice.fixtures import fixture
 from tests.channels.voice.support import BackendStandIn, fixture_responder, socket_dialplan, until
 from tests.channels.voice.test_conformance_inbound import simulator_config
+from tests.support.freeswitch_captures import fixture
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from backend.channels.voice.esl import (
     url_encode,
 )
 from backend.channels.voice.esl._wire import encode_command, event_frame, serialize_plain
-from tests.channels.voice.fixtures import esl_files, fixture, transcript
+from tests.support.freeswitch_captures import esl_files, fixture, transcript
 
 pytestmark = pytest.mark.unit
 

@@ -14,9 +14,9 @@ import pytest
 
 from backend.channels.voice.esl import ClientConfig, InboundClient
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator, load_scenario_file, run_scenario
-from tests.channels.voice.fixtures import REPO_ROOT
 from tests.channels.voice.support import until
 from tests.channels.voice.test_conformance_inbound import simulator_config
+from tests.support.freeswitch_captures import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -325,6 +325,7 @@ async def test_a_call_to_a_tenants_number_goes_to_call_control(
         ("set", f"cc_node_id={node_up}"),
         ("set", f"effective_caller_id_name={shown}"),
         ("socket", f"{settings_obj.call_control_address} async full"),
+        ("socket", f"{settings_obj.call_control_address} async full"),
     ]
     assert not set(shown) & set("${}<>\"'\\")
     assert shown.startswith("Sales/action application=bridge")

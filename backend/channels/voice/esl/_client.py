@@ -43,7 +43,8 @@ class InboundClient:
     then `on_connect` runs (re-read the switch's state there: events may have been lost).
     Events are read from `events()`, which spans reconnects. The reader never waits for
     the consumer: when the buffer is full, events are dropped, counted and reported to
-    `on_events_lost`.
+    `on_events_lost`. `events` is a subscription made on every connection from the first
+    one on (what a long-lived holder wants); `subscribe()` adds to it once connected.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class InboundClient:
         on_log: Callable[[LogLine], None] | None = None,
         name: str | None = None,
         rng: random.Random | None = None,
+        events: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -74,7 +76,7 @@ class InboundClient:
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
-        self._subscription: list[str] = []
+        self._subscription: list[str] = list(dict.fromkeys(events))
         self._event_format: EventFormat = self.config.event_format
         self._filters: list[tuple[str, str]] = []
         self.connections = 0
@@ -207,6 +209,11 @@ class InboundClient:
     @property
     def dropped_events(self) -> int:
         return self._events.dropped
+
+    @property
+    def pending_events(self) -> int:
+        """Events received and not yet taken from `events()` (where a state snapshot falls in the stream)."""
+        return len(self._events)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event received, in order, across reconnects; ends after `close()`."""

@@ -158,8 +158,12 @@ class Connection:
                             "%s: connection closed inside a frame (%d bytes)", self.name, self._parser.buffered
                         )
                     break
-                for frame in self._parser.feed(data):
+                # Frames complete before any garbage are still delivered; then the connection is dropped.
+                frames, garbage = self._parser.feed_until_error(data)
+                for frame in frames:
                     self._dispatch(decode_frame(frame))
+                if garbage is not None:
+                    raise garbage
         except ProtocolError as error:
             logger.error("%s: dropping the connection, the switch sent something that is not ESL: %s", self.name, error)
             reason = error

@@ -34,10 +34,11 @@ class Headers(Mapping[str, str]):
     wire order while the mapping view offers each name once.
     """
 
-    __slots__ = ("_folded", "_index", "_pairs")
+    __slots__ = ("_arrays", "_folded", "_index", "_pairs")
 
     def __init__(self, pairs: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> None:
         self._pairs: tuple[tuple[str, str], ...] | None
+        self._arrays = False
         if isinstance(pairs, dict):
             # A dict has no repeated names: it is its own index (the fast path for JSON events).
             self._index: dict[str, str] = pairs
@@ -47,28 +48,60 @@ class Headers(Mapping[str, str]):
             self._pairs = tuple(items)
             self._index = dict(self._pairs)
             if len(self._index) != len(self._pairs):
-                # Repeated names: lookups find the first one, as switch_event_get_header does.
-                self._index = {}
-                for name, value in self._pairs:
-                    self._index.setdefault(name, value)
+                # Repeated names: lookups find the first one, as switch_event_get_header does. Assigning
+                # existing keys keeps their order; going backwards leaves the first value of each name.
+                for name, value in reversed(self._pairs):
+                    self._index[name] = value
         self._folded: dict[str, str] | None = None
+        """Lower-cased name to the name in the index, for lookups in another case."""
+
+    @classmethod
+    def from_json(cls, document: dict[str, object]) -> Headers:
+        """The headers of a JSON event as decoded: array headers (lists) become text only when read."""
+        headers = cls(document)  # type: ignore[arg-type]
+        headers._arrays = True
+        return headers
+
+    def _value(self, name: str, value: object) -> str:
+        # JSON array headers become FreeSWITCH's `ARRAY::a|:b` text, as in a plain event, once read.
+        if isinstance(value, str):
+            return value
+        text = _json_value(value)
+        self._index[name] = text
+        return text
+
+    @property
+    def by_name(self) -> Mapping[str, str | list[str]]:
+        """Each name, exactly as sent, to its first value; a JSON event's array headers are lists here.
+
+        A plain dict, for consumers that look up many exact names (no case folding, no conversion):
+        the shape `event json` itself has.
+        """
+        return self._index
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         """Every header in wire order, repeated names included."""
         if self._pairs is None:
-            self._pairs = tuple(self._index.items())
+            if self._arrays:
+                self._pairs = tuple((name, self._value(name, value)) for name, value in list(self._index.items()))
+            else:
+                self._pairs = tuple(self._index.items())
         return self._pairs
 
     def __getitem__(self, name: str) -> str:
         try:
-            return self._index[name]
+            value = self._index[name]
         except KeyError:
+            # Not under that exact name: FreeSWITCH's own lookups ignore case. Names are folded once per
+            # event, and only names (values are read through the index, first one of each name).
             if self._folded is None:
                 self._folded = {}
-                for key, value in self.pairs:
-                    self._folded.setdefault(key.lower(), value)
-            return self._folded[name.lower()]
+                for key in reversed(self._index):
+                    self._folded[key.lower()] = key
+            name = self._folded[name.lower()]
+            value = self._index[name]
+        return value if not self._arrays or value.__class__ is str else self._value(name, value)
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -101,6 +134,9 @@ class Frame:
     body: bytes = b""
 
     def get(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
         lowered = name.lower()
         for key, value in self.headers:
             if key.lower() == lowered:
@@ -298,7 +334,11 @@ def _json_value(value: object) -> str:
 
 
 def parse_json_event(data: bytes) -> Event:
-    """The body of a `text/event-json` frame: one object, the body under `_body`."""
+    """The body of a `text/event-json` frame: one object, the body under `_body`.
+
+    FreeSWITCH writes every header as a string, or an array of strings for array headers
+    (switch_event_serialize_json_obj); the arrays are turned into `ARRAY::` text when read.
+    """
     if data.startswith(_REPEATS_NAMES):
         return _parse_json_event_pairs(data)
     try:
@@ -312,10 +352,7 @@ def parse_json_event(data: bytes) -> Event:
         document.pop("Content-Length", None)
         if not isinstance(body, str):
             body = json.dumps(body)
-    for key, value in document.items():
-        if value.__class__ is not str:
-            document[key] = _json_value(value)
-    return Event(Headers(document), body, "json")
+    return Event(Headers.from_json(document), body, "json")
 
 
 # cJSON writes a key twice only where FreeSWITCH adds a header twice: CODEC repeats the write
@@ -333,14 +370,13 @@ def _parse_json_event_pairs(data: bytes) -> Event:
     if not isinstance(document, list):
         raise ProtocolError("event-json body is not a JSON object")
     body: str | None = None
-    pairs: list[tuple[str, str]] = []
-    for key, value in document:
-        if key == "_body":
-            body = value if isinstance(value, str) else json.dumps(value)
-        else:
-            pairs.append((str(key), _json_value(value)))
-    if body is not None:
-        pairs = [(key, value) for key, value in pairs if key != "Content-Length"]
+    pairs: list[tuple[str, str]] = [
+        (key, value if value.__class__ is str else _json_value(value)) for key, value in document
+    ]
+    # switch_event_serialize_json_obj writes the body last, after its Content-Length.
+    if pairs and pairs[-1][0] == "_body":
+        body = pairs[-1][1]
+        pairs = [(key, value) for key, value in pairs[:-1] if key != "Content-Length"]
     return Event(Headers(pairs), body, "json")
 
 

@@ -190,6 +190,7 @@ class OutboundServer:
         config: ClientConfig | None = None,
         myevents: bool = True,
         linger: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
         self.host = host
@@ -197,11 +198,15 @@ class OutboundServer:
         self.config = config or ClientConfig()
         self.myevents = myevents
         self.linger = linger
+        self.reuse_port = reuse_port
+        """SO_REUSEPORT: several processes listen on one address and the kernel spreads the calls."""
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, reuse_port=self.reuse_port or None
+        )
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
 

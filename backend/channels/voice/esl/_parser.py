@@ -17,6 +17,8 @@ DEFAULT_MAX_BODY_BYTES = 10_485_760
 """Largest Content-Length accepted; FreeSWITCH's own read limit for a command is 10 MiB too."""
 
 _COMMAND_END = re.compile(rb"\n\r?\n")
+_REMEMBERED_BLOCK_BYTES = 80
+_REMEMBERED_BLOCKS = 4096
 
 
 def _content_length(value: str, limit: int) -> int:
@@ -36,7 +38,7 @@ class FrameParser:
     and is absent on frames without a body (auth/request, command/reply).
     """
 
-    __slots__ = ("_buffer", "_headers", "_max_body", "_max_header", "_need")
+    __slots__ = ("_buffer", "_headers", "_known", "_max_body", "_max_header", "_need")
 
     def __init__(
         self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -46,6 +48,9 @@ class FrameParser:
         self._need = 0
         self._max_header = max_header_bytes
         self._max_body = max_body_bytes
+        # Event frames repeat the same two header lines (`Content-Length: n`, `Content-Type: ...`) with a
+        # few hundred different lengths: their parse is remembered, per connection and bounded.
+        self._known: dict[bytes, tuple[tuple[tuple[str, str], ...], int]] = {}
 
     @property
     def buffered(self) -> int:
@@ -54,9 +59,23 @@ class FrameParser:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add received bytes; return every frame they complete. Raises ProtocolError on garbage."""
+        frames, error = self.feed_until_error(data)
+        if error is not None:
+            raise error
+        return frames
+
+    def feed_until_error(self, data: bytes) -> tuple[list[Frame], ProtocolError | None]:
+        """Like `feed`, but the frames completed before garbage are returned with the error, not lost with it."""
+        frames: list[Frame] = []
+        try:
+            self._feed(data, frames)
+        except ProtocolError as error:
+            return frames, error
+        return frames, None
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> None:
         buffer = self._buffer
         buffer += data
-        frames: list[Frame] = []
         start = 0
         while True:
             if self._headers is None:
@@ -70,7 +89,15 @@ class FrameParser:
                     break
                 if end - start > self._max_header:
                     raise ProtocolError(f"header block over {self._max_header} bytes")
-                headers, length = self._parse_headers(bytes(buffer[start:end]))
+                block = bytes(buffer[start:end])
+                known = self._known.get(block)
+                if known is None:
+                    known = self._parse_headers(block)
+                    if len(block) <= _REMEMBERED_BLOCK_BYTES:
+                        if len(self._known) >= _REMEMBERED_BLOCKS:
+                            self._known.clear()
+                        self._known[block] = known
+                headers, length = known
                 start = end + 2
                 if length == 0:
                     frames.append(Frame(headers))
@@ -86,18 +113,16 @@ class FrameParser:
             self._need = 0
         if start:
             del buffer[:start]
-        return frames
 
     def _parse_headers(self, block: bytes) -> tuple[tuple[tuple[str, str], ...], int]:
         pairs: list[tuple[str, str]] = []
         length = 0
-        for raw in block.split(b"\n"):
-            line = raw.decode("utf-8", errors="replace")
+        for line in block.decode("utf-8", errors="replace").split("\n"):
             name, colon, value = line.partition(":")
             if not colon or not name or " " in name:
-                raise ProtocolError(f"not an ESL header line: {raw[:80]!r}")
+                raise ProtocolError(f"not an ESL header line: {line[:80].encode()!r}")
             value = value.lstrip(" ")
-            if name.lower() == "content-length":
+            if len(name) == 14 and name.lower() == "content-length":
                 length = _content_length(value, self._max_body)
             pairs.append((name, value))
         return tuple(pairs), length

@@ -18,6 +18,7 @@ from backend.channels.voice.simulator._apps import (
     start_recording,
     stop_recording,
     strip_variables,
+    truthy,
 )
 from backend.channels.voice.simulator._switch import FREESWITCH_VERSION, CallLeg, HungUp, Switch
 
@@ -65,6 +66,14 @@ async def api_status(switch: Switch, argument: str) -> str:
 
 def _leg(switch: Switch, uuid: str) -> CallLeg | None:
     return switch.find(uuid.strip())
+
+
+async def api_global_getvar(switch: Switch, argument: str) -> str:
+    return switch.global_vars.get(argument.strip(), "")
+
+
+async def api_uuid_exists(switch: Switch, argument: str) -> str:
+    return "true" if _leg(switch, argument.split(maxsplit=1)[0] if argument else "") is not None else "false"
 
 
 async def api_uuid_kill(switch: Switch, argument: str) -> str:
@@ -124,7 +133,47 @@ async def api_uuid_record(switch: Switch, argument: str) -> str:
         return "+OK Success\n"
     if action == "stop":
         return "+OK Success\n" if stop_recording(switch, leg, path) else "-ERR Cannot stop record session!\n"
+    if action in ("mask", "unmask"):
+        # switch_ivr_record_session_mask: silence is written while masked; the bug must exist.
+        if not any(p == path for p, _ in leg.recording):
+            return f"-ERR Cannot {action} recording session!\n"
+        if action == "mask":
+            leg.masked.add(path)
+        else:
+            leg.masked.discard(path)
+        return "+OK Success\n"
     return "-USAGE: <uuid> [start|stop|mask|unmask] <path> [<limit>]\n"
+
+
+async def api_uuid_break(switch: Switch, argument: str) -> str:
+    """uuid_break <uuid> [all]: CF_BREAK stops what is playing (or the next playback); `all` also drops queued
+    commands (switch_core_session_flush_private_events)."""
+    parts = argument.split()
+    leg = _leg(switch, parts[0]) if parts else None
+    if leg is None:
+        return NO_CHANNEL
+    if len(parts) > 1 and "all" in parts[1]:
+        while not leg.private.empty():
+            leg.private.get_nowait()
+    if leg.broadcast is not None and not leg.broadcast.done():
+        leg.broadcast.cancel()
+    else:
+        leg.break_pending = True
+        leg.break_signal.set()
+    return "+OK\n"
+
+
+async def api_http_put(switch: Switch, argument: str) -> str:
+    """mod_http_cache `http_put [{profile=name}]<url> <file>`: `+OK <status>` or `-ERR <status>`."""
+    parts = argument.split(" ")
+    if len(parts) != 2:
+        return "USAGE: {[profile=profile]}url local_file\n"
+    url, path = parts
+    if url.startswith("{"):
+        url = url[url.find("}") + 1 :]
+    result = await switch.http_put(url, path)
+    ok = result.status in (200, 201, 204)
+    return f"{'+OK' if ok else '-ERR'} {result.status}\n"
 
 
 async def api_uuid_hold(switch: Switch, argument: str) -> str:
@@ -139,13 +188,34 @@ async def api_uuid_hold(switch: Switch, argument: str) -> str:
     held = channel.callstate == "HELD"
     if mode == "toggle":
         mode = "off" if held else "on"
+    partner = switch.find(channel.partner) if channel.partner else None
     if mode == "on" and not held:
         switch.set_callstate(leg, "HELD")
         switch.fire("CHANNEL_HOLD", channel, calling=("switch_channel.c", "switch_channel_perform_mark_hold", 1))
+        music = channel.variables.get("hold_music")
+        if partner is not None and music and music != "silence":
+            # switch_ivr_hold: the held channel's hold_music is broadcast to its partner, looped.
+            partner.broadcast = switch.spawn(_broadcast_loop(switch, partner, music), f"hold-{partner.channel.uuid}")
     elif mode == "off" and held:
         switch.set_callstate(leg, "ACTIVE")
         switch.fire("CHANNEL_UNHOLD", channel, calling=("switch_channel.c", "switch_channel_perform_mark_hold", 1))
+        if partner is not None and partner.broadcast is not None:
+            partner.broadcast.cancel()
+            partner.broadcast = None
+    elif mode == "on":
+        return "-ERR Operation failed\n"
     return "+OK Success\n"
+
+
+async def _broadcast_loop(switch: Switch, leg: CallLeg, path: str) -> None:
+    """switch_ivr_broadcast(SMF_LOOP): `playback` of `path` on the channel, again and again, until stopped."""
+    while not leg.channel.down:
+        try:
+            response = await execute(switch, leg, "playback", path)
+        except HungUp:
+            return
+        if response == "FILE NOT FOUND":
+            return
 
 
 async def api_uuid_broadcast(switch: Switch, argument: str) -> str:
@@ -204,7 +274,7 @@ async def api_uuid_bridge(switch: Switch, argument: str) -> str:
         for leg in a.deferred_teardown:
             switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
         a.deferred_teardown.clear()
-        if a.channel.down and not b.channel.down:
+        if a.channel.down and not b.channel.down and not truthy(b.channel.variables.get("park_after_bridge")):
             await switch.hangup(b, "NORMAL_CLEARING")
 
     switch.spawn(run(), f"uuid-bridge-{a.channel.uuid}")
@@ -366,12 +436,16 @@ API_COMMANDS: dict[str, ApiFunction] = {
     "version": api_version,
     "originate": api_originate,
     "uuid_kill": api_uuid_kill,
+    "uuid_exists": api_uuid_exists,
+    "global_getvar": api_global_getvar,
     "sched_hangup": api_sched_hangup,
     "uuid_setvar": api_uuid_setvar,
     "uuid_getvar": api_uuid_getvar,
     "uuid_dump": api_uuid_dump,
     "uuid_record": api_uuid_record,
     "uuid_hold": api_uuid_hold,
+    "uuid_break": api_uuid_break,
+    "http_put": api_http_put,
     "uuid_broadcast": api_uuid_broadcast,
     "uuid_transfer": api_uuid_transfer,
     "uuid_bridge": api_uuid_bridge,

@@ -9,10 +9,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from backend.channels.voice.esl._models import Command
 from backend.channels.voice.simulator._channel import Channel, now_us
-from backend.channels.voice.simulator._switch import SESSION_RUN, CallLeg, Endpoint, HungUp, Switch
+from backend.channels.voice.simulator._switch import SESSION_RUN, CallLeg, Endpoint, HungUp, Switch, write_wav
 
 logger = logging.getLogger("backend.channels.voice.simulator")
 
@@ -61,6 +62,7 @@ async def execute(
     expanded = switch.expand(leg, data) if data else ""
     uuid = app_uuid or Channel.new_uuid()
     channel.app_log.append((application, expanded))
+    switch.record("app", uuid=channel.uuid, app=application, data=expanded)
     variables = channel.variables
     variables.set("current_application", application)
     variables.set("current_application_data", expanded)
@@ -94,10 +96,13 @@ async def execute(
     return response
 
 
-async def wait(leg: CallLeg, seconds: float | None, *, dtmf: bool = False) -> str:
-    """Sleep, waking on hangup (raises HungUp) or, with `dtmf`, on a key press; returns why it woke."""
+async def wait(leg: CallLeg, seconds: float | None, *, dtmf: bool = False, breakable: bool = False) -> str:
+    """Sleep, waking on hangup (raises HungUp), with `dtmf` on a key press, with `breakable` on `uuid_break`
+    (CF_BREAK, which stays set until a media function takes it); returns why it woke."""
     if leg.channel.down:
         raise HungUp
+    if breakable and take_break(leg):
+        return "break"
     waiters = [asyncio.ensure_future(leg.hangup_signal.wait())]
     if dtmf:
         if leg.channel.digits:
@@ -106,6 +111,9 @@ async def wait(leg: CallLeg, seconds: float | None, *, dtmf: bool = False) -> st
             return "dtmf"
         leg.dtmf_signal.clear()
         waiters.append(asyncio.ensure_future(leg.dtmf_signal.wait()))
+    if breakable:
+        leg.break_signal.clear()
+        waiters.append(asyncio.ensure_future(leg.break_signal.wait()))
     try:
         done, _ = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -113,9 +121,65 @@ async def wait(leg: CallLeg, seconds: float | None, *, dtmf: bool = False) -> st
             waiter.cancel()
     if leg.channel.down:
         raise HungUp
+    if breakable and take_break(leg):
+        return "break"
     if dtmf and leg.channel.digits:
         return "dtmf"
     return "timeout" if not done else "signal"
+
+
+def take_break(leg: CallLeg) -> bool:
+    """Clear CF_BREAK if it is set (the media function that sees it stops)."""
+    if leg.break_pending:
+        leg.break_pending = False
+        return True
+    return False
+
+
+def separate_blank(data: str, limit: int) -> list[str]:
+    """switch_separate_string on blanks: single quotes keep spaces and are removed, `\\` escapes, the last
+    of `limit` items takes the rest."""
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    index = 0
+    while index < len(data):
+        char = data[index]
+        if len(items) == limit - 1 and not current and not char.isspace():
+            current.append(data[index:].strip())
+            break
+        if char == "\\" and index + 1 < len(data) and data[index + 1] in _UNESCAPED:
+            # cleanup_separated_string: only quotes, backslashes and n r t s are escaped; a backslash before d stays.
+            current.append(_UNESCAPED[data[index + 1]])
+            index += 2
+            continue
+        if char == "'":
+            quoted = not quoted
+        elif char == " " and not quoted:
+            if current:
+                items.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+        index += 1
+    if current:
+        items.append("".join(current).replace("'", "") if len(items) == limit - 1 else "".join(current))
+    return items
+
+
+_UNESCAPED = {"'": "'", '"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "s": " "}
+
+
+def playback_terminators(leg: CallLeg) -> str:
+    """`playback_terminators` as mod_dptools' on_dtmf reads it: `*` by default, `any`, or `none`."""
+    value = leg.channel.variables.get("playback_terminators")
+    if value is None:
+        return "*"
+    if value.lower() == "any":
+        return "1234567890*#"
+    if value.lower() == "none":
+        return ""
+    return value
 
 
 def media_seconds(switch: Switch, path: str) -> float:
@@ -133,9 +197,20 @@ def media_seconds(switch: Switch, path: str) -> float:
     return switch.scaled(switch.config.default_playback_seconds)
 
 
-async def play(switch: Switch, leg: CallLeg, path: str, *, interruptible: bool = False) -> str:
-    """switch_ivr_play_file: PLAYBACK_START, the media, PLAYBACK_STOP, and the playback_* variables."""
+async def play(
+    switch: Switch, leg: CallLeg, path: str, *, interruptible: bool = False, terminators: str | None = None
+) -> str:
+    """switch_ivr_play_file: PLAYBACK_START, the media, PLAYBACK_STOP, and the playback_* variables.
+
+    `interruptible` (play_and_get_digits, read): any key stops it and is kept for collecting. `terminators`
+    (playback): those keys stop it, any other key is consumed. `uuid_break` stops either. A file that cannot
+    be opened (an http_cache:// URL the web server refuses) plays nothing: FILE NOT FOUND.
+    """
     channel = leg.channel
+    if not await switch.open_media(path):
+        logger.error("Can't open %s", path)
+        channel.variables.set("current_application_response", "FILE NOT FOUND")
+        return "notfound"
     kind = path.split("://", 1)[0] if "://" in path else "file"
     file_headers = [("Playback-File-Type", kind), ("Playback-File-Path", path)]
     switch.fire(
@@ -147,9 +222,25 @@ async def play(switch: Switch, leg: CallLeg, path: str, *, interruptible: bool =
     started = time.monotonic()
     status = "done"
     try:
-        woke = await wait(leg, media_seconds(switch, path), dtmf=interruptible)
-        if woke == "dtmf":
-            status = "break"
+        if terminators is None:
+            woke = await wait(leg, media_seconds(switch, path), dtmf=interruptible, breakable=True)
+            if woke in ("dtmf", "break"):
+                status = "break"
+        else:
+            remaining = media_seconds(switch, path)
+            while True:
+                woke = await wait(leg, remaining, dtmf=True, breakable=True)
+                if woke == "break":
+                    status = "break"
+                    break
+                if woke != "dtmf":
+                    break
+                digit = channel.digits.pop(0)
+                if digit in terminators:
+                    channel.variables.set("playback_terminator_used", digit)
+                    status = "break"
+                    break
+                remaining = max(0.0, media_seconds(switch, path) - (time.monotonic() - started))
     finally:
         elapsed = time.monotonic() - started
         samples = int(elapsed * 8000)
@@ -203,17 +294,18 @@ async def app_ring_ready(switch: Switch, leg: CallLeg, data: str) -> None:
 
 
 async def app_playback(switch: Switch, leg: CallLeg, data: str) -> None:
-    await play(switch, leg, data)
+    leg.channel.variables.set("playback_terminator_used", None)
+    await play(switch, leg, data, terminators=playback_terminators(leg))
 
 
 async def app_speak(switch: Switch, leg: CallLeg, data: str) -> None:
     text = data.split("|", 2)[-1]
-    await wait(leg, switch.scaled(len(text) * switch.config.speak_seconds_per_char))
+    await wait(leg, switch.scaled(len(text) * switch.config.speak_seconds_per_char), breakable=True)
 
 
 async def app_sleep(switch: Switch, leg: CallLeg, data: str) -> None:
     millis = int(data) if data.strip().isdigit() else 0
-    await wait(leg, switch.scaled(millis / 1000))
+    await wait(leg, switch.scaled(millis / 1000), breakable=True)
 
 
 async def collect_digits(
@@ -238,27 +330,35 @@ async def collect_digits(
 
 async def app_play_and_get_digits(switch: Switch, leg: CallLeg, data: str) -> None:
     """min max tries timeout terminators file invalid_file var_name regexp [digit_timeout] [transfer_on_failure]."""
-    parts = data.split()
+    parts = separate_blank(data, 11)
     if len(parts) < 9:
         logger.error("play_and_get_digits: usage error [%s]", data)
         return
     minimum, maximum, tries = int(parts[0]), int(parts[1]), int(parts[2])
-    timeout = switch.scaled(int(parts[3]) / 1000)
-    terminators = parts[4] if parts[4] != "none" else ""
+    timeout = switch.scaled(max(int(parts[3]), 1000) / 1000)  # mod_dptools raises anything under 1 s to 1 s
+    terminators = parts[4] or "#"
     prompt, invalid, variable, expression = parts[5], parts[6], parts[7], parts[8]
     digit_timeout = switch.scaled(int(parts[9]) / 1000) if len(parts) > 9 and parts[9].isdigit() else timeout
     transfer_on_failure = parts[10] if len(parts) > 10 else ""
     channel = leg.channel
+    channel.variables.set(f"{variable}_invalid", None)
     for _ in range(max(tries, 1)):
+        # switch_ivr_read: the variable is cleared before each try.
+        channel.variables.set(variable, None)
+        channel.variables.set("read_result", None)
         if not channel.digits:
             await play(switch, leg, prompt, interruptible=True)
         digits, _timed_out = await collect_digits(
             switch, leg, maximum=maximum, timeout=timeout, terminators=terminators, digit_timeout=digit_timeout
         )
-        if len(digits) >= minimum and re.fullmatch(expression, digits):
-            channel.variables.set("read_result", "success")
-            channel.variables.set(variable, digits)
-            return
+        if len(digits) >= minimum and digits:
+            # switch_regex_match: a PCRE search, not anchored.
+            if re.search(expression, digits):
+                channel.variables.set("read_result", "success")
+                channel.variables.set(variable, digits)
+                return
+            channel.variables.set(f"{variable}_invalid", digits)
+        channel.variables.set("read_result", "timeout" if not digits else "failure")
         if invalid and not invalid.startswith("silence_stream"):
             await play(switch, leg, invalid, interruptible=True)
     channel.variables.set("read_result", "failure")
@@ -320,6 +420,74 @@ def stop_recording(switch: Switch, leg: CallLeg, path: str) -> bool:
     return True
 
 
+async def app_record(switch: Switch, leg: CallLeg, data: str) -> None:
+    """record <path> [<time_limit_secs>] [<silence_thresh>] [<silence_hits>]: the caller speaks into a file
+    until the limit, a playback terminator (`*` by default) or the hangup; then the file is closed, RECORD_STOP
+    fired and `record_post_process_exec_api` run (switch_ivr_record_file), hangup or not."""
+    parts = separate_blank(data, 4)
+    if not parts:
+        return
+    path = parts[0]
+    limit = float(parts[1]) if len(parts) > 1 and parts[1].isdigit() and int(parts[1]) > 0 else 0.0
+    channel = leg.channel
+    if not channel.answered:
+        switch.mark_answered(leg)
+    terminators = playback_terminators(leg)
+    switch.fire(
+        "RECORD_START",
+        channel,
+        calling=("switch_ivr_play_say.c", "switch_ivr_record_file_event", 642),
+        post=[("Record-File-Path", path)],
+    )
+    started = time.monotonic()
+    hung_up = False
+    cause = "success-maxtime"
+    try:
+        remaining = switch.scaled(limit) if limit else None
+        while True:
+            woke = await wait(leg, remaining, dtmf=True, breakable=True)
+            if woke == "dtmf":
+                digit = channel.digits.pop(0)
+                if digit in terminators:
+                    channel.variables.set("playback_terminator_used", digit)
+                    cause = "success-silence"
+                    break
+                if remaining is not None:
+                    remaining = max(0.0, switch.scaled(limit) - (time.monotonic() - started))
+                continue
+            if woke == "break":
+                cause = "success-silence"
+            break
+    except HungUp:
+        hung_up = True
+        cause = "success-silence"
+    elapsed = time.monotonic() - started
+    seconds = elapsed / max(switch.config.time_scale, 1e-6)
+    size = write_wav(Path(path), seconds, tone=440.0)
+    for name, value in (
+        ("record_file_size", str(size)),
+        ("record_samples", str(int(seconds * 8000))),
+        ("record_seconds", str(int(seconds))),
+        ("record_ms", str(int(seconds * 1000))),
+        ("record_completion_cause", cause),
+    ):
+        channel.variables.set(name, value)
+    switch.fire(
+        "RECORD_STOP",
+        channel,
+        calling=("switch_ivr_play_say.c", "switch_ivr_record_file_event", 977),
+        post=[("Record-File-Path", path), ("Record-Completion-Cause", cause)],
+    )
+    setting = channel.variables.get("record_post_process_exec_api")
+    if setting:
+        from backend.channels.voice.simulator._api import execute_api
+
+        command, _, argument = setting.partition(":")
+        await execute_api(switch, command.strip(), switch.expand(leg, argument))
+    if hung_up:
+        raise HungUp
+
+
 async def app_stop_record_session(switch: Switch, leg: CallLeg, data: str) -> None:
     stop_recording(switch, leg, data.strip() or "all")
 
@@ -327,6 +495,16 @@ async def app_stop_record_session(switch: Switch, leg: CallLeg, data: str) -> No
 async def app_set(switch: Switch, leg: CallLeg, data: str) -> None:
     name, _, value = data.partition("=")
     leg.channel.variables.set(name.strip(), value or None)
+
+
+async def app_multiset(switch: Switch, leg: CallLeg, data: str) -> None:
+    """multiset a=b c=d, or with another separator `^^|a=b|c=d e`."""
+    separator = " "
+    if data.startswith("^^") and len(data) > 2:
+        separator, data = data[2], data[3:]
+    for item in data.split(separator):
+        if item:
+            await app_set(switch, leg, item)
 
 
 async def app_unset(switch: Switch, leg: CallLeg, data: str) -> None:
@@ -549,12 +727,21 @@ def read_codec_event(switch: Switch, leg: CallLeg) -> None:
 
 
 async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
-    """Call the endpoint(s) in the dial string; when one answers, bridge, and return when the bridge ends."""
+    """mod_dptools bridge: ring the dial string (`,` rings legs at once, `|` tries groups in turn); when one
+    answers, bridge, and return when the bridge ends; the others lose the race.
+
+    After a failure, switch_channel_handle_cause hangs the caller up unless `continue_on_fail` allows the cause
+    (without it only NO_ANSWER, NO_USER_RESPONSE and ORIGINATOR_CANCEL go on). After an answered bridge ends,
+    `hangup_after_bridge=true` hangs the caller up with the other leg's cause (switch_ivr_multi_threaded_bridge).
+    """
     channel = leg.channel
-    targets = [item for item in re.split(r"[,|]", strip_variables(data)[1]) if item]
+    common, rest = leading_variables(data, "{")
+    groups = [group for group in split_top(rest, "|") if group.strip()]
     cause = "NO_ROUTE_DESTINATION"
-    for target in targets or [data]:
-        outcome = await originate_leg(switch, data if len(targets) <= 1 else target, originator=leg)
+    timeout = bridge_timeout(leg, common)
+    for group in groups:
+        dials = [dial.strip() for dial in split_top(group, ",") if dial.strip()]
+        outcome = await ring_group(switch, leg, common, dials, timeout)
         if isinstance(outcome, CallLeg):
             await bridge_legs(switch, leg, outcome)
             return
@@ -564,8 +751,140 @@ async def app_bridge(switch: Switch, leg: CallLeg, data: str) -> None:
     if channel.callstate == "RING_WAIT":
         switch.set_callstate(leg, "ACTIVE" if channel.answered else "RINGING")
     channel.variables.set("originate_disposition", cause)
+    channel.variables.set("originate_failed_cause", cause)
+    if leg.failed_legs:
+        # switch_ivr_originate: `originate_causes`, one `<leg uuid>;<cause>` per leg rung.
+        channel.variables.set("originate_causes", "ARRAY::" + "|:".join(f"{u};{c}" for u, c in leg.failed_legs))
+        leg.failed_legs.clear()
     channel.variables.set("DIALSTATUS", dialstatus(cause))
     channel.variables.set("current_application_response", cause)
+    if not continues_on_fail(leg, cause):
+        logger.info("Originate Failed.  Cause: %s (no continue_on_fail: hanging up)", cause)
+        await switch.hangup(leg, cause)
+        raise HungUp
+
+
+def continues_on_fail(leg: CallLeg, cause: str) -> bool:
+    """switch_channel_handle_cause: whether the dialplan (or the socket application) goes on after `cause`."""
+    setting = leg.channel.variables.get("continue_on_fail")
+    if setting is None:
+        return cause in ("NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL")
+    if setting.lower() in ("true", "yes", "on", "1", "enabled", "active", "allow"):
+        return True
+    causes = {item.strip().upper() for item in setting.split(",")}
+    return cause in causes or str(Q850_CAUSES.get(cause, "")) in causes
+
+
+Q850_CAUSES = {
+    "USER_BUSY": 17,
+    "NO_USER_RESPONSE": 18,
+    "NO_ANSWER": 19,
+    "CALL_REJECTED": 21,
+    "NORMAL_TEMPORARY_FAILURE": 41,
+}
+
+
+def leading_variables(dial: str, opener: str) -> tuple[dict[str, str], str]:
+    """`{a=b,c='d,e'}rest` (or `[..]`, `<..>`) into the variables and the rest."""
+    variables: dict[str, str] = {}
+    closer = {"{": "}", "[": "]", "<": ">"}[opener]
+    dial = dial.lstrip()
+    while dial.startswith(opener):
+        end = matching(dial, 0, opener, closer)
+        if end < 0:
+            break
+        for item in split_top(dial[1:end], ","):
+            if "=" in item:
+                key, _, value = item.partition("=")
+                variables[key.strip().lstrip("^:")] = value.strip().strip("'")
+        dial = dial[end + 1 :].lstrip()
+    return variables, dial
+
+
+def matching(text: str, start: int, opener: str, closer: str) -> int:
+    depth = 0
+    quoted = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char == opener:
+            depth += 1
+        elif not quoted and char == closer:
+            depth -= 1
+            if depth == 0:
+                return index
+    return -1
+
+
+def split_top(text: str, separator: str) -> list[str]:
+    """Split on `separator` outside brackets and quotes (`,` between legs, `|` between groups)."""
+    parts: list[str] = []
+    depth = 0
+    quoted = False
+    current: list[str] = []
+    for char in text:
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char in "{[<":
+            depth += 1
+        elif not quoted and char in "}]>":
+            depth -= 1
+        if char == separator and depth == 0 and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def bridge_timeout(leg: CallLeg, common: dict[str, str]) -> float:
+    """switch_ivr_originate: the caller's `call_timeout`, else `{originate_timeout}`, else 60 s."""
+    for value in (leg.channel.variables.get("call_timeout"), common.get("originate_timeout")):
+        if value and value.strip().isdigit() and int(value) > 0:
+            return float(value)
+    return 60.0
+
+
+async def ring_group(
+    switch: Switch, caller: CallLeg, common: dict[str, str], dials: list[str], timeout: float
+) -> CallLeg | str:
+    """Ring every dial string of the group at once; the first to answer wins, the others get LOSE_RACE."""
+    if not dials:
+        return "NO_ROUTE_DESTINATION"
+    lost = asyncio.Event()
+    tasks: list[asyncio.Future[CallLeg | str]] = []
+    for dial in dials:
+        own, target = leading_variables(dial, "[")
+        variables = {**common, **own}
+        leg_timeout = variables.get("leg_timeout")
+        limit = float(leg_timeout) if leg_timeout and leg_timeout.isdigit() and int(leg_timeout) > 0 else timeout
+        tasks.append(
+            asyncio.ensure_future(
+                originate_leg(switch, target, originator=caller, timeout=limit, variables=variables, lost=lost)
+            )
+        )
+    winner: CallLeg | None = None
+    causes: list[str] = []
+    pending: set[asyncio.Future[CallLeg | str]] = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            outcome = task.result()
+            if isinstance(outcome, CallLeg) and winner is None:
+                winner = outcome
+                lost.set()  # everyone still ringing loses the race
+            elif isinstance(outcome, CallLeg):
+                await switch.hangup(outcome, "LOSE_RACE")
+                switch.spawn(switch.teardown(outcome), "lose-race")
+            else:
+                causes.append(outcome)
+    if winner is not None:
+        return winner
+    if "NO_ANSWER" in causes:
+        return "NO_ANSWER"
+    return causes[0] if causes else "NORMAL_CLEARING"
 
 
 def dialstatus(cause: str) -> str:
@@ -598,37 +917,55 @@ def strip_variables(dial: str) -> tuple[dict[str, str], str]:
 
 
 async def originate_leg(
-    switch: Switch, dial: str, *, originator: CallLeg | None, timeout: float | None = None
+    switch: Switch,
+    dial: str,
+    *,
+    originator: CallLeg | None,
+    timeout: float | None = None,
+    variables: dict[str, str] | None = None,
+    lost: asyncio.Event | None = None,
 ) -> CallLeg | str:
-    """Create and ring an outbound leg; the answered leg, or the hangup cause."""
-    variables, target = strip_variables(dial)
-    timeout = float(variables.get("originate_timeout") or variables.get("call_timeout") or 0) or timeout
+    """Create and ring an outbound leg; the answered leg, or the hangup cause (LOSE_RACE once `lost` is set)."""
+    if variables is None:
+        variables, target = strip_variables(dial)
+        timeout = float(variables.get("originate_timeout") or variables.get("call_timeout") or 0) or timeout
+    else:
+        target = dial
     timeout = switch.scaled(timeout) if timeout else switch.scaled(switch.config.ring_timeout)
     if target.startswith("error/"):
         return target[6:].upper() or "NORMAL_CLEARING"
     if target.startswith("loopback/"):
         return await originate_loopback(switch, target, variables, originator)
-    if target.startswith("user/"):
+    external: Endpoint | None = None
+    if target.startswith("sofia/gateway/"):
+        # A carrier gateway: the far end is a simulated PSTN party (an endpoint of its own, else one answering).
+        user = target.split("/", 3)[-1]
+        domain = "pstn"
+        external = switch.endpoints.get(user) or Endpoint(user, domain, answer_delay=switch.config.answer_delay)
+    elif target.startswith("user/"):
         user, _, domain = target[5:].partition("@")
     elif target.startswith("sofia/"):
-        user = target.rsplit("/", 1)[-1].split("@")[0]
+        # sofia/<profile>/<user>@<host> or sofia/<profile>/sip:<user>@<host>:<port>;params
+        uri = target.split("/", 2)[-1].removeprefix("sip:").removeprefix("sips:")
+        user = uri.split("@")[0]
         domain = switch.config.domain
     else:
         return "INVALID_GATEWAY"
     domain = domain or switch.config.domain
     if originator is not None and originator.channel.callstate != "RING_WAIT":
         switch.set_callstate(originator, "RING_WAIT")
-    probe = Endpoint(user, domain)
-    exported: list[tuple[str, str]] = []
-    if originator is not None:
-        names = originator.channel.variables.get("export_vars")
-        if names:
-            exported.append(("export_vars", names))
-            exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
-    await switch.directory_user(probe, action="user_call", exported=exported)
-    if originator is not None:
-        switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
-    endpoint = switch.endpoints.get(user)
+    if external is None:
+        probe = Endpoint(user, domain)
+        exported: list[tuple[str, str]] = []
+        if originator is not None:
+            names = originator.channel.variables.get("export_vars")
+            if names:
+                exported.append(("export_vars", names))
+                exported += [(n, originator.channel.variables.get(n) or "") for n in names.split(",") if n]
+        await switch.directory_user(probe, action="user_call", exported=exported)
+        if originator is not None:
+            switch.inline_api("sofia_contact", f"*/{user}@{domain}", originator)
+    endpoint = external or switch.endpoints.get(user)
     if endpoint is None:
         return "SUBSCRIBER_ABSENT" if originator is None else "USER_NOT_REGISTERED"
     a_profile = originator.channel.profile if originator else None
@@ -724,6 +1061,8 @@ async def originate_leg(
     waiters = [asyncio.ensure_future(leg.hangup_signal.wait())]
     if originator is not None:
         waiters.append(asyncio.ensure_future(originator.hangup_signal.wait()))
+    if lost is not None:
+        waiters.append(asyncio.ensure_future(lost.wait()))
     try:
         await asyncio.wait(waiters, timeout=delay if answers else timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -732,6 +1071,9 @@ async def originate_leg(
     if originator is not None and originator.channel.down:
         await finish_failed_leg(switch, leg, "ORIGINATOR_CANCEL", originator)
         return "ORIGINATOR_CANCEL"
+    if lost is not None and lost.is_set() and not channel.down:
+        await finish_failed_leg(switch, leg, "LOSE_RACE", originator)
+        return "LOSE_RACE"
     if channel.down or not answers:
         cause = channel.hangup_cause or "NO_ANSWER"
         await finish_failed_leg(switch, leg, cause, originator)
@@ -760,6 +1102,8 @@ def schedule_hangup_seconds(switch: Switch, leg: CallLeg, seconds: float) -> Non
 
 async def finish_failed_leg(switch: Switch, leg: CallLeg, cause: str, originator: CallLeg | None) -> None:
     await switch.hangup(leg, cause)
+    if originator is not None:
+        originator.failed_legs.append((leg.channel.uuid, cause))
     if originator is not None and not originator.channel.down and originator.channel.callstate == "RING_WAIT":
         switch.set_callstate(originator, "ACTIVE" if originator.channel.answered else "RINGING")
     await switch.teardown(leg)
@@ -898,10 +1242,20 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
         switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
         a.partner_teardown = b
         raise HungUp
-    # The agent hung up: the caller stays and the extension goes on.
+    # The agent hung up: the caller stays and the extension goes on, unless hangup_after_bridge says otherwise.
     switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
-    av.set("bridge_hangup_cause", b_channel.hangup_cause or "NORMAL_CLEARING")
+    cause = b_channel.hangup_cause or "NORMAL_CLEARING"
+    av.set("bridge_hangup_cause", cause)
+    a_channel.partner = None
     a.deferred_teardown.append(b)
+    if a.transfer_to is None and truthy(av.get("hangup_after_bridge")) and not truthy(av.get("park_after_bridge")):
+        await switch.hangup(a, cause)
+        raise HungUp
+
+
+def truthy(value: str | None) -> bool:
+    """switch_true."""
+    return (value or "").lower() in ("true", "yes", "on", "1", "enabled", "active", "allow")
 
 
 APPLICATIONS: dict[str, Application] = {
@@ -914,8 +1268,10 @@ APPLICATIONS: dict[str, Application] = {
     "play_and_get_digits": app_play_and_get_digits,
     "read": app_read,
     "record_session": app_record_session,
+    "record": app_record,
     "stop_record_session": app_stop_record_session,
     "set": app_set,
+    "multiset": app_multiset,
     "unset": app_unset,
     "export": app_export,
     "hash": app_hash,

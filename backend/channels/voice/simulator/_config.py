@@ -95,5 +95,15 @@ class SimulatorConfig:
     """max-sessions, reported in HEARTBEAT and `status`."""
     event_queue_size: int = field(default_factory=lambda: _int("CC_SIM_EVENT_QUEUE", 100_000))
     """Per-listener event queue (FreeSWITCH's MAX_QUEUE_LEN); a listener that overflows it is killed."""
+    http_cache_headers: tuple[tuple[str, str], ...] = field(
+        default_factory=lambda: tuple(
+            (name.strip(), value.strip())
+            for name, _, value in (item.partition(":") for item in _env("CC_SIM_HTTP_CACHE_HEADERS", "").split(";"))
+            if name.strip()
+        )
+    )
+    """Headers mod_http_cache's profile adds to its GETs and PUTs (`name: value;name: value`): the switch secret."""
+    http_timeout: float = field(default_factory=lambda: _float("CC_SIM_HTTP_TIMEOUT", 10.0))
+    """mod_http_cache's connect and transfer limit for one GET or PUT, in seconds."""
     scenario_dir: str = field(default_factory=lambda: _env("CC_SIM_SCENARIOS", ""))
     """Scenario files (JSON or YAML) to play at start-up; empty plays none."""

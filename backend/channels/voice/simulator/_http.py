@@ -16,11 +16,12 @@ logger = logging.getLogger("backend.channels.voice.simulator")
 
 @dataclass(frozen=True, slots=True)
 class HttpResult:
-    """What came back from a POST: status 0 means no HTTP answer at all (refused, reset, timeout)."""
+    """What came back from a request: status 0 means no HTTP answer at all (refused, reset, timeout)."""
 
     status: int
     body: bytes = b""
     error: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 async def post(
@@ -147,3 +148,61 @@ class JsonServer:
             logger.warning("control request failed: %s", error)
         finally:
             writer.close()
+
+
+async def request(
+    method: str,
+    url: str,
+    *,
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+    user_agent: str,
+    timeout: float,
+) -> HttpResult:
+    """One request on a new connection (mod_http_cache's GET and PUT through libcurl), headers as given."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", f"User-Agent: {user_agent}", "Accept: */*"]
+    lines += [f"{name}: {value}" for name, value in headers or []]
+    if method in ("PUT", "POST"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(data)
+            await writer.drain()
+            status_line = await reader.readline()
+            pieces = status_line.decode("latin-1").split(" ", 2)
+            if len(pieces) < 2 or not pieces[1].isdigit():
+                return HttpResult(0, error=f"bad status line {status_line[:40]!r}")
+            status = int(pieces[1])
+            received: list[tuple[str, str]] = []
+            length: int | None = None
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                received.append((name.strip(), value.strip()))
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+            if method == "HEAD":
+                payload = b""
+            elif length is not None:
+                payload = await reader.readexactly(length)
+            else:
+                payload = await reader.read()
+            return HttpResult(status, payload, headers=tuple(received))
+    except TimeoutError:
+        return HttpResult(0, error="Timeout was reached")
+    except (OSError, asyncio.IncompleteReadError, ValueError) as error:
+        return HttpResult(0, error=str(error) or type(error).__name__)
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

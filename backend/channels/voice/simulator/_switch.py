@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from backend.channels.voice.esl._wire import serialize_json, serialize_plain, url_encode
 from backend.channels.voice.simulator._channel import Q850, CallerProfile, Channel, Pairs, now_us
 from backend.channels.voice.simulator._config import SimulatorConfig
-from backend.channels.voice.simulator._http import HttpResult, post
+from backend.channels.voice.simulator._http import HttpResult, post, request
 
 if TYPE_CHECKING:
     from backend.channels.voice.simulator._esl import Listener
@@ -104,6 +104,17 @@ class CallLeg:
     """B-legs that hung up on this leg, torn down once its bridge application has completed."""
     partner_teardown: CallLeg | None = None
     """A bridged b-leg hung up with this leg, reported in FreeSWITCH's interleaved order."""
+    break_pending: bool = False
+    """CF_BREAK: `uuid_break` asked the current (or, if none runs, the next) playback to stop."""
+    break_signal: asyncio.Event = field(default_factory=asyncio.Event)
+    masked: set[str] = field(default_factory=set)
+    """Recordings masked by `uuid_record mask` (silence is written while masked)."""
+    broadcast: asyncio.Task[object] | None = None
+    """A looping broadcast (hold music from the partner's `uuid_hold`); `uuid_break` stops it."""
+    post_process: list[asyncio.Task[object]] = field(default_factory=list)
+    failed_legs: list[tuple[str, str]] = field(default_factory=list)
+    """Legs this channel's bridge rang that failed, with their causes (`originate_causes`)."""
+    """`record_post_process_exec_api` commands still running (the leg is reported once they are done)."""
 
 
 def _gmt(moment: float) -> str:
@@ -146,6 +157,8 @@ class Switch:
         self._heartbeat: asyncio.Task[None] | None = None
         self.cdr_results: list[dict[str, object]] = []
         self.on_channel_gone: list[Callable[[str], None]] = []
+        self.http_cache: dict[str, float] = {}
+        """mod_http_cache: URL -> when its cached copy goes stale (monotonic seconds)."""
 
     # ----- lifecycle -----
 
@@ -489,6 +502,63 @@ class Switch:
             endpoint = self.endpoints.get(user)
             return f"sofia/internal/{endpoint.contact}" if endpoint else "error/user_not_registered"
         return ""
+
+    # ----- media over HTTP (mod_http_cache) -----
+
+    async def open_media(self, path: str) -> bool:
+        """Open a file string for playing: each `http_cache://` part is fetched (or served from the cache)."""
+        parts = path[len("file_string://") :].split("!") if path.startswith("file_string://") else [path]
+        for raw in parts:
+            part = raw.strip()
+            if part.startswith("{"):
+                part = part[part.find("}") + 1 :]
+            if part.startswith("http_cache://") and not await self.http_cache_get(part[len("http_cache://") :]):
+                return False
+        return True
+
+    async def http_cache_get(self, url: str) -> bool:
+        """mod_http_cache: GET the URL unless a fresh copy is cached; `Cache-Control: max-age` sets freshness."""
+        if self.http_cache.get(url, 0.0) > time.monotonic():
+            return True
+        result = await request(
+            "GET",
+            url,
+            headers=list(self.config.http_cache_headers),
+            user_agent="freeswitch-http-cache/1.0",
+            timeout=self.config.http_timeout,
+        )
+        self.record("http_cache", method="GET", url=url, status=result.status, size=len(result.body))
+        if result.status != 200:
+            logger.error("Received HTTP error %d trying to fetch %s", result.status, url)
+            return False
+        max_age = 86400.0
+        for name, value in result.headers:
+            if name.lower() == "cache-control":
+                found = re.search(r"max-age=(\d+)", value)
+                if found:
+                    max_age = float(found.group(1))
+        self.http_cache[url] = time.monotonic() + max_age
+        return True
+
+    async def http_put(self, url: str, path: str) -> HttpResult:
+        """mod_http_cache's `http_put`: the file's bytes PUT to the URL with the profile's headers."""
+        try:
+            body = await asyncio.to_thread(Path(path).read_bytes)
+        except OSError as error:
+            logger.error("fopen() error: %s", error)
+            return HttpResult(0, error=str(error))
+        mime = "audio/x-wav" if path.endswith(".wav") else "audio/mpeg" if path.endswith(".mp3") else ""
+        headers = [("Content-Type", mime or "application/octet-stream"), *self.config.http_cache_headers]
+        result = await request(
+            "PUT",
+            url,
+            body=body,
+            headers=headers,
+            user_agent="freeswitch-http-cache/1.0",
+            timeout=self.config.http_timeout,
+        )
+        self.record("http_cache", method="PUT", url=url, status=result.status, size=len(body), path=path)
+        return result
 
     # ----- registrations (simulated phones) -----
 
@@ -947,6 +1017,11 @@ class Switch:
         if partner is not None:
             self._report(partner)
         self._report(leg)
+        # record_post_process_exec_api runs as the recording closes, before the leg is reported.
+        for closing in (partner, leg):
+            while closing is not None and closing.post_process:
+                with contextlib.suppress(Exception):
+                    await closing.post_process.pop(0)
         if partner is not None:
             self._complete(partner)
         self._complete(leg)
@@ -988,6 +1063,7 @@ class Switch:
         for path, started in leg.recording:
             seconds = max(0.0, time.time() - started)
             size = write_wav(Path(path), seconds / max(self.config.time_scale, 1e-6) if seconds else 0.0)
+            leg.masked.discard(path)
             samples = int(seconds * 8000)
             for name, value in (
                 ("record_file_size", str(size)),
@@ -1009,7 +1085,19 @@ class Switch:
                 calling=("switch_core_media_bug.c", "switch_core_media_bug_destroy", 1287),
                 pre=[("Media-Bug-Function", "session_record"), ("Media-Bug-Target", path)],
             )
+            self.post_process_recording(leg)
         leg.recording.clear()
+
+    def post_process_recording(self, leg: CallLeg) -> None:
+        """record_helper_post_process: `record_post_process_exec_api=<api>:<args>` runs once the file is closed."""
+        setting = leg.channel.variables.get("record_post_process_exec_api")
+        if not setting:
+            return
+        command, _, argument = setting.partition(":")
+        from backend.channels.voice.simulator._api import execute_api
+
+        expanded = self.expand(leg, argument)
+        leg.post_process.append(self.spawn(execute_api(self, command.strip(), expanded), "record-post-process"))
 
     def fill_cdr_variables(self, leg: CallLeg) -> None:
         """The *_stamp, *_epoch, duration and billsec variables switch_channel_set_timestamps computes."""

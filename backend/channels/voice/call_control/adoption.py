@@ -1,0 +1,141 @@
+"""Calls whose controlling process died, taken over by another process without their socket.
+
+What FreeSWITCH does when the controlling socket closes (mod_event_socket.c,
+`listener_run` and the `socket` application in async mode): the listener clears
+the channel's CF_CONTROLLED and closes; the application running on the channel
+(a `bridge`, a `playback`) is not interrupted. When it returns, `switch_ivr_park`
+sees the channel is no longer controlled and returns, the `socket` application
+ends and the dialplan goes on with its next action (no `socket_resume` is set,
+so nothing is re-run). Our dialplan's next action is a second `socket` to call
+control, so a call that was waiting is picked up by a live process, which finds
+its record and resumes it. A call talking to an agent stays bridged; with
+`hangup_after_bridge=true` it ends with the conversation.
+
+Such a bridged call is adopted here: its record's lease lapsed, a surviving
+process claimed it, and now follows it through the node command path
+(`uuid_exists` until it is gone), answers API requests for it with API commands
+(hold, blind transfer, recording), and when it is over closes the recording
+(the upload is checked) and ends the interaction if the CDR has not already.
+A call that reconnects through the dialplan's second `socket` is handed back to
+the process it reached (the record's owner changes; the adopter lets go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import structlog
+
+from backend.channels.voice.call_control.operations import carry_out, close_recording
+from backend.channels.voice.call_control.records import CallRecord, CallReply, CallRequest
+from backend.channels.voice.call_control.services import CallServices
+from backend.channels.voice.call_control.switch import NodeLine, SwitchLine
+from backend.db.base import utcnow
+
+log = structlog.get_logger("voice.call_control")
+
+
+class AdoptedCall:
+    """A call another process controlled, followed and served through its node."""
+
+    def __init__(self, services: CallServices, record: CallRecord) -> None:
+        self.s = services
+        self.record = record
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        assert record.node_id is not None
+        self.line: SwitchLine = NodeLine(services.voice.commands, record.node_id)
+        self.log = log.bind(tenant_id=str(record.tenant_id), call=str(record.call_uuid))
+
+    async def run(self) -> None:
+        """Follow the call until it is gone or someone else took it; then finish it."""
+        self.log.warning(
+            "call_adopted",
+            previous_owner=self.record.owner,
+            phase=self.record.phase,
+            interaction_id=str(self.record.interaction_id),
+            agent_id=str(self.record.agent_id),
+        )
+        await self.s.store.save(self.record)
+        await self._reconcile()
+        poll = self.s.settings.call_control_adopted_poll_seconds
+        while True:
+            exists = await self.line.api(f"uuid_exists {self.record.call_uuid}")
+            if exists.ok and exists.text.strip() == "false":
+                break
+            current = await self.s.store.load(self.record.tenant_id, self.record.call_uuid)
+            if current is None or current.owner != self.s.store.owner:
+                # It reconnected through the dialplan's second socket (or ended there): not ours any more.
+                self.log.info("adopted_call_handed_over", owner=current.owner if current else None)
+                return
+            self.record = current
+            await self._serve(poll)
+        await self._finish()
+
+    async def _serve(self, seconds: float) -> None:
+        """Answer requests for a while (asyncio.wait: a cancellation is never mistaken for the time running out)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            getter = asyncio.ensure_future(self.inbox.get())
+            try:
+                done, _ = await asyncio.wait({getter}, timeout=left)
+            finally:
+                getter.cancel()
+            if getter not in done:
+                return
+            message = getter.result()
+            if isinstance(message, CallRequest):
+                reply = await carry_out(self, message)
+                await self.s.store.answer(message, reply)
+
+    async def _dump(self, leg: uuid.UUID) -> dict[str, Any] | None:
+        answer = await self.line.api(f"uuid_dump {leg} json")
+        if not answer.ok or not answer.text.startswith("{"):
+            return None
+        try:
+            found = json.loads(answer.text)
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
+
+    async def _reconcile(self) -> None:
+        """The record says what the dead process knew; FreeSWITCH says what is true now (`uuid_dump`).
+
+        A process that died while agents' phones rang may have missed the answer: if one of the rung legs is
+        up and answered, the call is bridged to it, and routing hears of it now.
+        """
+        record = self.record
+        if record.phase != "ringing":
+            return
+        for ringing in record.ringing:
+            dump = await self._dump(ringing.leg)
+            if dump is None or dump.get("Answer-State") != "answered":
+                continue
+            record.phase = "bridged"
+            record.agent_id = ringing.agent_id
+            record.agent_leg = ringing.leg
+            record.ringing = []
+            await self.s.store.save(record)
+            self.log.info("adopted_call_found_bridged", agent_id=str(ringing.agent_id), leg=str(ringing.leg))
+            if record.interaction_id is not None:
+                await self.s.routing.connect_from_channel(record.tenant_id, record.interaction_id, ringing.agent_id)
+            return
+
+    async def _finish(self) -> None:
+        record = self.record
+        if record.recording_id is not None:
+            await close_recording(self.s, record)
+        if record.interaction_id is not None and record.phase != "voicemail":
+            try:
+                await self.s.routing.end_from_channel(record.tenant_id, record.interaction_id, at=utcnow())
+            except Exception:
+                self.log.exception("adopted_call_end_not_recorded")
+        while not self.inbox.empty():
+            message = self.inbox.get_nowait()
+            if isinstance(message, CallRequest):
+                await self.s.store.answer(message, CallReply(False, 409, "The call has ended", "call-ended"))
+        await self.s.store.forget(record)
+        self.log.info("adopted_call_ended", interaction_id=str(record.interaction_id))

@@ -1,0 +1,61 @@
+"""Routes on live calls: read the call, hold and resume, transfer, control the recording (thin: `CallDesk`)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from litestar import Controller, Request, get, post
+
+from backend.auth.principal import Principal
+from backend.channels.voice.call_control.desk import CallDesk
+from backend.channels.voice.call_control.schemas import CallTransfer, LiveCallOut, RecordingControl
+
+
+def _desk(request: Request[Any, Any, Any]) -> CallDesk:
+    desk: CallDesk = request.app.state.calls
+    return desk
+
+
+class LiveCallController(Controller):
+    """A call in progress, by its interaction: only its agent or a supervisor acts on it."""
+
+    path = "/api/v1/voice/calls"
+    tags = ["voice"]
+    opt = {"access": "tenant"}
+
+    @get("/{interaction_id:uuid}", permission="agent:workspace", operation_id="get_live_call")
+    async def live(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> LiveCallOut:
+        """Where the call is (waiting, ringing, bridged), on hold or not, recorded or not."""
+        return await _desk(request).live(request.user, interaction_id)
+
+    @post("/{interaction_id:uuid}/hold", permission="agent:workspace", operation_id="hold_call", status_code=200)
+    async def hold(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> LiveCallOut:
+        """Put the caller on hold: they hear the queue's music (a `held` event on the timeline)."""
+        return await _desk(request).hold(request.user, interaction_id, True)
+
+    @post("/{interaction_id:uuid}/unhold", permission="agent:workspace", operation_id="unhold_call", status_code=200)
+    async def unhold(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> LiveCallOut:
+        """Take the caller back from hold (a `resumed` event)."""
+        return await _desk(request).hold(request.user, interaction_id, False)
+
+    @post(
+        "/{interaction_id:uuid}/transfer", permission="agent:workspace", operation_id="transfer_call", status_code=202
+    )
+    async def transfer(
+        self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: CallTransfer
+    ) -> LiveCallOut:
+        """Blind transfer to a queue or an agent of the tenant (a `transferred` event); the agent's leg ends."""
+        return await _desk(request).transfer(request.user, interaction_id, data)
+
+    @post(
+        "/{interaction_id:uuid}/recording",
+        permission="agent:workspace",
+        operation_id="control_call_recording",
+        status_code=200,
+    )
+    async def recording(
+        self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: RecordingControl
+    ) -> LiveCallOut:
+        """Start (on-demand queues), pause, resume or stop the recording; pauses are kept with it."""
+        return await _desk(request).recording(request.user, interaction_id, data)

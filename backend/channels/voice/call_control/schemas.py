@@ -1,0 +1,39 @@
+"""Request and response bodies of the live-call routes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+import msgspec
+
+from backend.tenants.schemas import Strict
+
+
+class CallTransfer(Strict):
+    """Where the call goes: a queue or an agent of the same tenant (`blind`: the agent's leg ends now)."""
+
+    target: Literal["queue", "agent"]
+    queue_id: uuid.UUID | None = None
+    agent_id: uuid.UUID | None = None
+    mode: Literal["blind"] = "blind"
+
+
+class RecordingControl(Strict):
+    """`start` (queues with the on-demand policy), `pause`, `resume` or `stop`."""
+
+    action: Literal["start", "pause", "resume", "stop"]
+
+
+class LiveCallOut(msgspec.Struct):
+    """A call under control, as the workspace shows it."""
+
+    interaction_id: uuid.UUID
+    call_uuid: uuid.UUID
+    phase: str
+    queue_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+    held: bool
+    recording_id: uuid.UUID | None
+    recording_paused: bool
+    transfer_pending: bool
