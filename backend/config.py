@@ -134,6 +134,8 @@ class Settings:
     esl_rebalance_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_REBALANCE", "30")))
     """A process holding more than its share of the nodes gives one up (to a process with fewer) at most this
     often; 0 never does. The node's new holder re-reads its state on connecting."""
+    esl_resync_min_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_RESYNC_MIN", "5")))
+    """After events were dropped (the consumer fell behind), a node's state is re-read at most this often."""
     switch_nodes_refresh_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_NODES_REFRESH", "5"))
     )

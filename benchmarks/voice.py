@@ -357,6 +357,10 @@ async def ingest(rate: float, seconds: float, mix: str, processes: int) -> dict[
     from backend.db.engine import make_engine, make_sessionmaker
     from backend.lib.redis_client import make_redis
 
+    settings = get_settings()
+    flush = make_redis(settings.redis_url)
+    await flush.flushdb()  # the benchmark's own Redis: every run starts from nothing
+    await flush.aclose()
     tenant_id, nodes = await prepare_ingestion(2)
     context = multiprocessing.get_context("spawn")
     ports, report, results = context.Queue(), context.Queue(), context.Queue()
@@ -368,7 +372,6 @@ async def ingest(rate: float, seconds: float, mix: str, processes: int) -> dict[
     ]
     for process in blasters:
         process.start()
-    settings = get_settings()
     engine = make_engine(settings)
     async with make_sessionmaker(engine)() as session, session.begin():
         for node_id, _ in nodes:
