@@ -673,3 +673,32 @@ class RandomlySlowSwitchboard(SlowSwitchboard):
             self.applied.append(event.get("cc_test_mark") or event.get("Event-Name"))
         finally:
             self.running -= 1
+
+
+async def test_a_node_no_longer_registered_is_released(factory: Factory, app, redis):
+    """Operators have no route that deletes a node yet; the registry read is what decides, so a node that
+    disappears from it (here: from what the switchboard reports) is released at the next refresh."""
+    name = unique("fs-gone-")
+    async with SwitchSimulator(simulator_config(hostname=name, heartbeat_interval=0.2)) as simulator:
+        node = await factory.switch_node(name=name, esl_port=simulator.esl_port)
+        registry = Registry(app)
+        async with holding(app, name, switchboard=registry) as links:
+            await eventually(lambda: _connected(links, node["id"]))
+            registry.hidden.add(node["id"])
+            await eventually(lambda: _equal(node["id"] in links.links, False), timeout=5)
+            assert await redis.get(lease_key(node["id"])) is None
+            await eventually(lambda: _equal(len(simulator.switch.listeners), 0))
+
+
+class Registry:
+    """The real switchboard, with some nodes left out of the registered ones."""
+
+    def __init__(self, app) -> None:
+        self.voice = app.state.voice
+        self.hidden: set[uuid.UUID] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.voice, name)
+
+    async def esl_targets(self):
+        return [target for target in await self.voice.esl_targets() if target.id not in self.hidden]
