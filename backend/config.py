@@ -134,6 +134,8 @@ class Settings:
     esl_rebalance_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_REBALANCE", "30")))
     """A process holding more than its share of the nodes gives one up (to a process with fewer) at most this
     often; 0 never does. The node's new holder re-reads its state on connecting."""
+    esl_resync_min_seconds: float = field(default_factory=lambda: float(os.environ.get("CC_ESL_RESYNC_MIN", "5")))
+    """After events were dropped (the consumer fell behind), a node's state is re-read at most this often."""
     switch_nodes_refresh_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_SWITCH_NODES_REFRESH", "5"))
     )
@@ -349,6 +351,8 @@ class Settings:
             raise RuntimeError("CC_SECRET_KEY must be at least 32 characters")
         if self.access_token_ttl_seconds > 900:
             raise RuntimeError("CC_ACCESS_TOKEN_TTL may not exceed 15 minutes")
+        if self.esl_lease_renew_seconds * 2 > self.esl_lease_ttl_seconds:
+            raise RuntimeError("CC_ESL_LEASE_RENEW must be at most half of CC_ESL_LEASE_TTL (renewed well inside it)")
 
 
 @lru_cache(maxsize=1)

@@ -1,15 +1,32 @@
-"""Demo data for the quick start: a provider operator, two tenants with owners, agents with seats."""
+"""Demo data for the quick start: a provider operator, two tenants with owners, agents with seats.
+
+Voice too: the switch simulator that `scripts/run.sh` starts is registered as a switch node, each tenant
+gets a number pointed at a `Support` queue, and (with `CC_DEMO_SEATS_FILE`) the agents' SIP accounts are
+written out so that run.sh can register their phones through the simulator.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import uuid
+from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from backend.auth.crypto import SecretBox
 from backend.auth.passwords import hash_password
 from backend.auth.principal import Principal
-from backend.config import get_settings
+from backend.channels.voice import nodes, numbers
+from backend.channels.voice.models import PhoneNumber
+from backend.channels.voice.schemas import NumberCreate, NumberRouting, SwitchNodeCreate
+from backend.config import Settings, get_settings
 from backend.db.engine import make_engine, make_sessionmaker, tenant_transaction
+from backend.routing import service as routing
+from backend.routing.models import Queue
+from backend.routing.schemas import QueueIn
 from backend.tenants import service
 from backend.tenants.models import ProviderUser, Seat
 from backend.tenants.permissions import PERMISSIONS
@@ -22,6 +39,9 @@ DEMO_TENANTS = (
     ("globex", "Globex Service", "Asia/Shanghai", "team"),
 )
 AGENTS_PER_TENANT = 3
+DEMO_NUMBERS = {"acme": "+33184880100", "globex": "+33184880200"}
+"""Each demo tenant's number (DID), pointed at its `Support` queue."""
+DEMO_QUEUE = "Support"
 
 
 async def ensure_provider_user(email: str, name: str, password: str) -> None:
@@ -36,6 +56,54 @@ async def ensure_provider_user(email: str, name: str, password: str) -> None:
         await engine.dispose()
 
 
+async def ensure_switch_node(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> str:
+    """The demo's simulated FreeSWITCH (`contactcenter switch-sim`), registered as a node of the cluster."""
+    from backend.channels.voice.simulator import SimulatorConfig
+
+    simulator = SimulatorConfig()
+    async with sessionmaker() as session, session.begin():
+        operator = await session.scalar(select(ProviderUser.id).where(ProviderUser.email == PROVIDER_EMAIL))
+        ops = Principal(kind="provider", tenant_id=None, user_id=operator)
+        existing = await nodes.node_by_name(session, simulator.hostname)
+        if existing is None:
+            await nodes.register_node(
+                session,
+                ops,
+                SwitchNodeCreate(
+                    name=simulator.hostname,
+                    esl_host="127.0.0.1",
+                    esl_port=simulator.esl_port or 8021,
+                    esl_password=simulator.esl_password,
+                    xml_curl_sources=["127.0.0.1/32", "::1/128"],
+                    sip_address=f"127.0.0.1:{simulator.sip_port}",
+                ),
+                SecretBox(settings.secret_key),
+            )
+        else:
+            existing.esl_port = simulator.esl_port or 8021
+            existing.esl_password_sealed = SecretBox(settings.secret_key).seal(simulator.esl_password)
+    return f"Switch node {simulator.hostname!r}: the simulator, ESL 127.0.0.1:{simulator.esl_port or 8021}"
+
+
+async def ensure_number(
+    sessionmaker: async_sessionmaker[AsyncSession], tenant_id: uuid.UUID, owner: Principal, e164: str
+) -> str:
+    """The tenant's demo number, from the pool, pointed at its `Support` queue (made if missing)."""
+    async with sessionmaker() as session, session.begin():
+        operator = await session.scalar(select(ProviderUser.id).where(ProviderUser.email == PROVIDER_EMAIL))
+        ops = Principal(kind="provider", tenant_id=None, user_id=operator)
+        number_id = await session.scalar(select(PhoneNumber.id).where(PhoneNumber.e164 == e164))
+        if number_id is None:
+            number_id = (await numbers.add_number(session, ops, NumberCreate(number=e164, label="demo"))).id
+        await numbers.assign_number(session, ops, number_id, tenant_id)
+    async with tenant_transaction(sessionmaker, tenant_id) as session:
+        queue_id = await session.scalar(select(Queue.id).where(Queue.name == DEMO_QUEUE))
+        if queue_id is None:
+            queue_id = (await routing.create_queue(session, owner, QueueIn(name=DEMO_QUEUE))).id
+        await numbers.route_number(session, owner, number_id, NumberRouting(queue_id=queue_id))
+    return f"  number {e164} -> queue {DEMO_QUEUE!r}"
+
+
 async def create_demo_data() -> list[str]:
     """Create (or top up) the demo and return the lines to print, SIP passwords included."""
     settings = get_settings()
@@ -45,7 +113,9 @@ async def create_demo_data() -> list[str]:
     lines = [
         f"Provider operations: {PROVIDER_EMAIL} / {DEMO_PASSWORD}  (POST /api/v1/ops/auth/login)",
     ]
+    phones: list[dict[str, str]] = []
     try:
+        lines.append(await ensure_switch_node(sessionmaker, settings))
         for slug, company, zone, plan in DEMO_TENANTS:
             async with sessionmaker() as session, session.begin():
                 tenant = await service.find_tenant_by_slug(session, slug)
@@ -97,6 +167,12 @@ async def create_demo_data() -> list[str]:
                         credentials = await service.rotate_seat_credentials(session, system, seat_id)
                     sip = f"SIP {credentials.sip_uri} password {credentials.sip_password}"
                     lines.append(f"  agent {email} / {DEMO_PASSWORD}  {sip}")
+                    user, _, domain = credentials.sip_uri.removeprefix("sip:").partition("@")
+                    phones.append({"agent": email, "user": user, "domain": domain})
+            lines.append(await ensure_number(sessionmaker, tenant_id, system, DEMO_NUMBERS[slug]))
     finally:
         await engine.dispose()
+    seats_file = os.environ.get("CC_DEMO_SEATS_FILE")
+    if seats_file:
+        await asyncio.to_thread(Path(seats_file).write_text, json.dumps(phones, indent=2))
     return lines

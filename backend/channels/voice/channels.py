@@ -126,8 +126,11 @@ class LiveChannels:
         keep = {str(u) for u in live_uuids}
         members = {str(leg) for leg in await self.redis.smembers(_node_key(node_id))}
         dropped = sorted(members - keep)
-        for leg in dropped:
-            await self.forget(node_id, leg)
+        for start in range(0, len(dropped), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for leg in dropped[start : start + 500]:
+                    await self._forget(keys=[_node_key(node_id), _leg_key(node_id, leg)], args=[leg], client=pipe)
+                await pipe.execute()
         if dropped:
             log.info("live_legs_reconciled", node_id=str(node_id), dropped=len(dropped))
         return dropped

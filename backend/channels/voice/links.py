@@ -269,6 +269,7 @@ class NodeLink:
         self._commands: set[asyncio.Task[None]] = set()
         self._command_slots = asyncio.Semaphore(max(1, settings.switch_command_concurrency))
         self._last_lag_log = 0.0
+        self._last_snapshot_at = 0.0
         self._reported_error: str | None = None
         self._stopping = False
 
@@ -436,7 +437,10 @@ class NodeLink:
                 dropped=dropped,
                 detail="the consumer fell behind; the node's state is re-read",
             )
-        self._schedule_resync()
+        # While the consumer stays behind, re-reading the node every time an event is dropped would only
+        # put it further behind: at most one re-read per `esl_resync_min_seconds`.
+        since = time.monotonic() - self._last_snapshot_at
+        self._schedule_resync(max(self.settings.esl_lease_poll_seconds, self.settings.esl_resync_min_seconds - since))
 
     def _schedule_resync(self, delay: float = 0.0) -> None:
         if self._resync_task is not None and not self._resync_task.done():
@@ -459,6 +463,7 @@ class NodeLink:
         self._resync_task = asyncio.create_task(later(), name=f"esl-resync-{self.name}")
 
     async def _take_snapshot(self, client: InboundClient) -> None:
+        self._last_snapshot_at = time.monotonic()
         channels = _rows((await client.api("show channels as json")).json())
         registrations = _rows((await client.api("show registrations as json")).json())
         # Events received before this point happened before the snapshot: they are applied first.

@@ -34,6 +34,7 @@ SHORT_LINKS: dict[str, Any] = {
     "esl_lease_renew_seconds": 0.2,
     "esl_lease_poll_seconds": 0.1,
     "switch_nodes_refresh_seconds": 0.3,
+    "esl_resync_min_seconds": 0.5,
     "esl_reconnect_initial_seconds": 0.05,
     "esl_reconnect_max_seconds": 0.4,
     "esl_reconnect_jitter": 0.1,

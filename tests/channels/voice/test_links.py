@@ -522,7 +522,7 @@ async def test_garbage_unknown_events_unusable_events_and_unknown_calls_are_logg
         {"Event-Name": "HEARTBEAT", "cc_test_mark": "after"},
         {"Event-Name": "CHANNEL_UNBRIDGE", "Unique-ID": unknown_call, "cc_test_mark": "same-leg"},
     ]
-    peer = FakeSwitch([first_connection, [{"Event-Name": "HEARTBEAT", "cc_test_mark": "second"}]])
+    peer = FakeSwitch([first_connection, [{"Event-Name": "HEARTBEAT", "cc_test_mark": "second"}]], garbage=True)
     await peer.start()
     refused = OperationalError("SELECT 1", {}, ConnectionRefusedError("the database restarts"))
     board = SlowSwitchboard(app, delay=0, failures={"flaky": [refused, refused], "broken": [ValueError("a bug")]})
@@ -554,8 +554,9 @@ async def test_garbage_unknown_events_unusable_events_and_unknown_calls_are_logg
 class FakeSwitch:
     """A peer that speaks just enough ESL to be held, then sends what each connection's script says."""
 
-    def __init__(self, scripts: list[list[dict[str, Any]]]) -> None:
+    def __init__(self, scripts: list[list[dict[str, Any]]], *, garbage: bool = False) -> None:
         self.scripts = scripts
+        self.garbage = garbage
         self.connections = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -589,10 +590,115 @@ class FakeSwitch:
                     if line == "api show registrations as json":
                         for event in script:
                             writer.write(event_frame("json", [(k, str(v)) for k, v in event.items()]))
-                        if index == 0:
+                        if index == 0 and self.garbage:
                             writer.write(b"this is not ESL\n\n")
                     await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
+
+
+async def test_a_process_holding_more_than_its_share_gives_a_node_to_one_that_started_later(factory: Factory, app):
+    prefix = unique("fs-share-")
+    async with (
+        SwitchSimulator(simulator_config(hostname=f"{prefix}-a", heartbeat_interval=0.2)) as a,
+        SwitchSimulator(simulator_config(hostname=f"{prefix}-b", heartbeat_interval=0.2)) as b,
+    ):
+        nodes = [
+            await factory.switch_node(name=f"{prefix}-a", esl_port=a.esl_port),
+            await factory.switch_node(name=f"{prefix}-b", esl_port=b.esl_port),
+        ]
+        other_redis = make_redis(app.state.settings.redis_url)
+        try:
+            async with holding(app, f"{prefix}-*", esl_rebalance_seconds=0.5) as first:
+                for node in nodes:
+                    await eventually(lambda node=node: _connected(first, node["id"]))
+                async with holding(app, f"{prefix}-*", redis=other_redis, esl_rebalance_seconds=0.5) as second:
+                    watches = [HolderLog(node["id"], first, second) for node in nodes]
+
+                    async def spread() -> bool:
+                        return len(first.links) == 1 and len(second.links) == 1
+
+                    await eventually(spread, timeout=10)
+                    moved = next(iter(second.links))
+                    await eventually(lambda: _connected(second, moved))
+                    for watch in watches:
+                        await watch.stop()
+                        assert watch.overlaps == 0
+        finally:
+            await other_redis.aclose()
+
+
+async def test_one_legs_events_are_applied_in_the_nodes_order_while_lanes_run_side_by_side(factory: Factory, app):
+    """Forty legs, five events each, interleaved; the switchboard takes a random while over each. Each leg's
+    events come out in the order the node sent them, and the lanes overlap (it is not one at a time)."""
+    import random
+
+    rng = random.Random(5)
+    legs = [str(uuid.uuid4()) for _ in range(40)]
+    script = [
+        {"Event-Name": "CHANNEL_PROGRESS", "Unique-ID": leg, "cc_test_mark": f"{leg}:{step}"}
+        for step in range(5)
+        for leg in legs
+    ]
+    peer = FakeSwitch([script])
+    await peer.start()
+    board = RandomlySlowSwitchboard(app, rng)
+    try:
+        node = await factory.switch_node(name=unique("fs-lanes-"), esl_port=peer.port)
+        async with holding(app, node["name"], switchboard=board, switch_event_lanes=8) as links:
+            await eventually(lambda: _equal(len(board.applied), len(script)), timeout=10)
+            assert links.links[node["id"]].stats.failed == 0
+    finally:
+        await peer.close()
+    for leg in legs:
+        steps = [int(mark.split(":")[1]) for mark in board.applied if mark.startswith(leg)]
+        assert steps == [0, 1, 2, 3, 4], (leg, steps)
+    assert board.most_at_once > 1
+
+
+class RandomlySlowSwitchboard(SlowSwitchboard):
+    def __init__(self, app, rng) -> None:
+        super().__init__(app, delay=0)
+        self.rng = rng
+        self.running = 0
+        self.most_at_once = 0
+
+    async def handle_event(self, node_id: uuid.UUID, event) -> None:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(self.rng.random() * 0.01)
+            self.applied.append(event.get("cc_test_mark") or event.get("Event-Name"))
+        finally:
+            self.running -= 1
+
+
+async def test_a_node_no_longer_registered_is_released(factory: Factory, app, redis):
+    """Operators have no route that deletes a node yet; the registry read is what decides, so a node that
+    disappears from it (here: from what the switchboard reports) is released at the next refresh."""
+    name = unique("fs-gone-")
+    async with SwitchSimulator(simulator_config(hostname=name, heartbeat_interval=0.2)) as simulator:
+        node = await factory.switch_node(name=name, esl_port=simulator.esl_port)
+        registry = Registry(app)
+        async with holding(app, name, switchboard=registry) as links:
+            await eventually(lambda: _connected(links, node["id"]))
+            registry.hidden.add(node["id"])
+            await eventually(lambda: _equal(node["id"] in links.links, False), timeout=5)
+            assert await redis.get(lease_key(node["id"])) is None
+            await eventually(lambda: _equal(len(simulator.switch.listeners), 0))
+
+
+class Registry:
+    """The real switchboard, with some nodes left out of the registered ones."""
+
+    def __init__(self, app) -> None:
+        self.voice = app.state.voice
+        self.hidden: set[uuid.UUID] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.voice, name)
+
+    async def esl_targets(self):
+        return [target for target in await self.voice.esl_targets() if target.id not in self.hidden]
