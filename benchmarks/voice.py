@@ -49,7 +49,7 @@ from backend.channels.voice.esl import CommandParser, FrameParser, decode_frame
 from backend.channels.voice.esl._wire import body_frame, reply_frame
 
 FIXTURES = Path(
-    os.environ.get("CC_FREESWITCH_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "freeswitch")
+    os.environ.get("CC_FREESWITCH_FIXTURES", Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "freeswitch")
 )
 A08 = FIXTURES / "inbound_esl" / "a08_event_json_all_scenario_call.esl"
 A09 = FIXTURES / "inbound_esl" / "a09_event_plain_all_scenario_call.esl"

@@ -1,9 +1,10 @@
-"""FreeSWITCH 1.10.12's captured bytes (../shared/fixtures/freeswitch): where they are and how tests read them.
+"""FreeSWITCH 1.10.12's captured bytes (tests/fixtures/freeswitch): where they are and how tests read them.
 
 The one place every test finds the captures: the conformance and parser tests replay
 `.esl` files and their `.jsonl` transcripts, the backend tests replay the HTTP
-requests and events. CI has `shared/` beside the clone; `CC_FREESWITCH_FIXTURES`
-points elsewhere.
+requests and events. They are kept in the repository, byte for byte as captured
+(`.gitattributes` stops any line-ending conversion), so a fresh clone tests alone;
+`CC_FREESWITCH_FIXTURES` points elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from urllib.parse import quote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository's root directory."""
-FIXTURES = Path(os.environ.get("CC_FREESWITCH_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "freeswitch"))
+FIXTURES = Path(os.environ.get("CC_FREESWITCH_FIXTURES", REPO_ROOT / "tests" / "fixtures" / "freeswitch"))
 NODE_NAME = "fs-node-1"
 """The captures' switchname: requests are replayed byte for byte, so the test node carries it."""
 A_LEG = "7376847b-6112-4072-9af1-5a29049ccd1f"
@@ -31,7 +32,7 @@ def fixture(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
         raise FileNotFoundError(
-            f"FreeSWITCH capture {path} missing: the captures live in ../shared/fixtures/freeswitch"
+            f"FreeSWITCH capture {path} missing: the captures live in tests/fixtures/freeswitch"
         )
     return path
 
