@@ -31,9 +31,7 @@ def fixture(*parts: str) -> Path:
     """A capture file, named as `fixture("json_cdr", name)` or `fixture("inbound_esl/a01_auth_ok_exit.esl")`."""
     path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        raise FileNotFoundError(
-            f"FreeSWITCH capture {path} missing: the captures live in tests/fixtures/freeswitch"
-        )
+        raise FileNotFoundError(f"FreeSWITCH capture {path} missing: the captures live in tests/fixtures/freeswitch")
     return path
 
 
