@@ -25,6 +25,7 @@ from backend.auth.authenticate import Authenticator
 from backend.auth.principal import Principal
 from backend.lib.problems import Problem, Unauthenticated
 from backend.lib.redis_keys import REVOCATION_CHANNEL, global_key, tenant_key
+from backend.lib.tasks import cancel_and_wait
 
 log = structlog.get_logger("hub")
 
@@ -69,11 +70,8 @@ class AgentHub:
 
     async def stop(self) -> None:
         """Stop listening and close every connection."""
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await cancel_and_wait(self._listener)
+        self._listener = None
         for task in list(self._tasks):
             task.cancel()
         for sockets in list(self._sockets.values()):

@@ -29,6 +29,7 @@ import structlog
 from redis.asyncio import Redis
 
 from backend.lib.redis_keys import global_key
+from backend.lib.tasks import cancel_and_wait
 
 log = structlog.get_logger("routing.signals")
 
@@ -111,11 +112,8 @@ class SignalListener:
 
     async def stop(self) -> None:
         """Unsubscribe."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -73,6 +73,7 @@ from backend.channels.voice.registrations import REGISTRATION_EVENTS
 from backend.channels.voice.service import SUBSCRIBED_EVENTS, VoiceSwitchboard
 from backend.config import Settings
 from backend.lib.redis_keys import global_key
+from backend.lib.tasks import cancel_and_wait
 
 log = structlog.get_logger("voice.links")
 T = TypeVar("T")
@@ -348,11 +349,7 @@ class NodeLink:
 
     @staticmethod
     async def _cancel(task: asyncio.Task[None] | None) -> None:
-        if task is None or task.done():
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_and_wait(task)
 
     # ----- the lease -----
 
@@ -713,6 +710,7 @@ class SwitchLinks:
         self._free_since: dict[uuid.UUID, float] = {}
         self._last_rebalance = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._wake = asyncio.Event()
 
     def mine(self, target: EslTarget) -> bool:
@@ -722,16 +720,18 @@ class SwitchLinks:
     async def start(self) -> None:
         """Compete for leases in the background until `stop()`."""
         if self._task is None:
+            self._closing = False
             self._task = asyncio.create_task(self._run(), name="switch-links")
             log.info("switch_links_started", holder=self.token, nodes=",".join(self.patterns) or "*")
 
     async def stop(self) -> None:
         """Give every node up cleanly (their leases released, so others take over within a poll)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        # The flag as well as the cancellation: a library call in the pass (seen on Python 3.11) can swallow
+        # a CancelledError, and the loop must end all the same rather than keep stop() waiting for ever.
+        self._closing = True
+        self._wake.set()
+        await cancel_and_wait(self._task)
+        self._task = None
         links = list(self.links.values())
         self.links.clear()
         await asyncio.gather(*(link.stop(release=True) for link in links), return_exceptions=True)
@@ -744,13 +744,15 @@ class SwitchLinks:
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.error("switch_links_pass_failed", error=str(error) or type(error).__name__, exc_info=True)
+            if self._closing:
+                return
             self._wake.clear()
             # asyncio.wait, not asyncio.timeout: on Python 3.11 a cancellation arriving as the timeout fires
             # is turned into TimeoutError, and suppressing it would lose the cancellation (stop() then hangs).

@@ -15,7 +15,6 @@ ESL server it runs, in the same event loop:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -29,6 +28,7 @@ from backend.channels.voice.call_control.records import LEASES, CallReply
 from backend.channels.voice.call_control.services import CallServices
 from backend.channels.voice.esl import ClientConfig, OutboundServer, OutboundSession
 from backend.channels.voice.legs import VAR_DIRECTION
+from backend.lib.tasks import cancel_and_wait
 from backend.routing.signals import RoutingSignal, SignalListener
 
 log = structlog.get_logger("voice.call_control")
@@ -80,18 +80,10 @@ class CallControlServer:
     async def close(self) -> None:
         """Stop taking calls. Calls in progress are let go, not hung up: their claims lapse and another
         process (or the dialplan's second `socket`) takes them over."""
-        for task in self._loops:
-            task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._loops)
         await self.server.close()
         await self.listener.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._tasks)
 
     async def __aenter__(self) -> CallControlServer:
         await self.start()

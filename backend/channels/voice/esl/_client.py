@@ -28,6 +28,7 @@ from backend.channels.voice.esl._models import (
     EventFormat,
     LogLine,
 )
+from backend.lib.tasks import cancel_and_wait
 
 logger = logging.getLogger("backend.channels.voice.esl")
 
@@ -137,10 +138,7 @@ class InboundClient:
         if connection is not None:
             # Saying goodbye first lets the supervisor see the close and return on its own.
             await connection.exit()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._supervisor
+        await cancel_and_wait(self._supervisor)
         self._connection = None
         self._connected.clear()
         self._events.close()

@@ -34,6 +34,7 @@ from backend.channels.voice.esl._models import (
 )
 from backend.channels.voice.esl._parser import FrameParser
 from backend.channels.voice.esl._wire import encode_command
+from backend.lib.tasks import cancel_and_wait
 
 logger = logging.getLogger("backend.channels.voice.esl")
 
@@ -263,10 +264,7 @@ class Connection:
             raise Timeout(f"{self.name}: no greeting from the switch within {timeout}s") from None
 
     async def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
 

@@ -11,6 +11,7 @@ from backend.channels.voice.esl._config import ClientConfig
 from backend.channels.voice.esl._connection import BackgroundJob, Connection, EventBuffer
 from backend.channels.voice.esl._exceptions import ChannelGone, ESLError, ProtocolError
 from backend.channels.voice.esl._models import ApiResponse, CommandReply, Event, EventFormat, Headers
+from backend.lib.tasks import cancel_and_wait
 
 logger = logging.getLogger("backend.channels.voice.esl")
 
@@ -214,11 +215,7 @@ class OutboundServer:
         """Stop accepting and end the calls in progress (their sockets are closed)."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._sessions):
-            task.cancel()
-        for task in list(self._sessions):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(*self._sessions)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

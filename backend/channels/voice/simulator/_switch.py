@@ -22,6 +22,7 @@ from backend.channels.voice.esl._wire import serialize_json, serialize_plain, ur
 from backend.channels.voice.simulator._channel import Q850, CallerProfile, Channel, Pairs, now_us
 from backend.channels.voice.simulator._config import SimulatorConfig
 from backend.channels.voice.simulator._http import HttpResult, post, request
+from backend.lib.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from backend.channels.voice.simulator._esl import Listener
@@ -167,10 +168,7 @@ class Switch:
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="sim-heartbeat")
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await cancel_and_wait(self._heartbeat)
         for leg in list(self.legs.values()):
             if leg.task is not None:
                 leg.task.cancel()
