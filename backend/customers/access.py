@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
+from backend.lib.masking import READ_SENSITIVE
 from backend.lib.problems import Problem
 from backend.tenants import service as tenants_service
 
-SENSITIVE = "customers:read_sensitive"
+SENSITIVE = READ_SENSITIVE
 ALL_UNITS = "customers:all_units"
 
 

@@ -163,7 +163,8 @@ class CustomerController(Controller):
         """The filtered customers as CSV, streamed; masked as your permissions say; audited."""
         viewer = await _viewer(request, db_session)
         filters = _filters(q, phone, email, tag, team_id, external_id)
-        service.search_statement(viewer, **filters)  # refuse bad filters before the response starts
+        region = (await service.store_config(db_session, viewer.tenant_id)).region
+        service.search_statement(viewer, region=region, **filters)  # refuse bad filters before the response starts
         await audit.record(
             db_session,
             action="customers.export",

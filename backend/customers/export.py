@@ -75,7 +75,7 @@ async def export_csv(
     last: tuple[Any, uuid.UUID] | None = None
     while True:
         async with tenant_transaction(sessionmaker, viewer.tenant_id) as session:
-            statement = search_statement(viewer, **filters)
+            statement = search_statement(viewer, region=config.region, **filters)
             if last is not None:
                 statement = statement.where(
                     or_(Customer.created_at > last[0], and_(Customer.created_at == last[0], Customer.id > last[1]))

@@ -19,7 +19,22 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import Integer, Select, String, cast, delete, func, literal, null, or_, select, text, union_all, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    cast,
+    delete,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -27,16 +42,7 @@ from backend.auth.principal import Principal
 from backend.config import get_settings
 from backend.customers import tickets
 from backend.customers.access import Viewer, check_version, expected_version
-from backend.customers.contacts import (
-    digits,
-    mask_address,
-    mask_identity,
-    mask_phone,
-    mask_text,
-    normalise_email,
-    normalise_phone,
-    phone_lookup_values,
-)
+from backend.customers.contacts import digits, mask_identity, normalise_email, normalise_phone, phone_lookup_values
 from backend.customers.erasure import ErasureRequest, register_erasure_hook, run_erasure_hooks
 from backend.customers.fields import FieldRule, check_values, missing_required
 from backend.customers.models import Customer, CustomerFieldDef, CustomerIdentity, CustomerNote, CustomerSettings
@@ -58,6 +64,7 @@ from backend.customers.schemas import (
 )
 from backend.db.base import utcnow
 from backend.db.engine import tenant_transaction
+from backend.lib.masking import mask_address, mask_phone, mask_text
 from backend.lib.pagination import PageRequest, paginate, paginate_rows
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.lib.validation import clean_text
@@ -320,6 +327,7 @@ def _like(fragment: str) -> str:
 def search_statement(
     viewer: Viewer,
     *,
+    region: str | None = None,
     q: str | None = None,
     phone: str | None = None,
     email: str | None = None,
@@ -327,7 +335,12 @@ def search_statement(
     team_id: uuid.UUID | None = None,
     external_id: str | None = None,
 ) -> Select[Any]:
-    """Customers matching every filter given, within the viewer's units; merged and erased records left out."""
+    """Customers matching every filter given, within the viewer's units; merged and erased records left out.
+
+    Fragments of phone numbers and e-mail addresses find records only for viewers who see them unmasked:
+    for anyone else a search that matched `+86 138****1234` on `1381` then `1382` would give away the
+    digits the mask hides, so they search by the whole number (read in the tenant's `region`) or address.
+    """
     statement = select(Customer).where(Customer.merged_into_id.is_(None), Customer.erased_at.is_(None))
     text = (q or "").strip()
     if text:
@@ -347,23 +360,31 @@ def search_statement(
         fragment = digits(phone)
         if len(fragment) < 3:
             raise InvalidInput.field("phone", "give at least three digits")
+        phone_match: ColumnElement[bool]
+        if viewer.sensitive:
+            phone_match = CustomerIdentity.value.like(_like(fragment))
+        else:
+            whole = normalise_phone(phone, region)
+            if not whole.valid:
+                raise InvalidInput.field("phone", "give the whole number: fragments need customers:read_sensitive")
+            phone_match = CustomerIdentity.value.in_(phone_lookup_values(phone, region))
         statement = statement.where(
-            Customer.id.in_(
-                select(CustomerIdentity.customer_id).where(
-                    CustomerIdentity.kind == "phone", CustomerIdentity.value.like(_like(fragment))
-                )
-            )
+            Customer.id.in_(select(CustomerIdentity.customer_id).where(CustomerIdentity.kind == "phone", phone_match))
         )
     if email:
         fragment = email.strip().lower()
         if len(fragment) < 3:
             raise InvalidInput.field("email", "give at least three characters")
+        email_match: ColumnElement[bool]
+        if viewer.sensitive:
+            email_match = CustomerIdentity.value.like(_like(fragment))
+        else:
+            address = normalise_email(email.strip())
+            if address is None:
+                raise InvalidInput.field("email", "give the whole address: fragments need customers:read_sensitive")
+            email_match = CustomerIdentity.value == address
         statement = statement.where(
-            Customer.id.in_(
-                select(CustomerIdentity.customer_id).where(
-                    CustomerIdentity.kind == "email", CustomerIdentity.value.like(_like(fragment))
-                )
-            )
+            Customer.id.in_(select(CustomerIdentity.customer_id).where(CustomerIdentity.kind == "email", email_match))
         )
     if external_id:
         statement = statement.where(
@@ -384,15 +405,15 @@ async def search_customers(
     session: AsyncSession, viewer: Viewer, page: PageRequest, **filters: Any
 ) -> tuple[list[CustomerOut], str | None]:
     """Search by name, phone fragment, e-mail, tags, unit or external id; cursor-paginated."""
+    config = await store_config(session, viewer.tenant_id)
     rows, cursor = await paginate(
         session,
-        search_statement(viewer, **filters),
+        search_statement(viewer, region=config.region, **filters),
         page,
         sortable={"name": Customer.name, "created_at": Customer.created_at, "updated_at": Customer.updated_at},
         default_sort="-updated_at",
         id_column=Customer.id,
     )
-    config = await store_config(session, viewer.tenant_id)
     identities = await identities_of(session, [c.id for c in rows])
     return [customer_out(c, identities[c.id], config, viewer) for c in rows], cursor
 
@@ -891,13 +912,16 @@ def offer_screen_pop(sessionmaker: async_sessionmaker[AsyncSession]) -> OfferCon
         async with tenant_transaction(sessionmaker, tenant_id) as session:
             found = await tenants_service.user_permissions(session, agent_id)
             permissions = found[1] if found else frozenset()
+            shown = {
+                "interaction": msgspec.to_builtins(routing_service.interaction_as_seen_by(interaction, permissions))
+            }
             if "customers:read" not in permissions:
-                return {}
+                return shown
             viewer = Viewer(tenant_id, agent_id, "user", agent_id, permissions, frozenset())
             pop = await _pop_for(session, viewer, interaction, handling=True)
             if len(pop.customers) == 1 and interaction.customer_ref != str(pop.customers[0].id):
                 await routing_service.attach_customer(session, interaction.id, str(pop.customers[0].id))
-        return {"screen_pop": msgspec.to_builtins(pop)}
+        return {**shown, "screen_pop": msgspec.to_builtins(pop)}
 
     return provide
 

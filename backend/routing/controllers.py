@@ -84,11 +84,13 @@ class InteractionController(Controller):
     async def create(self, request: Request[Principal, Any, Any], data: InteractionCreate) -> InteractionOut:
         """Create and queue an interaction (channels do this through the routing service)."""
         assert request.user.tenant_id is not None
-        return await _engine(request).create(request.user.tenant_id, data)
+        created = await _engine(request).create(request.user.tenant_id, data)
+        return interactions.as_seen_by(created, request.user.permissions)
 
     @get("/", permission="queues:read", operation_id="list_interactions")
     async def list_interactions(
         self,
+        request: Request[Principal, Any, Any],
         db_session: AsyncSession,
         page: PageRequest,
         interaction_state: InteractionState | None = Parameter(query="state", default=None),
@@ -99,7 +101,7 @@ class InteractionController(Controller):
         items, cursor = await interactions.listing(
             db_session, page, state=interaction_state, queue_id=queue_id, agent_id=agent_id
         )
-        return Page(items, cursor)
+        return Page([interactions.as_seen_by(item, request.user.permissions) for item in items], cursor)
 
     @get("/{interaction_id:uuid}", permission="queues:read", operation_id="get_interaction")
     async def get_interaction(
@@ -108,7 +110,8 @@ class InteractionController(Controller):
         """One interaction with its timeline and, while it waits, its place and estimated wait."""
         assert request.user.tenant_id is not None
         found, timeline = await interactions.get(db_session, interaction_id)
-        return await _engine(request).describe(db_session, request.user.tenant_id, found, timeline)
+        described = await _engine(request).describe(db_session, request.user.tenant_id, found, timeline)
+        return interactions.as_seen_by(described, request.user.permissions)
 
     @post(
         "/{interaction_id:uuid}/callback", permission="queues:write", operation_id="request_callback", status_code=200
@@ -118,12 +121,14 @@ class InteractionController(Controller):
     ) -> InteractionOut:
         """The waiting customer asks to be called back: their place is kept (or a time is booked)."""
         assert request.user.tenant_id is not None
-        return await _engine(request).request_callback(request.user.tenant_id, interaction_id, data.number, data.at)
+        waiting = await _engine(request).request_callback(request.user.tenant_id, interaction_id, data.number, data.at)
+        return interactions.as_seen_by(waiting, request.user.permissions)
 
     @post("/{interaction_id:uuid}/accept", permission="agent:workspace", operation_id="accept_offer", status_code=200)
     async def accept(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> InteractionOut:
         """Take an offer made to you."""
-        return await _engine(request).accept(request.user, interaction_id)
+        accepted = await _engine(request).accept(request.user, interaction_id)
+        return interactions.as_seen_by(accepted, request.user.permissions)
 
     @post("/{interaction_id:uuid}/reject", permission="agent:workspace", operation_id="reject_offer", status_code=204)
     async def reject(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> None:
@@ -135,7 +140,8 @@ class InteractionController(Controller):
         self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: InteractionEnd
     ) -> InteractionOut:
         """End an interaction you handle (supervisors may end any)."""
-        return await _engine(request).end(request.user, interaction_id, data.outcome)
+        ended = await _engine(request).end(request.user, interaction_id, data.outcome)
+        return interactions.as_seen_by(ended, request.user.permissions)
 
 
 class SkillController(Controller):

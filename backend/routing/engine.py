@@ -249,7 +249,8 @@ class RoutingEngine:
         )
         payload = {
             "type": "offer",
-            "interaction": _plain(offered),
+            # Masked until an offer-context provider that knows the agent's rights shows more.
+            "interaction": _plain(interactions.as_seen_by(offered, ())),
             "timeout_ms": timeout_ms,
             "ringing_agents": len(agents),
         }

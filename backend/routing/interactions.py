@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db.base import utcnow
+from backend.lib.masking import READ_SENSITIVE, mask_address
 from backend.lib.pagination import PageRequest, paginate
 from backend.lib.problems import NotFound
 from backend.routing.models import Interaction, InteractionEvent
@@ -75,6 +78,34 @@ def out(
         timeline=None
         if timeline is None
         else [InteractionEventOut(e.seq, e.name, e.at, e.agent_id, e.data) for e in timeline],
+    )
+
+
+CUSTOMER_ADDRESS_KEYS = frozenset(
+    {"caller_number", "callback_number", "customer_address", "number", "to_number", "from_number", "email"}
+)
+"""Attribute and timeline keys whose values are a customer's phone number or e-mail address."""
+
+
+def _masked(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: mask_address(value) if key in CUSTOMER_ADDRESS_KEYS and isinstance(value, str) else value
+        for key, value in data.items()
+    }
+
+
+def as_seen_by(item: InteractionOut, permissions: Collection[str]) -> InteractionOut:
+    """The interaction as someone may see it: without `customers:read_sensitive`, the customer's numbers and
+    e-mail addresses (its reference while no record is attached, its attributes, its timeline) are masked."""
+    if READ_SENSITIVE in permissions:
+        return item
+    return msgspec.structs.replace(
+        item,
+        customer_ref=mask_address(item.customer_ref) if item.customer_ref else None,
+        attributes=_masked(item.attributes),
+        timeline=None
+        if item.timeline is None
+        else [msgspec.structs.replace(event, data=_masked(event.data)) for event in item.timeline],
     )
 
 

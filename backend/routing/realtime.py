@@ -15,6 +15,7 @@ from backend.lib.problems import Forbidden, InvalidInput
 from backend.routing import service
 from backend.routing.engine import RoutingEngine
 from backend.routing.hub import AgentHub
+from backend.routing.interactions import as_seen_by
 from backend.routing.schemas import AgentStateChange
 
 log = structlog.get_logger("routing.realtime")
@@ -36,7 +37,7 @@ def register(hub: AgentHub, sessionmaker: async_sessionmaker[AsyncSession], engi
     async def accept(principal: Principal, message: dict[str, Any]) -> dict[str, Any]:
         workspace(principal)
         accepted = await engine.accept(principal, interaction_id(message))
-        return {"type": "accepted", "interaction": msgspec.to_builtins(accepted)}
+        return {"type": "accepted", "interaction": msgspec.to_builtins(as_seen_by(accepted, principal.permissions))}
 
     async def reject(principal: Principal, message: dict[str, Any]) -> dict[str, Any]:
         workspace(principal)

@@ -919,6 +919,11 @@ async def agent_is_handling(
     return found is not None
 
 
+def interaction_as_seen_by(item: InteractionOut, permissions: frozenset[str]) -> InteractionOut:
+    """An interaction with the customer's addresses masked unless `permissions` may read them."""
+    return interactions.as_seen_by(item, permissions)
+
+
 async def attach_customer(session: AsyncSession, interaction_id: uuid.UUID, customer_ref: str) -> InteractionOut:
     """Attach an interaction to a customer record; the address it came from is kept in its attributes."""
     found = await session.scalar(select(Interaction).where(Interaction.id == interaction_id).with_for_update())

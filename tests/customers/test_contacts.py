@@ -6,11 +6,12 @@ import csv
 
 import pytest
 
-from backend.customers.contacts import mask_email, mask_phone, normalise_phone, phone_lookup_values
+from backend.customers.contacts import normalise_phone, phone_lookup_values
 from backend.customers.export import neutralise
 from backend.customers.fields import FieldRule, FieldValueError, check_value
 from backend.customers.importer import RecordSplitter
 from backend.customers.service import region_for_zone
+from backend.lib.masking import mask_email, mask_phone
 
 pytestmark = pytest.mark.unit
 

@@ -133,7 +133,8 @@ async def test_agents_see_their_units_masked_supervisors_everything(client, fact
     listed = (await client.get(BASE, params={"limit": 200}, headers=agent["headers"])).json()["items"]
     ids = {c["id"] for c in listed}
     assert ours["id"] in ids and shared["id"] in ids and theirs["id"] not in ids
-    found = (await client.get(BASE, params={"phone": "137001"}, headers=agent["headers"])).json()["items"]
+    # Another unit's customer stays out of reach even when searched by its whole number.
+    found = (await client.get(BASE, params={"phone": "137 0013 7000"}, headers=agent["headers"])).json()["items"]
     assert found == []
     as_supervisor = await client.get(f"{BASE}/{theirs['id']}", headers=supervisor["headers"])
     assert as_supervisor.status_code == 200
@@ -146,6 +147,24 @@ async def test_agents_see_their_units_masked_supervisors_everything(client, fact
     assert erase.status_code == 403
     assert (await client.get(f"{BASE}/export", headers=agent["headers"])).status_code == 403
     assert (await client.post("/api/v1/customer-imports", json={}, headers=agent["headers"])).status_code == 403
+
+
+async def test_masked_viewers_search_whole_numbers_and_addresses_only(client, factory):
+    """Fragments would reveal what the mask hides (`138****8000` searched as 1381, 1382...): without
+    customers:read_sensitive a search names the whole number, in any common format, or the whole address."""
+    ctx, north, south, agent, supervisor, ours, theirs, shared = await _units(client, factory)
+    for fragment in ({"phone": "1380013"}, {"q": "13800138"}, {"email": "wang.li@"}, {"q": "li@example"}):
+        refused = await client.get(BASE, params=fragment, headers=agent["headers"])
+        assert refused.status_code == 422, (fragment, refused.text)
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "read_sensitive" in refused.text
+    for whole in ({"phone": "138 0013 8000"}, {"phone": "+86 138-0013-8000"}, {"q": "Wang.Li@example.com"}):
+        found = (await client.get(BASE, params=whole, headers=agent["headers"])).json()["items"]
+        assert [c["id"] for c in found] == [ours["id"]], whole
+        assert found[0]["phones"][0]["number"] == "+86 138****8000"
+    # Those who see numbers unmasked keep fragment search.
+    by_fragment = (await client.get(BASE, params={"phone": "1380013"}, headers=supervisor["headers"])).json()
+    assert ours["id"] in [c["id"] for c in by_fragment["items"]]
 
 
 async def test_the_handling_agent_sees_the_caller_whatever_the_unit(client, factory, app):
