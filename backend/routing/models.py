@@ -225,6 +225,9 @@ class Interaction(TenantOwned, Base):
         CheckConstraint("state IN ('new','queued','offered','connected','wrap_up','ended')", name="state"),
         ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
         ForeignKeyConstraint(["tenant_id", "queue_id"], ["queues.tenant_id", "queues.id"]),
+        Index("ix_interactions_queue_state", "tenant_id", "queue_id", "state"),
+        Index("ix_interactions_created", "tenant_id", "created_at", "id"),
+        Index("ix_interactions_customer", "tenant_id", "customer_ref", "created_at"),
     )
 
     channel: Mapped[str] = mapped_column(String(16))

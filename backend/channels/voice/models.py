@@ -78,8 +78,11 @@ class PhoneNumber(GlobalRow, Base):
         CheckConstraint(
             "tenant_id IS NOT NULL OR (queue_id IS NULL AND ivr_flow_id IS NULL)", name="free_has_no_target"
         ),
-        # ON DELETE SET NULL (queue_id) is added by the migration: a deleted queue leaves the number unrouted.
-        ForeignKeyConstraint(["tenant_id", "queue_id"], ["queues.tenant_id", "queues.id"]),
+        # A deleted queue leaves the number assigned but unrouted (PostgreSQL 15's column list on SET NULL).
+        ForeignKeyConstraint(
+            ["tenant_id", "queue_id"], ["queues.tenant_id", "queues.id"], ondelete="SET NULL (queue_id)"
+        ),
+        Index("ix_phone_numbers_tenant", "tenant_id", "e164"),
         ForeignKeyConstraint(["tenant_id", "ivr_flow_id"], ["ivr_flows.tenant_id", "ivr_flows.id"]),
     )
 
@@ -103,6 +106,8 @@ class CallLeg(TenantOwned, Base):
         CheckConstraint(f"disposition IN {DISPOSITIONS!r}", name="disposition"),
         CheckConstraint("direction IN ('inbound','outbound')", name="direction"),
         ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
+        Index("ix_voice_cdrs_ended", "tenant_id", "ended_at", "id"),
+        Index("ix_voice_cdrs_interaction", "tenant_id", "interaction_id"),
     )
 
     leg_uuid: Mapped[uuid.UUID] = mapped_column()
@@ -156,6 +161,7 @@ class Registration(TenantOwned, Base):
         CheckConstraint(f"transport IN {TRANSPORTS!r}", name="transport"),
         ForeignKeyConstraint(["tenant_id"], ["tenants.id"], ondelete="CASCADE"),
         ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"], ondelete="CASCADE"),
+        Index("ix_voice_registrations_user", "tenant_id", "user_id"),
         ForeignKeyConstraint(["node_id"], ["switch_nodes.id"], ondelete="CASCADE"),
     )
 
