@@ -5,7 +5,8 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CC_VENV:-$REPO_ROOT/.venv}"
-PG_VERSION_DIR=""
+# Found again once packages are installed; known now when PostgreSQL already is (stop_postgres needs it).
+PG_VERSION_DIR="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
 
 log() { printf '\033[1m[contactcenter]\033[0m %s\n' "$*" >&2; }
 
