@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -155,9 +155,26 @@ def merge(row: CallLeg, leg: LegFacts, source: Source) -> bool:
     return True
 
 
-# One statement object, so SQLAlchemy compiles it once: the values travel as parameters.
+# One statement object, so SQLAlchemy compiles it once: the values travel as parameters (several legs
+# of a tenant in one multi-row INSERT, rows returned in the order of the parameters).
 _LEGS = cast(Table, CallLeg.__table__)
-_INSERT_LEG = insert(_LEGS).on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"]).returning(_LEGS.c.id)
+_INSERT_LEG = (
+    insert(_LEGS)
+    .on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"])
+    .returning(_LEGS.c.leg_uuid, _LEGS.c.id, sort_by_parameter_order=True)
+)
+
+
+@dataclass(slots=True)
+class _PendingLeg:
+    leg: LegFacts
+    source: Source
+    node_id: uuid.UUID | None
+    done: asyncio.Future[tuple[Recorded, LegFacts]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 KNOWN_TENANT_SECONDS = 60.0
 """A tenant id a CDR's `cc_tenant_id` named and the database confirmed is trusted this long without asking."""
 
@@ -165,10 +182,21 @@ KNOWN_TENANT_SECONDS = 60.0
 class CdrRecorder:
     """Stores legs idempotently and tells the listeners."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], listeners: Sequence[CdrListener] = ()) -> None:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        listeners: Sequence[CdrListener] = (),
+        *,
+        max_batch: int = 500,
+    ) -> None:
         self.sessionmaker = sessionmaker
         self.listeners = list(listeners)
         self._known_tenants: dict[uuid.UUID, float] = {}
+        self._max_batch = max_batch
+        self._pending: list[_PendingLeg] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches_written = 0
+        """Commits made so far (each carries one or more legs)."""
 
     async def _attribute(self, session: AsyncSession, leg: LegFacts) -> tuple[uuid.UUID | None, str]:
         hint = leg.tenant_hint
@@ -182,22 +210,21 @@ class CdrRecorder:
         return tenant_id, how
 
     async def record(self, leg: LegFacts, source: Source, node_id: uuid.UUID | None = None) -> Recorded:
-        """Store the leg (once per leg UUID) and commit; then notify the listeners."""
+        """Store the leg (once per leg UUID) and commit; then notify the listeners.
+
+        Legs reported while a commit is under way are written together by the next one (group commit: one
+        transaction, one multi-row INSERT per tenant), so a node's hang-ups do not queue behind one commit
+        each; every caller still returns only once its own leg is durable, and an idle system writes a leg
+        at once.
+        """
         if leg.ended_at is None:
             raise LegError("the leg has no end time")
-        async with self.sessionmaker() as session, session.begin():
-            if node_id is None and leg.node_name:
-                node_id = await session.scalar(select(SwitchNode.id).where(SwitchNode.name == leg.node_name))
-            tenant_id, how = await self._attribute(session, leg)
-            if tenant_id is None:
-                await self._unattributed(session, leg, source, how)
-                result = Recorded("unattributed", leg.leg_uuid, None, None)
-            else:
-                await set_tenant(session, tenant_id)
-                if leg.did is None and how == "number":
-                    leg = _with_did(leg)
-                outcome, cdr_id = await self._store(session, tenant_id, leg, source, node_id)
-                result = Recorded(outcome, leg.leg_uuid, tenant_id, cdr_id)
+        pending = _PendingLeg(leg, source, node_id)
+        self._pending.append(pending)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_while_pending(), name="cdr-group-commit")
+        result, leg = await pending.done
+        tenant_id = result.tenant_id
         log.info(
             "cdr_recorded",
             leg=str(leg.leg_uuid),
@@ -215,6 +242,94 @@ class CdrRecorder:
                     log.exception("cdr_listener_failed", leg=str(leg.leg_uuid), listener=type(listener).__name__)
         return result
 
+    async def _flush_while_pending(self) -> None:
+        while self._pending:
+            batch: list[_PendingLeg] = []
+            deferred: list[_PendingLeg] = []
+            seen: set[uuid.UUID] = set()
+            for pending in self._pending:
+                # Two reports of one leg in a batch go one after the other: the second merges into the first.
+                if pending.leg.leg_uuid in seen or len(batch) >= self._max_batch:
+                    deferred.append(pending)
+                else:
+                    seen.add(pending.leg.leg_uuid)
+                    batch.append(pending)
+            self._pending = deferred
+            await self._write_halving(batch)
+
+    async def _write_halving(self, batch: list[_PendingLeg]) -> None:
+        """Write the batch; if the database refuses it, write each half on its own, so one bad leg fails
+        alone and the others still share commits."""
+        try:
+            results = await self._write(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._failed(batch[0], exc)
+                return
+            log.warning("cdr_batch_failed", legs=len(batch), error=str(exc) or type(exc).__name__)
+            middle = len(batch) // 2
+            await self._write_halving(batch[:middle])
+            await self._write_halving(batch[middle:])
+            return
+        self.batches_written += 1
+        for pending, result in zip(batch, results, strict=True):
+            if not pending.done.done():
+                pending.done.set_result(result)
+
+    @staticmethod
+    def _failed(pending: _PendingLeg, exc: Exception) -> None:
+        log.error("cdr_write_failed", leg=str(pending.leg.leg_uuid), error=str(exc) or type(exc).__name__)
+        if not pending.done.done():
+            pending.done.set_exception(exc)
+
+    async def _write(self, batch: list[_PendingLeg]) -> list[tuple[Recorded, LegFacts]]:
+        results: list[tuple[Recorded, LegFacts] | None] = [None] * len(batch)
+        async with self.sessionmaker() as session, session.begin():
+            names = {p.leg.node_name for p in batch if p.node_id is None and p.leg.node_name}
+            node_ids: dict[str, uuid.UUID] = {}
+            if names:
+                found = await session.execute(select(SwitchNode.name, SwitchNode.id).where(SwitchNode.name.in_(names)))
+                node_ids = dict(found.tuples().all())
+            # Every leg's tenant first: the lookups read global tables, before any tenant context is set.
+            by_tenant: dict[uuid.UUID, list[tuple[int, LegFacts, uuid.UUID | None]]] = {}
+            for index, pending in enumerate(batch):
+                leg = pending.leg
+                node_id = pending.node_id or node_ids.get(leg.node_name or "")
+                tenant_id, how = await self._attribute(session, leg)
+                if tenant_id is None:
+                    await self._unattributed(session, leg, pending.source, how)
+                    results[index] = (Recorded("unattributed", leg.leg_uuid, None, None), leg)
+                    continue
+                if leg.did is None and how == "number":
+                    leg = _with_did(leg)
+                by_tenant.setdefault(tenant_id, []).append((index, leg, node_id))
+            for tenant_id, legs in by_tenant.items():
+                await set_tenant(session, tenant_id)
+                inserted = await session.execute(
+                    _INSERT_LEG,
+                    [
+                        {
+                            "tenant_id": tenant_id,
+                            "id": uuid.uuid4(),
+                            "leg_uuid": leg.leg_uuid,
+                            "node_id": node_id,
+                            "sources": [batch[index].source],
+                            **_columns(leg),
+                        }
+                        for index, leg, node_id in legs
+                    ],
+                )
+                created: dict[uuid.UUID, uuid.UUID] = dict(inserted.tuples().all())
+                for index, leg, node_id in legs:
+                    cdr_id = created.get(leg.leg_uuid)
+                    if cdr_id is not None:
+                        results[index] = (Recorded("created", leg.leg_uuid, tenant_id, cdr_id), leg)
+                        continue
+                    # Stored already (an earlier report, or another process a moment ago): fold into its row.
+                    outcome, cdr_id = await self._merge_into_row(session, leg, batch[index].source, node_id)
+                    results[index] = (Recorded(outcome, leg.leg_uuid, tenant_id, cdr_id), leg)
+        return [result for result in results if result is not None]
+
     async def record_event(self, event: Event, node_id: uuid.UUID | None = None) -> Recorded:
         """A CHANNEL_HANGUP_COMPLETE event from a node's inbound event socket."""
         return await self.record(leg_from_event(event), "event", node_id)
@@ -224,24 +339,9 @@ class CdrRecorder:
         return await self.record(leg_from_json_cdr(document), source)
 
     @staticmethod
-    async def _store(
-        session: AsyncSession, tenant_id: uuid.UUID, leg: LegFacts, source: Source, node_id: uuid.UUID | None
+    async def _merge_into_row(
+        session: AsyncSession, leg: LegFacts, source: Source, node_id: uuid.UUID | None
     ) -> tuple[Outcome, uuid.UUID]:
-        # The first report of a leg (nearly every report) is one INSERT; a later one finds the row taken.
-        inserted = await session.scalar(
-            _INSERT_LEG,
-            {
-                "tenant_id": tenant_id,
-                "id": uuid.uuid4(),
-                "leg_uuid": leg.leg_uuid,
-                "node_id": node_id,
-                "sources": [source],
-                **_columns(leg),
-            },
-        )
-        if inserted is not None:
-            return "created", inserted
-        # Stored already (an earlier report, or another process a moment ago): fold into its row.
         row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
         assert row is not None
         if row.node_id is None and node_id is not None:

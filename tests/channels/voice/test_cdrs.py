@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,41 @@ async def test_an_unattributable_leg_is_kept_for_the_provider(client, sessionmak
     assert kept.leg["destination_number"] == "1001"
     async with sessionmaker() as session:
         assert await session.scalar(text("SELECT count(*) FROM voice_cdrs")) == 0  # no tenant context: no rows
+
+
+async def test_legs_reported_together_share_commits_and_a_bad_one_fails_alone(
+    factory: Factory, app, sessionmaker, switch_node
+):
+    """Group commit: hang-ups arriving while a commit runs are written by the next one (a multi-row INSERT per
+    tenant), each caller returning once its own leg is durable; a leg the database refuses fails by itself."""
+    recorder = app.state.voice.cdrs
+    first, second = await factory.tenant(), await factory.tenant()
+    legs = {ctx.tenant_id: [str(uuid.uuid4()) for _ in range(15)] for ctx in (first, second)}
+    events = []
+    for tenant_id, uuids in legs.items():
+        for leg in uuids:
+            event = {k: (v.replace(A_LEG, leg) if isinstance(v, str) else v) for k, v in hangup_event(A_LEG).items()}
+            events.append({**event, "variable_cc_tenant_id": str(tenant_id)})
+    refused = dict(events[3], **{"Unique-ID": str(uuid.uuid4()), "variable_cc_tenant_id": str(first.tenant_id)})
+    refused_leg = replace(leg_from_event(refused), direction="sideways")  # the table's CHECK refuses it
+    before = recorder.batches_written
+    stored = await asyncio.gather(*(recorder.record_event(event, switch_node["id"]) for event in events[:20]))
+    assert {r.outcome for r in stored} == {"created"}
+    assert recorder.batches_written - before < 20  # commits were shared
+    # One leg the database refuses, among others: it fails alone, the others are stored.
+    before = recorder.batches_written
+    *stored, failed = await asyncio.gather(
+        *(recorder.record_event(event, switch_node["id"]) for event in events[20:]),
+        recorder.record(refused_leg, "event", switch_node["id"]),
+        return_exceptions=True,
+    )
+    assert isinstance(failed, Exception)
+    assert all(not isinstance(r, Exception) and r.outcome == "created" for r in stored), stored
+    assert recorder.batches_written - before < len(stored)
+    for ctx in (first, second):
+        async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+            found = await session.scalars(select(CallLeg.leg_uuid).where(CallLeg.tenant_id == ctx.tenant_id))
+            assert {str(u) for u in found.all()} == set(legs[ctx.tenant_id])
+    # A repeated report of a stored leg, in a batch with new ones, merges into its row.
+    again = await asyncio.gather(recorder.record_event(events[0], switch_node["id"]), recorder.record_event(events[1]))
+    assert {r.outcome for r in again} == {"duplicate"}
