@@ -97,10 +97,10 @@ async def _hub_messages(rig: CallRig) -> AsyncIterator[list[dict[str, Any]]]:
 def _told(seen: list[dict[str, Any]], agent: Agent, state: str) -> dict[str, Any] | None:
     for message in seen:
         payload = message["payload"]
-        if message["user_id"] == str(agent.user_id) and payload.get("type") == "outbound_call":
-            if payload.get("state") == state:
-                found: dict[str, Any] = payload
-                return found
+        mine = message["user_id"] == str(agent.user_id) and payload.get("type") == "outbound_call"
+        if mine and payload.get("state") == state:
+            found: dict[str, Any] = payload
+            return found
     return None
 
 
