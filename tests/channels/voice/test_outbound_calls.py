@@ -94,7 +94,7 @@ async def _hub_messages(rig: CallRig) -> AsyncIterator[list[dict[str, Any]]]:
         await pubsub.aclose()
 
 
-def _told(seen: list[dict[str, Any]], agent: Agent, state: str) -> dict[str, Any] | None:
+async def _told(seen: list[dict[str, Any]], agent: Agent, state: str) -> dict[str, Any] | None:
     for message in seen:
         payload = message["payload"]
         mine = message["user_id"] == str(agent.user_id) and payload.get("type") == "outbound_call"
@@ -135,7 +135,7 @@ async def test_click_to_call_rings_the_agent_first_then_the_customer_with_the_te
     assert live.status_code == 200 and live.json()["phase"] == "bridged", live.text
     held = await rig.client.post(f"/api/v1/voice/calls/{iid}/hold", headers=agent.headers)
     assert held.status_code == 200 and held.json()["held"], held.text
-    assert f"uuid_hold {agent_leg}" in rig.api_commands("uuid_hold")
+    assert agent_leg in rig.api_commands("uuid_hold")
     await rig.client.post(f"/api/v1/voice/calls/{iid}/unhold", headers=agent.headers)
     refused = await rig.client.post(
         f"/api/v1/voice/calls/{iid}/transfer",
@@ -162,7 +162,11 @@ async def test_click_to_call_rings_the_agent_first_then_the_customer_with_the_te
     assert mine.disposition == "answered" and mine.direction == "outbound"
     assert theirs.call_uuid == uuid.UUID(agent_leg) and theirs.agent_id == agent.user_id
     assert theirs.caller_number == number and theirs.disposition == "answered"
-    assert await rig.app.state.outbound.active_calls(ctx.tenant_id) == 0
+    await eventually(lambda: _no_slots(rig, ctx))
+
+
+async def _no_slots(rig: CallRig, ctx: TenantCtx) -> bool:
+    return await rig.app.state.outbound.active_calls(ctx.tenant_id) == 0
 
 
 async def _state(rig: CallRig, agent: Agent, state: str) -> bool:
@@ -217,7 +221,7 @@ async def test_refusals_are_clear_audited_and_dial_nothing(rig: CallRig, factory
     iid = first.json()["interaction_id"]
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"), timeout=15)
     assert ended["outcome"] == "customer_no_answer"
-    assert await rig.app.state.outbound.active_calls(ctx.tenant_id) == 0
+    await eventually(lambda: _no_slots(rig, ctx))
     del other, number
 
 
@@ -235,7 +239,7 @@ async def test_an_agent_who_does_not_answer_their_phone_frees_the_call_and_is_to
     assert [e["name"] for e in ended["timeline"]] == ["created", "ended"]
     assert not [data for app, data in rig.app_log(placed.json()["call_uuid"]) if app == "bridge"]
     await eventually(lambda: _state(rig, agent, "available"))
-    assert await rig.app.state.outbound.active_calls(ctx.tenant_id) == 0
+    await eventually(lambda: _no_slots(rig, ctx))
 
 
 async def test_an_unregistered_phone_is_refused_before_anything_happens(rig: CallRig, factory: Factory):
@@ -350,4 +354,4 @@ async def test_a_callback_whose_customer_does_not_answer_ends_as_callback_failed
     last = ended["timeline"][-1]
     assert last["name"] == "ended" and last["data"]["reason"] == "customer_no_answer"
     assert last["data"]["destination"] == "+33142685304"
-    assert await rig.app.state.outbound.active_calls(ctx.tenant_id) == 0
+    await eventually(lambda: _no_slots(rig, ctx))
