@@ -355,3 +355,27 @@ async def test_a_callback_whose_customer_does_not_answer_ends_as_callback_failed
     assert last["name"] == "ended" and last["data"]["reason"] == "customer_no_answer"
     assert last["data"]["destination"] == "+33142685304"
     await eventually(lambda: _no_slots(rig, ctx))
+
+
+async def test_a_scheduled_callback_is_dialled_when_routing_offers_it_at_its_time(rig: CallRig, factory: Factory):
+    from datetime import timedelta
+
+    from backend.db.base import utcnow
+
+    ctx, did, _ = await _tenant(rig, factory)
+    queue = await factory.queue(ctx)
+    agent = await rig.agent(ctx, available=False)
+    routing = rig.app.state.routing
+    opened = await routing.open(ctx.tenant_id, channel="voice", customer_ref="+33142685305", attributes={"did": did})
+    await routing.enqueue(ctx.tenant_id, opened.id, queue)
+    at = utcnow() + timedelta(seconds=1)
+    await routing.request_callback(ctx.tenant_id, opened.id, "+33142685305", at)
+    await rig.set_state(agent, "available")
+    iid = str(opened.id)
+    assert (await rig.interaction(ctx, iid))["state"] == "queued"  # not offered before its time
+    await eventually(lambda: _accepted(rig, agent, iid), timeout=15)
+    await eventually(lambda: _customer_answered(rig, iid))
+    await rig.switch.caller_hangup(_customer_leg(rig, iid).channel.uuid)
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["outcome"] == "handled"
+    assert "callback_requested" in [e["name"] for e in ended["timeline"]]
