@@ -379,3 +379,24 @@ async def test_a_scheduled_callback_is_dialled_when_routing_offers_it_at_its_tim
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
     assert ended["outcome"] == "handled"
     assert "callback_requested" in [e["name"] for e in ended["timeline"]]
+
+
+async def test_a_callback_whose_agent_does_not_answer_goes_back_to_its_queue(rig: CallRig, factory: Factory):
+    ctx, did, _ = await _tenant(rig, factory)
+    queue = await factory.queue(ctx)
+    agent = await rig.agent(ctx, behaviour="no_answer", available=False)
+    iid = await _callback(rig, ctx, did, queue, "+33142685306")
+    await rig.set_state(agent, "available")
+    await eventually(lambda: _accepted(rig, agent, iid))
+
+    async def back() -> dict[str, Any] | None:
+        body = await rig.interaction(ctx, iid)
+        names = [e["name"] for e in body["timeline"]]
+        return body if "transferred" in names and body["state"] in ("queued", "offered") else None
+
+    body = await eventually(back, timeout=15)
+    moved = next(e for e in body["timeline"] if e["name"] == "transferred")
+    assert moved["data"]["reason"] == "agent_no_answer" and moved["data"]["mode"] == "callback_retry"
+    assert (body["channel"], body["attributes"]["callback_number"]) == ("callback", "+33142685306")
+    assert not [c for c in rig.api_commands("uuid_bridge") if iid in c]
+    await eventually(lambda: _no_slots(rig, ctx))
