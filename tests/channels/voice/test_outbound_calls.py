@@ -400,3 +400,16 @@ async def test_a_callback_whose_agent_does_not_answer_goes_back_to_its_queue(rig
     assert (body["channel"], body["attributes"]["callback_number"]) == ("callback", "+33142685306")
     assert not [c for c in rig.api_commands("uuid_bridge") if iid in c]
     await eventually(lambda: _no_slots(rig, ctx))
+
+
+async def test_a_number_the_carrier_does_not_know_ends_as_customer_unreachable(rig: CallRig, factory: Factory):
+    ctx, _, _ = await _tenant(rig, factory)
+    agent = await rig.agent(ctx)
+    rig.switch.far_end("+33142685307", "unallocated")
+    placed = await _place(rig, agent, destination="+33142685307")
+    iid = placed.json()["interaction_id"]
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"), timeout=15)
+    assert ended["outcome"] == "customer_unreachable"
+    assert ended["timeline"][-1]["data"]["cause"] == "UNALLOCATED_NUMBER"
+    await eventually(lambda: _state(rig, agent, "available"))
+    await eventually(lambda: _no_slots(rig, ctx))
