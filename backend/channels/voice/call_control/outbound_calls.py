@@ -742,6 +742,8 @@ class OutboundCall:
                     at=utcnow(),
                     hangup_cause=cause,
                     leg_uuid=str(job.agent_leg),
+                    destination=job.destination,
+                    customer_leg=str(self.customer_leg),
                 )
             except Exception:
                 self.log.exception("call_end_not_recorded")
