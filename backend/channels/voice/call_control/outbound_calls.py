@@ -362,6 +362,14 @@ class OutboundCalls:
         self.server.spawn(self._callback(signal))
 
     async def _callback(self, signal: RoutingSignal) -> None:
+        try:
+            await self._dial_callback(signal)
+        except Exception:
+            log.exception(
+                "callback_dial_failed", tenant_id=str(signal.tenant_id), interaction_id=str(signal.interaction_id)
+            )
+
+    async def _dial_callback(self, signal: RoutingSignal) -> None:
         key = _claim_key(signal.tenant_id, signal.interaction_id, signal.at_ms)
         claimed = await self.redis.set(key, self.s.store.owner, nx=True, ex=CLAIM_SECONDS)
         if not claimed:
@@ -385,19 +393,18 @@ class OutboundCalls:
             await self._tell(tenant_id, agent_id, interaction_id, "failed", "refused", decision.detail)
             return
         bound.info("callback_dialling", gateway=decision.gateway, region=decision.region)
-        await self.dial(
-            DialJob(
-                tenant_id=tenant_id,
-                interaction_id=interaction_id,
-                agent_id=agent_id,
-                agent_leg=leg,
-                purpose="callback",
-                destination=decision.destination,
-                caller_id=decision.caller_id,
-                gateway=decision.gateway,
-                queue_id=interaction.queue_id,
-            )
+        job = DialJob(
+            tenant_id=tenant_id,
+            interaction_id=interaction_id,
+            agent_id=agent_id,
+            agent_leg=leg,
+            purpose="callback",
+            destination=decision.destination,
+            caller_id=decision.caller_id,
+            gateway=decision.gateway,
+            queue_id=interaction.queue_id,
         )
+        await self._guarded(self.dial(job), job)
 
     # --- dialling the agent ------------------------------------------------------------------------------
 
@@ -465,7 +472,11 @@ class OutboundCalls:
         await self.s.outbound.release(job.tenant_id, job.agent_leg)
         await self.redis.delete(_pending_key(job.tenant_id, job.agent_leg))
         routing = self.s.routing
-        if job.purpose == "callback" and job.queue_id is not None and outcome.startswith("agent_"):
+        if (
+            job.purpose == "callback"
+            and job.queue_id is not None
+            and (outcome.startswith("agent_") or outcome == "not_dialled")
+        ):
             # The customer was not called: the callback waits for the next agent.
             with contextlib.suppress(Exception):
                 await routing.transfer_to_queue(
