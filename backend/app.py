@@ -25,6 +25,8 @@ from backend.auth.tokens import TokenSigner
 from backend.channels.voice.admission import AdmitEveryCall
 from backend.channels.voice.call_control import CallDesk, CallStore
 from backend.channels.voice.call_control.controllers import LiveCallController
+from backend.channels.voice.call_control.outbound_calls import OutboundDesk
+from backend.channels.voice.call_control.outbound_controllers import OutboundCallController
 from backend.channels.voice.controllers import (
     CdrController,
     NumberController,
@@ -135,6 +137,7 @@ ROUTE_HANDLERS: list[Any] = [
     SupervisionController,
     CarrierController,
     LiveCallController,
+    OutboundCallController,
     CustomerController,
     CustomerConfigController,
     CustomerImportController,
@@ -164,6 +167,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     storage = make_storage(settings)
     voicemail = VoicemailDesk(sessionmaker, storage, settings, routing, CustomerStoreTickets(sessionmaker))
     job_queue = make_job_queue(settings)
+    outbound = OutboundGuard(sessionmaker, redis, settings)
 
     async def start_hub() -> None:
         await hub.start()
@@ -197,7 +201,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "prompts": PromptLibrary(),
                 "prompt_player": PromptPlayer(settings),
                 "voicemail": voicemail,
-                "outbound": OutboundGuard(sessionmaker, redis, settings),
+                "outbound": outbound,
+                "outbound_calls": OutboundDesk(sessionmaker, redis, outbound, routing, voice, settings),
                 "supervision": SupervisionDesk(sessionmaker),
                 "calls": CallDesk(sessionmaker, CallStore(redis, settings), settings),
                 "job_queue": job_queue,

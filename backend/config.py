@@ -289,6 +289,12 @@ class Settings:
     """Concurrent outbound calls of a tenant whose plan names no cap of its own."""
     outbound_lease_seconds: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_LEASE_SECONDS", 90))
     """An outbound call's slot expires this long after its last renewal, so a crashed process cannot leak it."""
+    outbound_agent_ring_seconds: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_AGENT_RING", 30))
+    """How long an agent's own phone rings for a call they place (click-to-call, an accepted callback)."""
+    outbound_customer_ring_seconds: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_CUSTOMER_RING", 45))
+    """How long the customer's phone rings (through the carrier gateway) before the attempt counts as no answer."""
+    outbound_dial_wait_seconds: int = field(default_factory=lambda: _env_int("CC_OUTBOUND_DIAL_WAIT", 10))
+    """A click-to-call no call-control process has picked up this long after it was asked fails (`not_dialled`)."""
     page_size_default: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE", 50))
     """Items per page when a list request names no limit."""
     page_size_max: int = field(default_factory=lambda: _env_int("CC_PAGE_SIZE_MAX", 200))

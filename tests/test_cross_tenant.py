@@ -29,8 +29,10 @@ from litestar.routes import HTTPRoute, WebSocketRoute
 from backend.auth import schemas as auth_schemas
 from backend.auth.middleware import ACCESS_KINDS, SWITCH_SECRET_HEADER
 from backend.channels.voice import schemas as voice_schemas
+from backend.channels.voice.call_control import outbound_calls as outbound_call_schemas
 from backend.channels.voice.call_control import schemas as call_schemas
 from backend.customers import schemas as customer_schemas
+from backend.db.engine import tenant_transaction
 from backend.routing import schemas as routing_schemas
 from backend.tenants import schemas as tenant_schemas
 from tests.factories import PASSWORD, Factory, MediaFactory, TenantCtx, unique, wav_bytes
@@ -342,6 +344,39 @@ async def _outbound_check(f: Factory, owned: Owned) -> dict[str, Any]:
     return {"destination": "+33142685300", "caller_id": owned.keep(number["number"])}
 
 
+async def _outbound_call(f: Factory, owned: Owned) -> dict[str, Any]:
+    """Click-to-call by A's owner (phone registered on a live node) naming A's number, customer and queue."""
+    from datetime import timedelta
+
+    from backend.channels.voice.models import Registration
+    from backend.db.base import utcnow
+
+    await MediaFactory(f).outbound_route("+33")
+    number = await f.number(owned.ctx)
+    node = await f.switch_node()
+    await f.app.state.voice.heartbeat(node["id"])
+    async with tenant_transaction(f.app.state.sessionmaker, owned.ctx.tenant_id) as session:
+        session.add(
+            Registration(
+                tenant_id=owned.ctx.tenant_id,
+                user_id=owned.ctx.owner_id,
+                node_id=node["id"],
+                sip_username=unique("seat"),
+                contact="sip:seat@127.0.0.1:5090",
+                registered_at=utcnow(),
+                expires_at=utcnow() + timedelta(hours=1),
+            )
+        )
+    customer = await f.customer(owned.ctx)
+    owned.keep(customer["name"])
+    return {
+        "destination": "+33142685300",
+        "caller_id": owned.keep(number["number"]),
+        "customer_id": owned.keep(customer["id"]),
+        "queue_id": await _queue(f, owned),
+    }
+
+
 async def _call_transfer(f: Factory, owned: Owned) -> dict[str, Any]:
     """A transfer to A's queue: B must not be able to send a call there."""
     return {"target": "queue", "queue_id": await _queue(f, owned)}
@@ -401,6 +436,7 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     voice_schemas.QueueVoiceSettingsIn: _queue_voice_body,
     voice_schemas.OutboundCheckIn: _outbound_check,
     call_schemas.CallTransfer: _call_transfer,
+    outbound_call_schemas.OutboundCallIn: _outbound_call,
     call_schemas.RecordingControl: lambda f, o: _constant({"action": "pause"}),
     customer_schemas.CustomerCreate: _customer_body,
     customer_schemas.CustomerUpdate: lambda f, o: _constant({"name": "Renamed Customer", "tags": ["vip"]}),

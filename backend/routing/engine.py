@@ -289,7 +289,9 @@ class RoutingEngine:
             await self.hub.publish(
                 tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
             )
-        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "connected", agents=(agent,)))
+        await self.signals.publish(
+            RoutingSignal(tenant_id, interaction_id, "connected", agents=(agent,), channel=result.channel)
+        )
         await self.queue_changed(tenant_id, result.queue_id)
         return result
 
@@ -392,6 +394,13 @@ class RoutingEngine:
             ):
                 # The caller hung up after asking to be called back: the callback keeps its place.
                 return None
+            disposition = data.get("disposition")
+            if outcome is None and disposition not in (None, "answered"):
+                if interaction.channel == "callback" and interaction.state == "connected":
+                    # Our dial-out's agent leg was not answered: the voice channel decides what follows.
+                    return None
+                if _outbound(interaction) and interaction.state != "connected":
+                    outcome = outbound_outcome(str(disposition))
             agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
             result = interactions.out(interaction)
         await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
@@ -425,6 +434,54 @@ class RoutingEngine:
             await session.flush()
             await interactions.record(session, interaction, "created", channel=channel)
             return interactions.out(interaction)
+
+    async def open_outbound(
+        self,
+        tenant_id: uuid.UUID,
+        agent_id: uuid.UUID,
+        *,
+        customer_ref: str | None,
+        queue_id: uuid.UUID | None = None,
+        attributes: dict[str, str] | None = None,
+    ) -> InteractionOut:
+        """A call an agent places (click-to-call): `created` with the agent, who is busy from now on.
+
+        The interaction stays `new` (no queue line; `queue_id` only attributes it) while the channel dials;
+        the channel connects it with `connect_direct` when the customer answers, or ends it with the outcome of
+        the attempt (`agent_no_answer`, `customer_busy`, ...), which frees the agent without wrap-up. Refused
+        with 409 when the agent already uses their voice capacity.
+        """
+        load = await self.matcher.load(tenant_id, agent_id)
+        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+            if queue_id is not None:
+                await self._rules(session, queue_id)  # the tenant's queue, or 422
+            profile = await session.scalar(select(AgentProfile).where(AgentProfile.user_id == agent_id))
+            capacity = (profile.capacity if profile is not None else DEFAULT_CAPACITY).get("voice", 1)
+            if load.get("voice", 0) >= capacity:
+                raise Conflict("You are already on a call", kind="agent-on-a-call")
+            interaction = Interaction(
+                tenant_id=tenant_id,
+                channel="voice",
+                queue_id=queue_id,
+                customer_ref=customer_ref[:120] if customer_ref else None,
+                attributes={**(attributes or {}), "direction": "outbound"},
+                state="new",
+                agent_id=agent_id,
+                created_at=utcnow(),
+            )
+            session.add(interaction)
+            await session.flush()
+            await interactions.record(
+                session, interaction, "created", agent_id=agent_id, channel="voice", direction="outbound"
+            )
+            state = await service.get_agent_state(session, tenant_id, agent_id)
+            if state.state in ("available", "away"):
+                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            result = interactions.out(interaction)
+            waiting = _unqueued(interaction)
+        await self.matcher.restore_connected(tenant_id, waiting, agent_id)
+        await self.sync_agent(tenant_id, agent_id)
+        return result
 
     async def note(
         self,
@@ -713,11 +770,14 @@ class RoutingEngine:
         self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
     ) -> tuple[uuid.UUID | None, int]:
         """End the interaction in the transaction; returns its agent (if one had it) and their wrap-up time."""
-        agent = interaction.agent_id if interaction.state == "connected" else None
+        dialling = _outbound(interaction) and interaction.state == "new"
+        agent = interaction.agent_id if interaction.state == "connected" or dialling else None
         final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
+        if dialling and outcome == "handled":
+            final = "cancelled"  # the agent's own call ended before the customer answered
         await self._end(session, interaction, final, at=at, **data)
         wrap_up = 0
-        if agent is not None and interaction.queue_id is not None:
+        if agent is not None and interaction.queue_id is not None and not dialling:
             queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
             wrap_up = queue.wrap_up_seconds if queue else 0
         return agent, wrap_up
@@ -1105,3 +1165,23 @@ def utc_from_ms(ms: int) -> datetime:
 
 def _plain(value: Any) -> Any:
     return msgspec.to_builtins(value)
+
+
+def _outbound(interaction: Interaction) -> bool:
+    return interaction.attributes.get("direction") == "outbound"
+
+
+OUTBOUND_AGENT_OUTCOMES = {
+    "no_answer": "agent_no_answer",
+    "busy": "agent_busy",
+    "refused": "agent_busy",
+    "cancelled": "cancelled",
+    "node_failure": "node_failure",
+}
+
+
+def outbound_outcome(disposition: str) -> str:
+    """How an agent's own call ends when their leg ended (`LegFacts.disposition`) before the customer answered."""
+    if disposition == "answered":
+        return "cancelled"
+    return OUTBOUND_AGENT_OUTCOMES.get(disposition, "agent_unreachable")

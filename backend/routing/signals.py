@@ -59,6 +59,8 @@ class RoutingSignal(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str | None = None
     action: dict[str, Any] | None = None
     at_ms: int = 0
+    channel: str | None = None
+    """The interaction's channel, where the step knows it (`connected` from an agent's acceptance)."""
 
 
 _ENCODE = msgspec.json.Encoder()

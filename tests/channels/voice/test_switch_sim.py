@@ -169,3 +169,44 @@ async def test_load_mode_places_calls_at_the_asked_rate():
         await until(lambda: not simulator.switch.legs)
         placed = simulator.switch.sessions_since_startup
     assert 15 <= placed <= 25
+
+
+async def test_outside_parties_behind_a_gateway_and_the_caller_id_they_see():
+    """sofia/gateway/<gw>/<number>: the far end answers, is busy, or does not exist (the carrier's 404); the
+    bridging leg's effective_caller_id_number is what it sees unless origination_caller_id_number is given
+    (switch_core_session_outgoing_channel, SOF_NO_EFFECTIVE_CID_NUM)."""
+    config = simulator_config(ring_timeout=0.2, time_scale=1.0)
+    async with SwitchSimulator(config) as simulator:
+        switch = simulator.switch
+        assert await switch.register(Endpoint("1001", "127.0.0.1", answer_delay=0))
+        switch.far_end("+33142685301", "busy")
+        switch.far_end("+33142685302", "unallocated")
+        switch.far_end("+33142685303", "answer", answer_delay=0)
+        switch.far_end("+33142685304", "answer", answer_delay=0)
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon") as client:
+            busy = await client.api("originate sofia/gateway/carrier/+33142685301 &park()")
+            assert busy.text == "-ERR USER_BUSY"
+            missing = await client.api("originate sofia/gateway/carrier/+33142685302 &park()")
+            assert missing.text == "-ERR UNALLOCATED_NUMBER"
+            shown = await client.api(
+                "originate {effective_caller_id_number=+33100000001}user/1001 "
+                "&bridge(sofia/gateway/carrier/+33142685303)"
+            )
+            assert shown.ok, shown.text
+            named = await client.api(
+                "originate {effective_caller_id_number=+33100000001}user/1001 "
+                "&bridge({origination_caller_id_number=+33100000002}sofia/gateway/carrier/+33142685304)"
+            )
+            assert named.ok, named.text
+
+            def outside(number: str) -> str | None:
+                for leg in switch.legs.values():
+                    if leg.channel.name == f"sofia/external/{number}" and leg.channel.answered:
+                        return str(leg.channel.profile.caller_id_number)
+                return None
+
+            await until(lambda: outside("+33142685303") and outside("+33142685304"))
+            assert outside("+33142685303") == "+33100000001"
+            assert outside("+33142685304") == "+33100000002"
+            await client.api("hupall NORMAL_CLEARING")
+            await until(lambda: not switch.legs)

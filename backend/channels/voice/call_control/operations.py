@@ -117,6 +117,8 @@ async def _transfer(call: ControlledCall, arguments: dict[str, Any]) -> CallRepl
     refusal = _bridged(record)
     if refusal is not None:
         return refusal
+    if record.direction == "outbound":
+        return _refused(409, "An outbound call cannot be transferred yet", "outbound-not-transferable")
     target = arguments.get("target")
     if target not in ("queue", "agent"):
         return _refused(422, "A transfer goes to a queue or an agent", "bad-target")

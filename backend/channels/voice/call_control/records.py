@@ -97,6 +97,10 @@ class CallRecord(msgspec.Struct, kw_only=True):
     pending: PendingTransfer | None = None
     owner: str = ""
     started_ms: int = 0
+    direction: Literal["inbound", "outbound"] = "inbound"
+    """`outbound`: an agent's own call or a callback (`outbound_calls.py`): `call_uuid` is the agent's leg."""
+    customer_leg: uuid.UUID | None = None
+    """Outbound: the customer's leg through the carrier gateway."""
 
 
 class CallRequest(msgspec.Struct, frozen=True):

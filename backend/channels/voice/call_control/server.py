@@ -24,6 +24,7 @@ import structlog
 
 from backend.channels.voice.call_control.adoption import AdoptedCall
 from backend.channels.voice.call_control.inbound import InboundCall, facts_of
+from backend.channels.voice.call_control.outbound_calls import OutboundCall, OutboundCalls
 from backend.channels.voice.call_control.records import LEASES, CallReply
 from backend.channels.voice.call_control.services import CallServices
 from backend.channels.voice.esl import ClientConfig, OutboundServer, OutboundSession
@@ -36,7 +37,7 @@ log = structlog.get_logger("voice.call_control")
 DirectionHandler = Callable[[OutboundSession, CallServices], Awaitable[None]]
 """Controls a call of another direction (seats dialling out are the outbound work's)."""
 
-Controlled = InboundCall | AdoptedCall
+Controlled = InboundCall | AdoptedCall | OutboundCall
 
 
 class CallControlServer:
@@ -61,6 +62,9 @@ class CallControlServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         services.spawn = self.spawn
+        self.outbound = OutboundCalls(self)
+        """Calls placed by agents and callbacks: dialled here, their agent legs controlled here."""
+        self.handlers["outbound"] = self.outbound.accept
 
     @property
     def port(self) -> int:
@@ -70,6 +74,7 @@ class CallControlServer:
         """Listen for routing signals, then for calls; start the renewer, the sweeper and the request loop."""
         await self.listener.start()
         await self.server.start()
+        await self.outbound.start()
         self._loops = [
             asyncio.create_task(self._renew_loop(), name="call-control-renew"),
             asyncio.create_task(self._sweep_loop(), name="call-control-sweep"),
@@ -81,6 +86,7 @@ class CallControlServer:
         """Stop taking calls. Calls in progress are let go, not hung up: their claims lapse and another
         process (or the dialplan's second `socket`) takes them over."""
         await cancel_and_wait(*self._loops)
+        await self.outbound.close()
         await self.server.close()
         await self.listener.stop()
         await cancel_and_wait(*self._tasks)
@@ -139,6 +145,8 @@ class CallControlServer:
         call = self.by_interaction.get(signal.interaction_id)
         if call is not None and call.record.tenant_id == signal.tenant_id:
             call.inbox.put_nowait(signal)
+        elif call is None:
+            await self.outbound.on_signal(signal)
 
     # --- claims, adoption, requests -----------------------------------------------------------------
 

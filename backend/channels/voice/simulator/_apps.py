@@ -941,7 +941,11 @@ async def originate_leg(
         # A carrier gateway: the far end is a simulated PSTN party (an endpoint of its own, else one answering).
         user = target.split("/", 3)[-1]
         domain = "pstn"
-        external = switch.endpoints.get(user) or Endpoint(user, domain, answer_delay=switch.config.answer_delay)
+        external = (
+            switch.far_ends.get(user)
+            or switch.endpoints.get(user)
+            or Endpoint(user, domain, answer_delay=switch.config.answer_delay)
+        )
     elif target.startswith("user/"):
         user, _, domain = target[5:].partition("@")
     elif target.startswith("sofia/"):
@@ -969,13 +973,20 @@ async def originate_leg(
     if endpoint is None:
         return "SUBSCRIBER_ABSENT" if originator is None else "USER_NOT_REGISTERED"
     a_profile = originator.channel.profile if originator else None
+    # switch_core_session_outgoing_channel: the originator's effective_caller_id_* stand in for its caller
+    # profile's, unless origination_caller_id_* name the new leg's (SOF_NO_EFFECTIVE_CID_*).
+    a_effective = originator.channel.variables if originator else None
     name = f"sofia/internal/{user}@127.0.0.1:{endpoint.contact_port}"
+    if external is not None:
+        name = f"sofia/external/{user}"
     leg = switch.new_leg(
         name=name,
         direction="outbound",
         caller_id_name=variables.get("origination_caller_id_name")
+        or (a_effective.get("effective_caller_id_name") if a_effective else None)
         or (a_profile.caller_id_name if a_profile else "Outbound Call"),
         caller_id_number=variables.get("origination_caller_id_number")
+        or (a_effective.get("effective_caller_id_number") if a_effective else None)
         or (a_profile.caller_id_number if a_profile else "0000000000"),
         destination=user,
         username=a_profile.username if a_profile else "",
@@ -1046,8 +1057,10 @@ async def originate_leg(
     switch.set_state(leg, "CS_ROUTING")
     switch.presence(leg, "CS_ROUTING", "alerting")
     switch.set_state(leg, "CS_CONSUME_MEDIA")
-    if endpoint.behaviour in ("busy", "reject"):
-        cause = "USER_BUSY" if endpoint.behaviour == "busy" else "CALL_REJECTED"
+    if endpoint.behaviour in ("busy", "reject", "unallocated"):
+        cause = {"busy": "USER_BUSY", "reject": "CALL_REJECTED", "unallocated": "UNALLOCATED_NUMBER"}[
+            endpoint.behaviour
+        ]
         await finish_failed_leg(switch, leg, cause, originator)
         return cause
     assert channel.profile is not None

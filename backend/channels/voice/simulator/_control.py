@@ -46,6 +46,14 @@ class ControlApi:
             phone.answer_delay = payload.get("answer_delay", phone.answer_delay)
             phone.hangup_after = payload.get("hangup_after", phone.hangup_after)
             return 200, {"user": phone.user, "behaviour": phone.behaviour}
+        if method == "PUT" and len(parts) == 2 and parts[0] == "far-ends":
+            party = switch.far_end(
+                parts[1],
+                str(payload.get("behaviour", "answer")),
+                answer_delay=payload.get("answer_delay"),
+                hangup_after=payload.get("hangup_after"),
+            )
+            return 200, {"number": party.user, "behaviour": party.behaviour}
         if method == "POST" and parts == ["calls"]:
             uuid = await switch.place_call(
                 str(payload["destination"]),

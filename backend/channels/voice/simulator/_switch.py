@@ -142,6 +142,8 @@ class Switch:
         self.listeners: list[Listener] = []
         self.legs: dict[str, CallLeg] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self.far_ends: dict[str, Endpoint] = {}
+        """Parties reached through a carrier gateway (`sofia/gateway/<gw>/<number>`), by number; others answer."""
         self.requests: list[dict[str, object]] = []
         """What was asked of the switch: ESL commands, xml_curl and CDR requests (for tests)."""
         self.sessions_since_startup = 0
@@ -627,6 +629,20 @@ class Switch:
         self.fire_custom("sofia::register", ("sofia_reg.c", "sofia_reg_handle_register_token", 2059), register)
         self.spawn(self.directory_user(endpoint, action="message-count"), "message-count")
         return True
+
+    def far_end(
+        self,
+        number: str,
+        behaviour: str = "answer",
+        *,
+        answer_delay: float | None = None,
+        hangup_after: float | None = None,
+    ) -> Endpoint:
+        """How the outside party at `number` reacts to calls through a gateway: `answer`, `no_answer`, `busy`,
+        `reject` or `unallocated` (the carrier answers 404: UNALLOCATED_NUMBER)."""
+        party = Endpoint(number, "pstn", behaviour=behaviour, answer_delay=answer_delay, hangup_after=hangup_after)
+        self.far_ends[number] = party
+        return party
 
     def unregister(self, user: str) -> bool:
         endpoint = self.endpoints.pop(user, None)
