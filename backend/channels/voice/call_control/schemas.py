@@ -19,6 +19,12 @@ class CallTransfer(Strict):
     mode: Literal["blind"] = "blind"
 
 
+class SupervisionMode(Strict):
+    """How the supervisor joins: `listen` (nobody hears them), `whisper` (the agent only), `barge` (both)."""
+
+    mode: Literal["listen", "whisper", "barge"]
+
+
 class RecordingControl(Strict):
     """`start` (queues with the on-demand policy), `pause`, `resume` or `stop`."""
 

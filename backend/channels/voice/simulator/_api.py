@@ -207,6 +207,55 @@ async def api_uuid_hold(switch: Switch, argument: str) -> str:
     return "+OK Success\n"
 
 
+_DTMF_KEYS = frozenset("0123456789*#ABCDabcdwW")
+
+
+def _dtmf_arguments(argument: str) -> tuple[str, str] | None:
+    parts = argument.split()
+    if len(parts) < 2:
+        return None
+    return parts[0], parts[1]
+
+
+async def api_uuid_recv_dtmf(switch: Switch, argument: str) -> str:
+    """mod_commands uuid_recv_dtmf: switch_channel_queue_dtmf_string, as if the leg's endpoint had sent the keys
+    (the leg's running application dequeues them: play_and_get_digits, eavesdrop's mode keys)."""
+    found = _dtmf_arguments(argument)
+    if found is None:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    uuid, digits = found
+    leg = _leg(switch, uuid)
+    if leg is None:
+        return "-ERR Cannot locate session!\n"
+    keys = [key for key in digits.split("@")[0].replace("+", "") if key in _DTMF_KEYS]
+    if not keys:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    for key in keys:
+        switch.fire(
+            "DTMF",
+            leg.channel,
+            calling=("switch_channel.c", "switch_channel_dequeue_dtmf", 677),
+            post=[("DTMF-Digit", key), ("DTMF-Duration", "2000"), ("DTMF-Source", "APP")],
+        )
+        leg.channel.digits.append(key)
+    leg.dtmf_signal.set()
+    return f"+OK {uuid} received DTMF {digits}.\n"
+
+
+async def api_uuid_send_dtmf(switch: Switch, argument: str) -> str:
+    """mod_commands uuid_send_dtmf: switch_core_session_send_dtmf_string, sent out to the leg's endpoint (its
+    phone hears the tones); the leg's own applications never see them."""
+    found = _dtmf_arguments(argument)
+    if found is None:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    uuid, digits = found
+    leg = _leg(switch, uuid)
+    if leg is None:
+        return "-ERR Cannot locate session!\n"
+    leg.dtmf_sent.extend(key for key in digits if key in _DTMF_KEYS)
+    return f"+OK {uuid} sent DTMF {digits}.\n"
+
+
 async def _broadcast_loop(switch: Switch, leg: CallLeg, path: str) -> None:
     """switch_ivr_broadcast(SMF_LOOP): `playback` of `path` on the channel, again and again, until stopped."""
     while not leg.channel.down:
@@ -449,6 +498,8 @@ API_COMMANDS: dict[str, ApiFunction] = {
     "uuid_broadcast": api_uuid_broadcast,
     "uuid_transfer": api_uuid_transfer,
     "uuid_bridge": api_uuid_bridge,
+    "uuid_recv_dtmf": api_uuid_recv_dtmf,
+    "uuid_send_dtmf": api_uuid_send_dtmf,
     "show": api_show,
     "sofia": api_sofia,
     "reloadxml": api_reloadxml,

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from backend.channels.voice.esl._models import Command
 from backend.channels.voice.simulator._channel import Channel, now_us
-from backend.channels.voice.simulator._switch import SESSION_RUN, CallLeg, Endpoint, HungUp, Switch, write_wav
+from backend.channels.voice.simulator._switch import (
+    SESSION_RUN,
+    CallLeg,
+    Eavesdrop,
+    Endpoint,
+    HungUp,
+    Switch,
+    write_wav,
+)
 
 logger = logging.getLogger("backend.channels.voice.simulator")
 
@@ -686,30 +694,76 @@ async def app_transfer(switch: Switch, leg: CallLeg, data: str) -> None:
 
 
 async def app_eavesdrop(switch: Switch, leg: CallLeg, data: str) -> None:
-    """Listen to another call (a media bug on it) until either side hangs up, as e02/e04 show."""
+    """mod_dptools eavesdrop on one uuid (switch_ivr_eavesdrop_session): a media bug on the target, a third
+    party on its call until either side hangs up, as e02/e04 show.
+
+    The flags come from the eavesdropper's variables as eavesdrop_function reads them: `eavesdrop_enable_dtmf`
+    (on unless set false), `eavesdrop_whisper_aleg` (ED_MUX_READ: the eavesdropper is mixed into what the
+    target reads, so the target's partner hears them), `eavesdrop_whisper_bleg` (ED_MUX_WRITE: mixed into
+    what is written to the target, so the target hears them). With DTMF on, each key the eavesdropper's
+    channel receives (its phone, or `uuid_recv_dtmf`) is dequeued in the loop: 1 = MUX_READ only, 2 =
+    MUX_WRITE only, 3 = both, 0 = neither, * ends the eavesdrop; other keys are ignored.
+    """
     target = switch.find(data.strip())
-    if target is None:
+    if target is None or target is leg or target.channel.down:
         leg.channel.variables.set("current_application_response", "-ERR no such channel")
         return
+    variables = leg.channel.variables
+    enable = variables.get("eavesdrop_enable_dtmf")
+    state = Eavesdrop(
+        target=target.channel.uuid,
+        dtmf=truthy(enable) if enable is not None else True,
+        mux_read=truthy(variables.get("eavesdrop_whisper_aleg")),
+        mux_write=truthy(variables.get("eavesdrop_whisper_bleg")),
+    )
     if not leg.channel.answered:
         switch.mark_answered(leg)
     read_codec_event(switch, leg)
     bug = [("Media-Bug-Function", "eavesdrop"), ("Media-Bug-Target", target.channel.uuid)]
     media_bug = ("switch_core_media_bug.c", "switch_core_media_bug_add", 1014)
     switch.fire("MEDIA_BUG_START", target.channel, calling=media_bug, pre=bug)
+    leg.eavesdrop = state
     hangup = asyncio.ensure_future(target.hangup_signal.wait())
     mine = asyncio.ensure_future(leg.hangup_signal.wait())
     try:
-        await asyncio.wait({hangup, mine}, return_when=asyncio.FIRST_COMPLETED)
+        while not leg.channel.down and not target.channel.down:
+            if state.dtmf and leg.channel.digits:
+                if not _eavesdrop_command(state, leg.channel.digits.pop(0)):
+                    break
+                continue
+            leg.dtmf_signal.clear()
+            keys = asyncio.ensure_future(leg.dtmf_signal.wait())
+            try:
+                await asyncio.wait({hangup, mine, keys}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                keys.cancel()
     finally:
         hangup.cancel()
         mine.cancel()
+        leg.eavesdrop = None
     read_codec_event(switch, leg)
     if not target.torn_down:
         stop = ("switch_core_media_bug.c", "switch_core_media_bug_destroy", 1287)
         switch.fire("MEDIA_BUG_STOP", target.channel, calling=stop, pre=bug)
     if leg.channel.down:
         raise HungUp
+
+
+def _eavesdrop_command(state: Eavesdrop, key: str) -> bool:
+    """One key of switch_ivr_eavesdrop_session's command loop; False for `*` (the eavesdrop ends)."""
+    if key == "1":
+        state.mux_read, state.mux_write = True, False
+    elif key == "2":
+        state.mux_read, state.mux_write = False, True
+    elif key == "3":
+        state.mux_read, state.mux_write = True, True
+    elif key == "0":
+        state.mux_read, state.mux_write = False, False
+    elif key == "*":
+        return False
+    if key in "1230":
+        state.commands.append(key)
+    return True
 
 
 def read_codec_event(switch: Switch, leg: CallLeg) -> None:
