@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("backend.channels.voice.simulator")
 
 NO_CHANNEL = "-ERR No such channel!\n"
+MEDIA_APPLICATIONS = frozenset({"playback", "speak", "sleep", "play_and_get_digits", "read", "record"})
 
 ApiFunction = Callable[[Switch, str], Awaitable[str]]
 
@@ -311,20 +312,53 @@ async def api_uuid_transfer(switch: Switch, argument: str) -> str:
 
 
 async def api_uuid_bridge(switch: Switch, argument: str) -> str:
+    """switch_ivr_uuid_bridge: both channels leave what they are doing (a bridge ends without hanging anyone
+    up, an application such as the `socket` one returns) and are bridged to each other. When that bridge is over:
+    a side left alone parks if `park_after_bridge` says so; otherwise the originator (the first uuid) goes on with
+    its extension, unless `hangup_after_bridge` hangs it up, and a leg with no extension of its own hangs up."""
     parts = argument.split()
     a = _leg(switch, parts[0]) if parts else None
     b = _leg(switch, parts[1]) if len(parts) > 1 else None
-    if a is None or b is None:
+    if a is None or b is None or a.channel.down or b.channel.down:
         return "-ERR Invalid uuid\n"
+    over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for leg in (a, b):
+        leg.uuid_bridge = over
+        leg.redirect.set()
+        leg.private_ready.set()
+        if leg.running_app in MEDIA_APPLICATIONS:
+            # The state change breaks the media application running on the channel.
+            leg.break_pending = True
+            leg.break_signal.set()
 
     async def run() -> None:
-        with contextlib.suppress(HungUp):
-            await bridge_legs(switch, a, b)
-        for leg in a.deferred_teardown:
-            switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
-        a.deferred_teardown.clear()
-        if a.channel.down and not b.channel.down and not truthy(b.channel.variables.get("park_after_bridge")):
-            await switch.hangup(b, "NORMAL_CLEARING")
+        for _ in range(200):
+            if not a.channel.partner and not b.channel.partner:
+                break
+            await asyncio.sleep(0.005)
+        try:
+            with contextlib.suppress(HungUp):
+                await bridge_legs(switch, a, b)
+            for leg in a.deferred_teardown:
+                switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+            a.deferred_teardown.clear()
+            for leg, other in ((a, b), (b, a)):
+                if leg.channel.down or not other.channel.down or leg.uuid_bridge is not over:
+                    continue
+                if truthy(leg.channel.variables.get("park_after_bridge")):
+                    continue  # parked
+                if leg is b or leg.task is None:
+                    await switch.hangup(leg, "NORMAL_CLEARING")
+            for leg in (a, b):
+                if leg.channel.down and leg.task is None and leg.uuid_bridge is over:
+                    # A b-leg whose own bridge it left: nobody else reports it.
+                    switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+        finally:
+            for leg in (a, b):
+                if leg.uuid_bridge is over:
+                    leg.uuid_bridge = None
+            if not over.done():
+                over.set_result(None)
 
     switch.spawn(run(), f"uuid-bridge-{a.channel.uuid}")
     return f"+OK {b.channel.uuid}\n"

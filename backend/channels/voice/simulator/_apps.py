@@ -86,10 +86,13 @@ async def execute(
     )
     variables.set("current_application", application)
     hung_up = False
+    outer, leg.running_app = leg.running_app, application
     try:
         await function(switch, leg, expanded)
     except HungUp:
         hung_up = True
+    finally:
+        leg.running_app = outer
     response = variables.get("current_application_response") or "_none_"
     switch.fire(
         "CHANNEL_EXECUTE_COMPLETE",
@@ -661,7 +664,7 @@ async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
     leg.parked_first = True
     parked = False
     try:
-        while not channel.down and not listener.closed.is_set():
+        while not channel.down and not listener.closed.is_set() and leg.uuid_bridge is None:
             if not leg.private.empty():
                 if not parked:
                     parked = True
@@ -671,16 +674,24 @@ async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
             closed = asyncio.ensure_future(listener.closed.wait())
             ready = asyncio.ensure_future(leg.private_ready.wait())
             hangup = asyncio.ensure_future(leg.hangup_signal.wait())
+            moved = asyncio.ensure_future(leg.redirect.wait())
             try:
-                await asyncio.wait({closed, ready, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({closed, ready, hangup, moved}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for waiter in (closed, ready, hangup):
+                for waiter in (closed, ready, hangup, moved):
                     waiter.cancel()
                 leg.private_ready.clear()
     except HungUp:
         pass
     if parked:
         switch.fire("CHANNEL_UNPARK", channel, calling=("switch_ivr.c", "switch_ivr_park", 1155))
+    if leg.uuid_bridge is not None and not channel.down:
+        # uuid_bridge changed the channel's state: switch_ivr_park returned, the socket application ends, and the
+        # extension goes on with its next action once the bridge is over (uuid_bridge_on_soft_execute sets
+        # CS_EXECUTE again), unless the bridge ended the channel. The listener stays attached for the events.
+        await asyncio.shield(leg.uuid_bridge)
+        if channel.down:
+            return
     if channel.down:
         # The listener stays for the linger notice, which teardown sends after HANGUP_COMPLETE.
         return
@@ -1278,7 +1289,14 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
                 ("Bridged-To", other.uuid),
             ],
         )
-    waiters = [asyncio.ensure_future(a.hangup_signal.wait()), asyncio.ensure_future(b.hangup_signal.wait())]
+    a.redirect.clear()
+    b.redirect.clear()
+    waiters = [
+        asyncio.ensure_future(a.hangup_signal.wait()),
+        asyncio.ensure_future(b.hangup_signal.wait()),
+        asyncio.ensure_future(a.redirect.wait()),
+        asyncio.ensure_future(b.redirect.wait()),
+    ]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -1288,6 +1306,26 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
         "calling": ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1800),
         "pre": [("Bridge-A-Unique-ID", a_channel.uuid), ("Bridge-B-Unique-ID", b_channel.uuid)],
     }
+    if not a_channel.down and not b_channel.down and (a.redirect.is_set() or b.redirect.is_set()):
+        # A `uuid_bridge` took one side away (CF_TRANSFER/CF_REDIRECT): the bridge ends, nobody hangs up for it.
+        switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+        a_channel.partner = None
+        b_channel.partner = None
+        if b.redirect.is_set() and not a.redirect.is_set():
+            # The originator's bridge returns; switch_ivr_multi_threaded_bridge's hangup_after_bridge applies.
+            av.set("bridge_hangup_cause", "NORMAL_CLEARING")
+            hang_up = truthy(av.get("hangup_after_bridge")) and not truthy(av.get("park_after_bridge"))
+            if a.transfer_to is None and hang_up:
+                await switch.hangup(a, "NORMAL_CLEARING")
+                raise HungUp
+        return
+    if a_channel.down and not b_channel.down and truthy(bv.get("park_after_bridge")):
+        # audio_bridge_on_exchange_media: the other side left; park_after_bridge parks this one.
+        switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+        a_channel.partner = None
+        b_channel.partner = None
+        a.partner_teardown = None
+        raise HungUp
     if a_channel.down:
         # The caller hung up: the b-leg goes with it (a08's order, the b-leg reported first).
         await switch.hangup(b, "NORMAL_CLEARING")

@@ -140,6 +140,12 @@ class CallLeg:
     """Legs this channel's bridge rang that failed, with their causes (`originate_causes`)."""
     eavesdrop: Eavesdrop | None = None
     """While this leg runs `eavesdrop`: on whom, and in which mode."""
+    redirect: asyncio.Event = field(default_factory=asyncio.Event)
+    """CF_REDIRECT: `uuid_bridge` takes the leg out of the bridge or application it is in."""
+    running_app: str | None = None
+    """The application running on the channel now (the innermost, for one run by the `socket` application)."""
+    uuid_bridge: asyncio.Future[None] | None = None
+    """While the leg is in (or being moved into) a `uuid_bridge`: done when that bridge is over."""
     dtmf_sent: list[str] = field(default_factory=list)
     """Keys sent to the leg's endpoint (`uuid_send_dtmf`: outbound, never seen by the leg's applications)."""
     """`record_post_process_exec_api` commands still running (the leg is reported once they are done)."""
