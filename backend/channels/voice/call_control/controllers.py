@@ -54,8 +54,29 @@ class LiveCallController(Controller):
     async def transfer(
         self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID, data: CallTransfer
     ) -> LiveCallOut:
-        """Blind transfer to a queue or an agent of the tenant (a `transferred` event); the agent's leg ends."""
+        """Blind transfer to a queue or an agent (a `transferred` event; the agent's leg ends), or attended to an agent
+        (the caller on hold with the queue's music while the agent consults; then complete or cancel)."""
         return await _desk(request).transfer(request.user, interaction_id, data)
+
+    @post(
+        "/{interaction_id:uuid}/transfer/complete",
+        permission="agent:workspace",
+        operation_id="complete_call_transfer",
+        status_code=200,
+    )
+    async def complete_transfer(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> LiveCallOut:
+        """Complete an attended transfer: the caller goes to the consulted agent (`transferred`, `connected`)."""
+        return await _desk(request).complete_transfer(request.user, interaction_id)
+
+    @post(
+        "/{interaction_id:uuid}/transfer/cancel",
+        permission="agent:workspace",
+        operation_id="cancel_call_transfer",
+        status_code=200,
+    )
+    async def cancel_transfer(self, request: Request[Principal, Any, Any], interaction_id: uuid.UUID) -> LiveCallOut:
+        """Cancel an attended transfer: the consulted agent's leg is hung up, the caller is back (`resumed`)."""
+        return await _desk(request).cancel_transfer(request.user, interaction_id)
 
     @post(
         "/{interaction_id:uuid}/recording",

@@ -324,6 +324,7 @@ async def api_uuid_bridge(switch: Switch, argument: str) -> str:
     over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     for leg in (a, b):
         leg.uuid_bridge = over
+        leg.orphaned = False
         leg.redirect.set()
         leg.private_ready.set()
         if leg.running_app in MEDIA_APPLICATIONS:
@@ -357,6 +358,7 @@ async def api_uuid_bridge(switch: Switch, argument: str) -> str:
             for leg in (a, b):
                 if leg.uuid_bridge is over:
                     leg.uuid_bridge = None
+                    leg.orphaned = leg.task is None and not leg.channel.down
             if not over.done():
                 over.set_result(None)
 

@@ -144,6 +144,8 @@ class CallLeg:
     """CF_REDIRECT: `uuid_bridge` takes the leg out of the bridge or application it is in."""
     running_app: str | None = None
     """The application running on the channel now (the innermost, for one run by the `socket` application)."""
+    orphaned: bool = False
+    """A b-leg whose uuid_bridge ended with it still up: nobody else reports it when it hangs up."""
     uuid_bridge: asyncio.Future[None] | None = None
     """While the leg is in (or being moved into) a `uuid_bridge`: done when that bridge is over."""
     dtmf_sent: list[str] = field(default_factory=list)
@@ -1025,6 +1027,8 @@ class Switch:
         self.fire("CHANNEL_HANGUP", channel, calling=("switch_channel.c", "switch_channel_perform_hangup", 3487))
         leg.hangup_signal.set()
         leg.dtmf_signal.set()
+        if leg.orphaned and leg.uuid_bridge is None:
+            self.spawn(self.teardown(leg), "orphan-teardown")
 
     async def teardown(self, leg: CallLeg) -> None:
         """CS_HANGUP, RECORD_STOP, CS_REPORTING, HANGUP_COMPLETE, the CDR, DESTROY (once per leg).
