@@ -229,3 +229,74 @@ async def test_attended_transfer_refusals(rig: CallRig, factory: Factory):
     assert live.json()["transfer_pending"] is False and _partner(rig, caller) == first_leg
     await rig.switch.caller_hangup(caller)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
+async def test_an_adopted_call_is_transferred_attended_and_comes_back_through_the_next_socket(
+    rig: CallRig, factory: Factory, tmp_path
+):
+    """The process controlling the call dies; the survivor that adopted it starts the consultation through the
+    node; the caller leaves the agent's bridge, reaches the dialplan's second `socket` and is resumed there."""
+    from backend.channels.voice.call_control import CallControlServer
+    from backend.channels.voice.esl_config import client_config
+    from tests.channels.voice.call_rig import services_for
+    from tests.channels.voice.test_call_control_resilience import CallControlProcess, free_port
+
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, wrap_up_seconds=30)
+    first = await rig.agent(ctx)
+    second = await rig.agent(ctx, available=False)
+    did = await rig.number(ctx, queue_id=queue)
+    port = free_port()
+    doomed = CallControlProcess(rig, port, tmp_path / "call-control.log")
+    await doomed.start()
+    xml_curl = rig.app.state.xml_curl
+    before = xml_curl.call_control
+    xml_curl.call_control = f"127.0.0.1:{port}"
+    survivor = CallControlServer(
+        services_for(rig.app, rig.settings), "127.0.0.1", port, config=client_config(rig.settings), reuse_port=True
+    )
+    try:
+        caller = await rig.call(did)
+        iid = (await rig.interaction_of(ctx, caller))["id"]
+        await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+        record = await eventually(lambda: _owned_by(rig, ctx, iid, doomed.owner))
+        first_leg = str(record.agent_leg)
+        await rig.set_state(second, "available")
+        await survivor.start()
+        await doomed.kill()
+        await eventually(lambda: _owned_by(rig, ctx, iid, None, not_by=doomed.owner), timeout=15)
+
+        await _consult(rig, iid, first, second)
+        talking = await eventually(lambda: _talking(rig, iid, first), timeout=15)
+        assert talking["agent_id"] == str(first.user_id)
+        # The caller left the agent's bridge and reached the survivor through the dialplan's second socket.
+        resumed = await eventually(lambda: _owned_by(rig, ctx, iid, survivor.services.store.owner), timeout=15)
+        assert resumed.pending is not None and resumed.pending.consult_state == "talking"
+        await eventually(lambda: _music_while_consulting(rig, caller))
+        consult_leg = await _consult_leg(rig, ctx, iid)
+
+        done = await rig.client.post(f"/api/v1/voice/calls/{iid}/transfer/complete", headers=first.headers)
+        assert done.status_code == 200, done.text
+        await eventually(lambda: _equal(_partner(rig, caller), consult_leg))
+        await eventually(lambda: _equal(rig.gone(first_leg), True))
+        await eventually(lambda: _in_state(rig, first, "wrap_up"))
+        await rig.switch.caller_hangup(consult_leg)  # the second agent ends the call
+        ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+        assert ended["outcome"] == "handled" and ended["agent_id"] == str(second.user_id)
+        names = [e["name"] for e in ended["timeline"]]
+        assert names[-5:] == ["connected", "held", "transferred", "connected", "ended"], names
+        await eventually(lambda: _in_state(rig, second, "wrap_up"))
+        await eventually(lambda: _forgotten(rig, ctx, iid))
+    finally:
+        xml_curl.call_control = before
+        await survivor.close()
+        await doomed.close()
+
+
+async def _owned_by(rig: CallRig, ctx: TenantCtx, iid: str, owner: str | None, *, not_by: str | None = None) -> Any:
+    record = await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid))
+    if record is None:
+        return None
+    if owner is not None:
+        return record if record.owner == owner else None
+    return record if record.owner and record.owner != not_by else None
