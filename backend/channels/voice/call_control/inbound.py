@@ -206,6 +206,7 @@ class InboundCall:
         """The caller was bridged by `uuid_bridge` (an attended transfer): our socket runs no application on it."""
         self.superseded = asyncio.Event()
         """The caller reached call control again through the dialplan's next `socket`: that connection has it now."""
+        self.finished = False
         self.log = log.bind(tenant_id=str(facts.tenant_id), call=str(facts.call_uuid))
 
     # --- identity ------------------------------------------------------------------------------------
@@ -215,7 +216,10 @@ class InboundCall:
         return self.record.tenant_id
 
     def notify(self, message: object) -> None:
-        """Hand a message to the call's own task."""
+        """Hand a message to the call's own task (a consulted phone answering after the call ended is hung up)."""
+        if self.finished and isinstance(message, ConsultOutcome) and message.ok and self.record.node_id is not None:
+            self.s.spawn(self.s.voice.commands.hangup(self.record.node_id, message.leg, "ORIGINATOR_CANCEL"))
+            return
         self.inbox.put_nowait(message)
 
     def bridged_elsewhere(self) -> None:
@@ -321,6 +325,7 @@ class InboundCall:
 
     async def _finish(self) -> None:
         """The call is over (or given up): the interaction ends, the recording closes, the record goes."""
+        self.finished = True
         if self.superseded.is_set():
             self.log.info("call_control_handed_to_next_socket", phase=self.record.phase)
             return
