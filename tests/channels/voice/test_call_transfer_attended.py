@@ -190,8 +190,7 @@ async def test_a_consulted_agent_who_does_not_answer_leaves_the_caller_with_the_
     assert rig.switch.find(first_leg).channel.callstate != "HELD"
     assert _partner(rig, caller) == first_leg
     assert [c for c in rig.api_commands("uuid_hold") if first_leg in c] == [first_leg, f"off {first_leg}"]
-    body = await rig.interaction(ctx, iid)
-    assert [e["name"] for e in body["timeline"]][-2:] == ["held", "resumed"]
+    body = await eventually(lambda: _last_events(rig, ctx, iid, ["held", "resumed"]))
     resumed = body["timeline"][-1]["data"]
     assert resumed["reason"] == "consult_not_answered" and resumed["cause"] == "NO_ANSWER"
     await rig.switch.caller_hangup(caller)
@@ -300,3 +299,28 @@ async def _owned_by(rig: CallRig, ctx: TenantCtx, iid: str, owner: str | None, *
     if owner is not None:
         return record if record.owner == owner else None
     return record if record.owner and record.owner != not_by else None
+
+
+async def test_the_caller_hanging_up_during_the_consultation_ends_both_agents_legs(rig: CallRig, factory: Factory):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, wrap_up_seconds=30)
+    first = await rig.agent(ctx)
+    second = await rig.agent(ctx, available=False)
+    caller, iid, first_leg = await _connected(rig, ctx, queue, first)
+    await rig.set_state(second, "available")
+    await _consult(rig, iid, first, second)
+    await eventually(lambda: _talking(rig, iid, first))
+    consult_leg = await _consult_leg(rig, ctx, iid)
+    await rig.switch.caller_hangup(caller)
+    ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    assert ended["outcome"] == "handled" and ended["agent_id"] == str(first.user_id)
+    await eventually(lambda: _equal(rig.gone(first_leg) and rig.gone(consult_leg), True))
+    await eventually(lambda: _in_state(rig, first, "wrap_up"))
+    assert await rig.agent_state(second) == "available"
+    await eventually(lambda: _legs(rig, ctx, iid, 3))
+    await eventually(lambda: _forgotten(rig, ctx, iid))
+
+
+async def _last_events(rig: CallRig, ctx: TenantCtx, iid: str, names: list[str]) -> dict[str, Any] | None:
+    body = await rig.interaction(ctx, iid)
+    return body if [e["name"] for e in body["timeline"]][-len(names) :] == names else None

@@ -291,9 +291,6 @@ async def back_to_agent(call: ControlledCall, reason: str, cause: str | None = N
     record = call.record
     pending = record.pending
     await _restore(call)
-    record.pending = None
-    record.held = False
-    await call.s.store.save(record)
     if record.interaction_id is not None:
         await call.s.routing.note(
             record.tenant_id,
@@ -304,6 +301,9 @@ async def back_to_agent(call: ControlledCall, reason: str, cause: str | None = N
             cause=cause,
             consult_agent_id=str(pending.agent_id) if pending and pending.agent_id else None,
         )
+    record.pending = None
+    record.held = False
+    await call.s.store.save(record)
     log.info("consult_ended", call=str(record.call_uuid), reason=reason, cause=cause)
 
 
