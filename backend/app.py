@@ -49,7 +49,7 @@ from backend.channels.voice.nodes import NodeAddressBook
 from backend.channels.voice.outbound import OutboundGuard
 from backend.channels.voice.recordings import CustomerStoreTickets, VoicemailDesk
 from backend.channels.voice.service import VoiceSwitchboard
-from backend.channels.voice.supervision import SupervisionDesk
+from backend.channels.voice.supervision import LiveSupervision, SupervisionDesk
 from backend.channels.voice.xml_curl import XmlCurl
 from backend.config import Settings, get_settings
 from backend.customers.controllers import (
@@ -205,6 +205,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 "outbound_calls": OutboundDesk(sessionmaker, redis, outbound, routing, voice, settings),
                 "supervision": SupervisionDesk(sessionmaker),
                 "calls": CallDesk(sessionmaker, CallStore(redis, settings), settings),
+                "live_supervision": LiveSupervision(
+                    SupervisionDesk(sessionmaker), voice, CallStore(redis, settings), redis, settings
+                ),
                 "job_queue": job_queue,
             }
         ),

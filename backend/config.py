@@ -199,6 +199,8 @@ class Settings:
         default_factory=lambda: _env_int("CC_CALL_CONTROL_TRANSFER_RING", 30)
     )
     """How long an agent's phone rings for a call put straight through to them (an IVR or blind transfer)."""
+    supervision_ring_seconds: int = field(default_factory=lambda: _env_int("CC_SUPERVISION_RING", 20))
+    """How long a supervisor's softphone rings when they start listening to a call (`originate_timeout`)."""
     call_control_callback_digit: str = field(default_factory=lambda: _env("CC_CALL_CONTROL_CALLBACK_DIGIT", "1"))
     """The key a waiting caller presses to be called back instead (empty: no callback offer while waiting)."""
     call_control_default_music: str = field(

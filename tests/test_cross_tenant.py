@@ -142,7 +142,95 @@ async def _live_call(f: Factory, owned: Owned) -> str:
     return owned.keep(opened.id)
 
 
+async def _answer_every_switch_command(redis: Any, node_id: uuid.UUID) -> None:
+    """Stands in for the process holding a node's event socket: every command succeeds (`+OK`)."""
+    from backend.channels.voice.commands import CommandReply, decode_request, encode_reply, reply_key, requests_key
+
+    while True:
+        found = await redis.blpop([requests_key(node_id)], timeout=1)
+        if found is None:
+            continue
+        request = decode_request(found[1])
+        replies = [CommandReply("accepted", ok=True)] if request.kind == "bgapi" else []
+        replies.append(CommandReply("done", ok=True, body="+OK\n"))
+        for reply in replies:
+            await redis.rpush(reply_key(node_id, request.id), encode_reply(reply))
+
+
+async def _supervised_call(f: Factory, owned: Owned) -> str:
+    """A live call another agent answered, the owner's softphone registered on the call's node, and a stand-in
+    holder of that node that carries out every command: what a supervisor needs to listen in."""
+    from datetime import timedelta
+
+    from backend.channels.voice.call_control import CallRecord, CallStore
+    from backend.channels.voice.commands import lease_key
+    from backend.channels.voice.models import Registration
+    from backend.db.base import utcnow
+    from backend.db.engine import tenant_transaction
+    from backend.routing import service as routing_service
+
+    ctx = owned.ctx
+    agent = await f.seated_agent(ctx)
+    async with tenant_transaction(f.app.state.sessionmaker, ctx.tenant_id) as session:
+        await routing_service.set_voice_registration(session, ctx.tenant_id, agent["id"], True)
+    await f.app.state.routing.sync_agent(ctx.tenant_id, agent["id"])
+    ready = await f.client.put("/api/v1/routing/me/state", json={"state": "available"}, headers=agent["headers"])
+    assert ready.status_code == 200, ready.text
+    queue = await f.queue(ctx)
+    created = await f.client.post(
+        "/api/v1/interactions", json={"channel": "voice", "queue_id": str(queue)}, headers=ctx.headers
+    )
+    assert created.status_code == 201 and created.json()["state"] == "offered", created.text
+    interaction_id = created.json()["id"]
+    accepted = await f.client.post(f"/api/v1/interactions/{interaction_id}/accept", headers=agent["headers"])
+    assert accepted.status_code == 200, accepted.text
+    node = await f.switch_node()
+    await f.app.state.voice.heartbeat(node["id"])
+    seat = await f.client.post("/api/v1/seats", json={"user_id": str(ctx.owner_id)}, headers=ctx.headers)
+    assert seat.status_code == 201, seat.text
+    async with tenant_transaction(f.app.state.sessionmaker, ctx.tenant_id) as session:
+        session.add(
+            Registration(
+                tenant_id=ctx.tenant_id,
+                user_id=ctx.owner_id,
+                node_id=node["id"],
+                sip_username=seat.json()["seat"]["sip_username"],
+                contact="sip:owner@127.0.0.1:5062",
+                registered_at=utcnow(),
+                expires_at=utcnow() + timedelta(hours=1),
+            )
+        )
+    store = CallStore(f.app.state.redis, f.settings, owner="cross-tenant-call-control")
+    await store.save(
+        CallRecord(
+            tenant_id=ctx.tenant_id,
+            call_uuid=uuid.uuid4(),
+            node_id=node["id"],
+            interaction_id=uuid.UUID(interaction_id),
+            phase="bridged",
+            agent_id=agent["id"],
+            agent_leg=uuid.uuid4(),
+        )
+    )
+    await f.app.state.redis.set(lease_key(node["id"]), "cross-tenant-holder")
+    _RESPONDERS[str(node["id"])] = asyncio.create_task(_answer_every_switch_command(f.app.state.redis, node["id"]))
+    owned.params["interaction_id"] = interaction_id
+    return owned.keep(interaction_id)
+
+
+async def _supervision_session(f: Factory, owned: Owned) -> str:
+    """The owner listening to the supervised call (started through the API, on the stand-in node holder)."""
+    interaction_id = owned.params["interaction_id"]
+    started = await f.client.post(
+        f"/api/v1/voice/calls/{interaction_id}/supervision", json={"mode": "listen"}, headers=owned.ctx.headers
+    )
+    assert started.status_code == 201, started.text
+    return owned.keep(started.json()["id"])
+
+
 async def _interaction(f: Factory, owned: Owned) -> str:
+    if owned.route_path.startswith("/api/v1/voice/calls/") and "/supervision" in owned.route_path:
+        return await _supervised_call(f, owned)
     if owned.route_path.startswith("/api/v1/voice/calls/"):
         return await _live_call(f, owned)
     if owned.route_path.endswith("/callback"):
@@ -227,6 +315,7 @@ PATH_PARAMETER_FACTORIES: dict[str, ParamFactory] = {
     "field_id": _field,
     "import_id": _import,
     "ticket_id": _ticket,
+    "session_id": _supervision_session,
 }
 
 
@@ -438,6 +527,7 @@ BODY_FACTORIES: dict[type, BodyFactory] = {
     call_schemas.CallTransfer: _call_transfer,
     outbound_call_schemas.OutboundCallIn: _outbound_call,
     call_schemas.RecordingControl: lambda f, o: _constant({"action": "pause"}),
+    call_schemas.SupervisionMode: lambda f, o: _constant({"mode": "whisper"}),
     customer_schemas.CustomerCreate: _customer_body,
     customer_schemas.CustomerUpdate: lambda f, o: _constant({"name": "Renamed Customer", "tags": ["vip"]}),
     customer_schemas.MergeRequest: _merge_body,

@@ -326,6 +326,7 @@ class SwitchCommands:
         endpoint: str,
         *,
         variables: Mapping[str, str] | None = None,
+        leg_uuid: uuid.UUID | None = None,
         within: float | None = None,
     ) -> Origination:
         """A supervisor listens in: originate to their `endpoint` on the target's node, running `eavesdrop`.
@@ -333,7 +334,12 @@ class SwitchCommands:
         The endpoint must be reachable from that node (a phone registered there, or a SIP address).
         """
         return await self.originate(
-            endpoint, f"&eavesdrop({target_leg})", variables=variables, node_id=node_id, within=within
+            endpoint,
+            f"&eavesdrop({target_leg})",
+            variables=variables,
+            node_id=node_id,
+            leg_uuid=leg_uuid,
+            within=within,
         )
 
     async def set_variable(self, node_id: uuid.UUID, leg_uuid: uuid.UUID, name: str, value: str) -> SwitchReply:

@@ -41,6 +41,10 @@ VAR_INTERACTION = "cc_interaction_id"
 VAR_NODE = "cc_node_id"
 VAR_REFUSAL = "cc_refusal"
 VAR_DIRECTION = "cc_direction"
+VAR_LEG_ROLE = "cc_leg_role"
+"""What a leg is for when it is not the caller's or an agent's: `supervision` (a supervisor's eavesdrop leg)."""
+VAR_SUPERVISION = "cc_supervision_id"
+LEG_ROLE_SUPERVISION = "supervision"
 
 _DETAIL_VARIABLES = (
     "sip_call_id",
@@ -55,6 +59,8 @@ _DETAIL_VARIABLES = (
     VAR_NUMBER,
     VAR_IVR_FLOW,
     VAR_SEAT,
+    VAR_LEG_ROLE,
+    VAR_SUPERVISION,
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -269,6 +275,11 @@ def _build(
     ended = from_micros(get("end_uepoch")) or from_micros(hangup)
     call_uuid = as_uuid(get(VAR_CALL)) or as_uuid(get("originating_leg_uuid")) or as_uuid(get("originator")) or leg_uuid
     leg_direction = (direction or get("direction") or "inbound").lower()
+    # A supervisor's eavesdrop leg reaches the supervisor's seat (the directory puts `cc_user_id` on it) but is
+    # no agent's leg: it handles nothing, in routing or billing.
+    agent_id = None
+    if get(VAR_LEG_ROLE) != LEG_ROLE_SUPERVISION:
+        agent_id = as_uuid(get(VAR_AGENT)) or as_uuid(get(VAR_USER))
     if leg_direction not in {"inbound", "outbound"}:
         leg_direction = "inbound"
     return LegFacts(
@@ -291,7 +302,7 @@ def _build(
         domains=_domains(get),
         did=e164(get(VAR_DID)),
         queue_id=as_uuid(get(VAR_QUEUE)),
-        agent_id=as_uuid(get(VAR_AGENT)) or as_uuid(get(VAR_USER)),
+        agent_id=agent_id,
         interaction_id=as_uuid(get(VAR_INTERACTION)),
         refused=bool(get(VAR_REFUSAL)),
         details=_details(get),
@@ -395,7 +406,8 @@ def live_fields(event: Event) -> dict[str, str]:
     put("core_uuid", header(event, "Core-UUID"), 64)
     for name in (
         VAR_TENANT, VAR_CALL, VAR_DID, VAR_QUEUE, VAR_AGENT, VAR_USER, VAR_INTERACTION, VAR_REFUSAL,
-        "originating_leg_uuid", "domain_name", "dialed_domain", "sip_auth_realm", "sip_call_id",
+        VAR_LEG_ROLE, VAR_SUPERVISION, "originating_leg_uuid", "domain_name", "dialed_domain", "sip_auth_realm",
+        "sip_call_id",
     ):  # fmt: skip
         put(f"var:{name}", variable(event, name))
     return fields

@@ -89,7 +89,9 @@ class VoiceSwitchboard:
         self.box = SecretBox(settings.secret_key)
         self.health = NodeHealth(sessionmaker, settings)
         self.live = LiveChannels(redis)
-        listeners: list[CdrListener] = [InteractionTimeline(routing)]
+        from backend.channels.voice.supervision import SupervisionLegs
+
+        listeners: list[CdrListener] = [InteractionTimeline(routing), SupervisionLegs(sessionmaker, redis)]
         self.cdrs = CdrRecorder(sessionmaker, listeners + list(cdr_listeners or []))
         self.registrations = Registrations(sessionmaker, routing)
         self.commands = SwitchCommands(redis, self.health, settings)

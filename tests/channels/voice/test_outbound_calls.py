@@ -137,12 +137,13 @@ async def test_click_to_call_rings_the_agent_first_then_the_customer_with_the_te
     assert held.status_code == 200 and held.json()["held"], held.text
     assert agent_leg in rig.api_commands("uuid_hold")
     await rig.client.post(f"/api/v1/voice/calls/{iid}/unhold", headers=agent.headers)
-    refused = await rig.client.post(
-        f"/api/v1/voice/calls/{iid}/transfer",
-        json={"target": "agent", "agent_id": str(ctx.owner_id)},
-        headers=agent.headers,
-    )
-    assert refused.status_code == 409, refused.text
+    for mode in ("blind", "attended"):
+        refused = await rig.client.post(
+            f"/api/v1/voice/calls/{iid}/transfer",
+            json={"target": "agent", "agent_id": str(ctx.owner_id), "mode": mode},
+            headers=agent.headers,
+        )
+        assert refused.status_code == 409, (mode, refused.text)
 
     await rig.switch.caller_hangup(customer.channel.uuid)
     ended = await eventually(lambda: rig.state_is(ctx, iid, "ended"))

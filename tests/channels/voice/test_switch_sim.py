@@ -210,3 +210,56 @@ async def test_outside_parties_behind_a_gateway_and_the_caller_id_they_see():
             assert outside("+33142685304") == "+33100000002"
             await client.api("hupall NORMAL_CLEARING")
             await until(lambda: not switch.legs)
+
+
+async def test_eavesdrop_follows_its_flags_and_dtmf_commands_and_ends_with_its_target():
+    """mod_dptools eavesdrop (switch_ivr_eavesdrop_session): the eavesdropper's whisper variables set the first
+    mode; keys received on its channel (uuid_recv_dtmf) switch it (1 caller-side, 2 target, 3 both, 0 none, *
+    leaves); keys sent out to its phone (uuid_send_dtmf) do not; it ends when its target does."""
+    target = "5e1f0000-0000-4000-8000-0000000000a1"
+    spy = "5e1f0000-0000-4000-8000-0000000000a2"
+    second = "5e1f0000-0000-4000-8000-0000000000a3"
+    async with SwitchSimulator(simulator_config(time_scale=1.0)) as simulator:
+        switch = simulator.switch
+        for user in ("1001", "1002", "1003"):
+            assert await switch.register(Endpoint(user, "127.0.0.1", behaviour="answer", answer_delay=0))
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon") as client:
+            job = await client.bgapi(f"originate {{origination_uuid={target}}}user/1001 &park()")
+            assert (await job).ok
+            job = await client.bgapi(
+                f"originate {{origination_uuid={spy},eavesdrop_whisper_bleg=true}}user/1002 &eavesdrop({target})"
+            )
+            assert (await job).ok
+            await until(lambda: spy in switch.eavesdrops())
+            state = switch.eavesdrops()[spy]
+            assert state["target"] == target and (state["mux_read"], state["mux_write"]) == (False, True)
+
+            sent = await client.api(f"uuid_send_dtmf {spy} 3")
+            assert sent.text == f"+OK {spy} sent DTMF 3."
+            assert switch.eavesdrops()[spy]["mux_read"] is False  # the phone heard a tone; eavesdrop saw nothing
+            for key, expected in (
+                ("1", (True, False)),
+                ("3", (True, True)),
+                ("0", (False, False)),
+                ("2", (False, True)),
+            ):
+                received = await client.api(f"uuid_recv_dtmf {spy} {key}")
+                assert received.text == f"+OK {spy} received DTMF {key}."
+                await until(lambda expected=expected: _flags(switch, spy) == expected)
+            assert (await client.api(f"uuid_recv_dtmf {spy} 9")).ok  # not a command: ignored
+            assert (await client.api("uuid_recv_dtmf 00000000-0000-4000-8000-000000000000 1")).text.startswith("-ERR")
+            assert (await client.api(f"uuid_recv_dtmf {spy} *")).ok  # leaves: the inline application ends
+            await until(lambda: spy not in switch.legs)
+
+            job = await client.bgapi(f"originate {{origination_uuid={second}}}user/1003 &eavesdrop({target})")
+            assert (await job).ok
+            await until(lambda: second in switch.eavesdrops())
+            assert _flags(switch, second) == (False, False)
+            assert (await client.api(f"uuid_kill {target}")).ok
+            await until(lambda: second not in switch.legs)  # the target ended: eavesdrop returned, the leg hung up
+            assert not switch.eavesdrops()
+
+
+def _flags(switch, leg: str) -> tuple[bool, bool] | None:
+    state = switch.eavesdrops().get(leg)
+    return (state["mux_read"], state["mux_write"]) if state else None

@@ -29,7 +29,13 @@ from typing import Any
 
 import structlog
 
-from backend.channels.voice.call_control.operations import carry_out, close_recording
+from backend.channels.voice.call_control.operations import (
+    ConsultOutcome,
+    back_to_agent,
+    carry_out,
+    close_recording,
+    consult_outcome,
+)
 from backend.channels.voice.call_control.records import CallRecord, CallReply, CallRequest
 from backend.channels.voice.call_control.services import CallServices
 from backend.channels.voice.call_control.switch import NodeLine, SwitchLine
@@ -48,6 +54,18 @@ class AdoptedCall:
         assert record.node_id is not None
         self.line: SwitchLine = NodeLine(services.voice.commands, record.node_id)
         self.log = log.bind(tenant_id=str(record.tenant_id), call=str(record.call_uuid))
+        self.superseded = False
+
+    def notify(self, message: object) -> None:
+        """Hand a message to the call's own task."""
+        self.inbox.put_nowait(message)
+
+    def bridged_elsewhere(self) -> None:
+        """Nothing to stop: no application of ours runs on an adopted call."""
+
+    def supersede(self) -> None:
+        """The caller reached call control again through the dialplan's next `socket` (in this process)."""
+        self.superseded = True
 
     async def run(self) -> None:
         """Follow the call until it is gone or someone else took it; then finish it."""
@@ -66,7 +84,7 @@ class AdoptedCall:
             if exists.ok and exists.text.strip() == "false":
                 break
             current = await self.s.store.load(self.record.tenant_id, self.record.call_uuid)
-            if current is None or current.owner != self.s.store.owner:
+            if self.superseded or current is None or current.owner != self.s.store.owner:
                 # It reconnected through the dialplan's second socket (or ended there): not ours any more.
                 self.log.info("adopted_call_handed_over", owner=current.owner if current else None)
                 return
@@ -90,6 +108,8 @@ class AdoptedCall:
             if isinstance(message, CallRequest):
                 reply = await carry_out(self, message)
                 await self.s.store.answer(message, reply)
+            elif isinstance(message, ConsultOutcome):
+                await consult_outcome(self, message)
 
     async def _dump(self, leg: uuid.UUID) -> dict[str, Any] | None:
         answer = await self.line.api(f"uuid_dump {leg} json")
@@ -108,6 +128,13 @@ class AdoptedCall:
         up and answered, the call is bridged to it, and routing hears of it now.
         """
         record = self.record
+        pending = record.pending
+        if pending is not None and pending.mode == "attended" and pending.consult_state == "ringing":
+            # The consulted agent's phone was ringing for the dead process: nobody hears that outcome any more.
+            if pending.consult_leg is not None:
+                await self.line.api(f"uuid_kill {pending.consult_leg} ORIGINATOR_CANCEL")
+            await back_to_agent(self, "consult_abandoned_by_takeover")
+            return
         if record.phase != "ringing":
             return
         for ringing in record.ringing:

@@ -23,7 +23,7 @@ from backend.channels.voice.call_control.records import CallRecord, CallStore
 from backend.channels.voice.call_control.schemas import CallTransfer, LiveCallOut, RecordingControl
 from backend.config import Settings
 from backend.db.engine import tenant_transaction
-from backend.lib.problems import Conflict, Forbidden, NotFound, Problem
+from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound, Problem
 from backend.routing import service as routing_service
 from backend.tenants import service as tenants
 
@@ -79,17 +79,7 @@ class CallDesk:
     async def live(self, principal: Principal, interaction_id: uuid.UUID) -> LiveCallOut:
         """The live call behind an interaction, as call control sees it."""
         record = await self._record(principal, interaction_id, "read")
-        return LiveCallOut(
-            interaction_id=interaction_id,
-            call_uuid=record.call_uuid,
-            phase=record.phase,
-            queue_id=record.queue_id,
-            agent_id=record.agent_id,
-            held=record.held,
-            recording_id=record.recording_id,
-            recording_paused=record.recording_paused,
-            transfer_pending=record.pending is not None,
-        )
+        return _view(interaction_id, record)
 
     async def _ask(
         self, principal: Principal, interaction_id: uuid.UUID, operation: str, arguments: dict[str, Any]
@@ -115,8 +105,12 @@ class CallDesk:
         return await self.live(principal, interaction_id)
 
     async def transfer(self, principal: Principal, interaction_id: uuid.UUID, data: CallTransfer) -> LiveCallOut:
-        """Send the caller to another queue or agent of the tenant (blind: the agent's leg ends now)."""
+        """Send the caller to another queue or agent of the tenant (blind: the agent's leg ends now; attended: the
+        consulted agent's phone rings while the caller waits on hold)."""
         assert principal.tenant_id is not None
+        if data.mode == "attended" and data.target != "agent":
+            # A consultation with a queue would need a second, internal contact waiting and offered in routing.
+            raise InvalidInput.field("target", "an attended transfer goes to an agent")
         async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
             if data.target == "queue":
                 if data.queue_id is None:
@@ -139,7 +133,39 @@ class CallDesk:
         await self._ask(principal, interaction_id, "transfer", msgspec.to_builtins(data))
         return await self.live(principal, interaction_id)
 
+    async def complete_transfer(self, principal: Principal, interaction_id: uuid.UUID) -> LiveCallOut:
+        """Complete the attended transfer: the caller is bridged to the consulted agent; the agent leaves."""
+        await self._ask(principal, interaction_id, "transfer_complete", {})
+        assert principal.tenant_id is not None
+        # The call is the other agent's now: what the transfer left is shown to the one who made it.
+        record = await self.store.for_interaction(principal.tenant_id, interaction_id)
+        if record is None:
+            raise Conflict("There is no live call for this interaction", kind="no-live-call")
+        return _view(interaction_id, record)
+
+    async def cancel_transfer(self, principal: Principal, interaction_id: uuid.UUID) -> LiveCallOut:
+        """Cancel the attended transfer: the consulted agent's leg is hung up; the caller is back with the agent."""
+        await self._ask(principal, interaction_id, "transfer_cancel", {})
+        return await self.live(principal, interaction_id)
+
     async def recording(self, principal: Principal, interaction_id: uuid.UUID, data: RecordingControl) -> LiveCallOut:
         """Start (on-demand policy), pause, resume or stop the call's recording."""
         await self._ask(principal, interaction_id, "recording", {"action": data.action})
         return await self.live(principal, interaction_id)
+
+
+def _view(interaction_id: uuid.UUID, record: CallRecord) -> LiveCallOut:
+    consult = record.pending if record.pending is not None and record.pending.mode == "attended" else None
+    return LiveCallOut(
+        interaction_id=interaction_id,
+        call_uuid=record.call_uuid,
+        phase=record.phase,
+        queue_id=record.queue_id,
+        agent_id=record.agent_id,
+        held=record.held,
+        recording_id=record.recording_id,
+        recording_paused=record.recording_paused,
+        transfer_pending=record.pending is not None,
+        consult_agent_id=consult.agent_id if consult is not None else None,
+        consult_state=consult.consult_state if consult is not None else None,
+    )

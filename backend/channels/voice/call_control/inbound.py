@@ -37,9 +37,13 @@ import structlog
 
 from backend.channels.voice.call_control.dialing import agent_leg, decline_reason, ring_all
 from backend.channels.voice.call_control.operations import (
+    ConsultOutcome,
     carry_out,
     close_recording,
+    consult_outcome,
+    finish_consult,
     media_folder,
+    reconnect_agent,
     start_recording,
     upload_command,
 )
@@ -198,6 +202,11 @@ class InboundCall:
         self._recordings_dir: str | None = None
         self.bind_interaction: Callable[[uuid.UUID, InboundCall], None] | None = None
         """Set by the server: tells it which interaction the call carries (routing signals name it)."""
+        self.elsewhere = False
+        """The caller was bridged by `uuid_bridge` (an attended transfer): our socket runs no application on it."""
+        self.superseded = asyncio.Event()
+        """The caller reached call control again through the dialplan's next `socket`: that connection has it now."""
+        self.finished = False
         self.log = log.bind(tenant_id=str(facts.tenant_id), call=str(facts.call_uuid))
 
     # --- identity ------------------------------------------------------------------------------------
@@ -205,6 +214,21 @@ class InboundCall:
     @property
     def tenant_id(self) -> uuid.UUID:
         return self.record.tenant_id
+
+    def notify(self, message: object) -> None:
+        """Hand a message to the call's own task (a consulted phone answering after the call ended is hung up)."""
+        if self.finished and isinstance(message, ConsultOutcome) and message.ok and self.record.node_id is not None:
+            self.s.spawn(self.s.voice.commands.hangup(self.record.node_id, message.leg, "ORIGINATOR_CANCEL"))
+            return
+        self.inbox.put_nowait(message)
+
+    def bridged_elsewhere(self) -> None:
+        """`uuid_bridge` took the caller out of our socket's applications (the current one is broken off)."""
+        self.elsewhere = True
+
+    def supersede(self) -> None:
+        """Another connection of the same channel controls it now (the dialplan's next `socket`)."""
+        self.superseded.set()
 
     @property
     def interaction_id(self) -> uuid.UUID:
@@ -301,6 +325,14 @@ class InboundCall:
 
     async def _finish(self) -> None:
         """The call is over (or given up): the interaction ends, the recording closes, the record goes."""
+        self.finished = True
+        if self.superseded.is_set():
+            self.log.info("call_control_handed_to_next_socket", phase=self.record.phase)
+            return
+        pending = self.record.pending
+        if pending is not None and pending.mode == "attended" and self.channel.down:
+            # The caller hung up during a consultation: the agents' legs go too (the agent's would stay parked).
+            await self._end_consultation_legs(pending.consult_leg, self.record.agent_leg)
         if not self.channel.down and not self.hung_up:
             # We stop controlling a call that is still up (an error while bridged): keep its record; its
             # claim lapses and another process adopts it.
@@ -331,6 +363,14 @@ class InboundCall:
             self.log.warning("caller_hung_up", phase=self.record.phase, node=self._node(), hangup_cause=cause)
         else:
             self.log.info("call_ended", phase=self.record.phase, hangup_cause=cause)
+
+    async def _end_consultation_legs(self, *legs: uuid.UUID | None) -> None:
+        if self.record.node_id is None:
+            return
+        for leg in legs:
+            if leg is not None:
+                with contextlib.suppress(Exception):
+                    await self.s.voice.commands.hangup(self.record.node_id, leg)
 
     def _node(self) -> str | None:
         return self.record.flow.node if self.record.flow is not None and self.record.phase == "ivr" else None
@@ -367,6 +407,8 @@ class InboundCall:
                 await self._on_event(message)
             elif isinstance(message, CallRequest):
                 await self._on_request(message)
+            elif isinstance(message, ConsultOutcome):
+                await consult_outcome(self, message)
         except CallerGone:
             pass
         except Exception:
@@ -850,6 +892,9 @@ class InboundCall:
     async def _do_pending(self) -> None:
         pending = self.record.pending
         assert pending is not None
+        if pending.mode == "attended":
+            await self._consulting()
+            return
         self.record.pending = None
         self.record.agent_id = None
         self.record.agent_leg = None
@@ -889,6 +934,99 @@ class InboundCall:
                 await self._wait()
                 return
         await self._say_and_hang_up(APOLOGY)
+
+    async def _consulting(self) -> None:
+        """The agent talks to the consulted agent: the caller hears the queue's music until the agent completes or
+        cancels (requests, handled meanwhile), or one of the agents hangs up."""
+        pending = self.record.pending
+        if pending is None or pending.consult_state != "talking" or pending.consult_leg is None:
+            # Only a consultation whose agents talk takes the caller out of the bridge; anything else is lost.
+            self.log.warning("consultation_lost", state=pending.consult_state if pending else None)
+            await self._end_consultation_legs(pending.consult_leg if pending else None, self.record.agent_leg)
+            await self._say_and_hang_up(APOLOGY)
+            return
+        music = self.s.settings.call_control_default_music
+        if self.record.queue_id is not None:
+            _, audio = await self.s.queue(self.tenant_id, self.record.queue_id)
+            music = audio.music_on_hold or music
+        await self.s.store.save(self.record)
+        self.log.info("caller_waits_for_consultation", consult_leg=str(pending.consult_leg))
+        while not self.elsewhere:
+            await self.drain()
+            if self.elsewhere:
+                break
+            pending = self.record.pending
+            if pending is None or pending.consult_leg is None:
+                break
+            left = await self._consultation_left(pending.consult_leg)
+            if left:
+                continue
+            self.in_music = True
+            waker = asyncio.create_task(self._consultation_waker(pending.consult_leg))
+            try:
+                await self._perform(self.channel.play([music]))
+            finally:
+                self.in_music = False
+                waker.cancel()
+        if self.elsewhere:
+            await self._follow()
+        else:
+            await self._hang_up()
+
+    async def _gone(self, leg: uuid.UUID | None) -> bool:
+        if leg is None:
+            return True
+        answer = await self.line.api(f"uuid_exists {leg}")
+        return answer.ok and answer.text.strip() == "false"
+
+    async def _consultation_left(self, consult_leg: uuid.UUID) -> bool:
+        """One of the agents hung up during the consultation: the caller goes to the one who stayed."""
+        pending = self.record.pending
+        assert pending is not None and pending.agent_id is not None
+        consultee_gone = await self._gone(consult_leg)
+        agent_gone = await self._gone(self.record.agent_leg)
+        if consultee_gone and agent_gone:
+            self.log.warning("consultation_both_agents_left")
+            self.record.pending = None
+            await self._say_and_hang_up(APOLOGY)
+            return True
+        if agent_gone:
+            # As att_xfer does when the transferring agent hangs up: the transfer completes.
+            self.log.info("agent_left_consultation_transfer_completes")
+            await finish_consult(self, consult_leg, pending.agent_id, by=pending.by)
+            return True
+        if consultee_gone:
+            self.log.info("consulted_agent_left", consult_agent_id=str(pending.agent_id))
+            await reconnect_agent(self, "consulted_agent_hung_up")
+            return True
+        return False
+
+    async def _consultation_waker(self, consult_leg: uuid.UUID) -> None:
+        """Break the music when one of the agents has hung up (their legs are not ours to hear about)."""
+        poll = self.s.settings.call_control_offer_poll_seconds
+        while True:
+            await asyncio.sleep(poll)
+            if await self._gone(consult_leg) or await self._gone(self.record.agent_leg):
+                if self.in_music:
+                    await self.channel.break_media()
+                return
+
+    async def _follow(self) -> None:
+        """The caller is bridged by `uuid_bridge`: serve requests until the call ends, or until the caller reaches
+        call control again through the dialplan's next `socket` (its bridge ended without hanging it up)."""
+        self.record.phase = "bridged"
+        await self.s.store.save(self.record)
+        self.log.info("call_followed_outside_the_socket", agent_id=str(self.record.agent_id))
+        hangup = asyncio.ensure_future(self.session.wait_for_hangup())
+        superseded = asyncio.ensure_future(self.superseded.wait())
+        try:
+            await self._perform(asyncio.wait({hangup, superseded}, return_when=asyncio.FIRST_COMPLETED))
+        finally:
+            hangup.cancel()
+            superseded.cancel()
+        if self.superseded.is_set():
+            return
+        raise CallerGone("followed call ended")
 
     async def _external(self, number: str) -> None:
         """The flow hands the call to an outside number: through the tenant's outbound rules and a gateway."""

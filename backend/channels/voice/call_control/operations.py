@@ -12,20 +12,39 @@ socket and one adopted after its process died (`NodeLine`):
   the caller's `bridge` returns to call control, which routes the call on (or,
   for an adopted call, the caller leaves the `socket` application, reaches the
   dialplan's second `socket` and the process that takes it reads the record).
+* attended transfer (to an agent): the consultation. The caller's `hangup_after_bridge`
+  is turned off and the agent's leg gets `park_after_bridge`; the agent's leg is held
+  (the caller hears the queue's music) while the consulted agent's phone is rung by an
+  `originate ... &park()` on the call's node (through its holder, in the background:
+  the call's inbox hears the outcome). Answered: `uuid_hold off` and `uuid_bridge
+  <agent leg> <consult leg>`, which takes the agent's leg out of the caller's bridge;
+  the caller's `bridge` returns to call control, which plays the queue's music until
+  the agent completes or cancels. Completing is `uuid_bridge <caller> <consult leg>`
+  (the consulted agent's leg leaves the agents' bridge) and the first agent's leg is
+  hung up; cancelling is `uuid_bridge <caller> <agent leg>` and the consult leg is hung
+  up. Either way the caller is bridged by `uuid_bridge`, outside the socket's
+  applications, and call control follows it from then on (as `adoption.py` does). Not
+  answered: `uuid_hold off`, the caller is back with the agent. Why not FreeSWITCH's
+  `att_xfer`: see `docs/decisions.md`.
 * recording: `uuid_record start|mask|unmask|stop`, with the upload command in
   `record_post_process_exec_api`.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from backend.channels.voice.call_control.records import CallRecord, CallReply, CallRequest, PendingTransfer
 from backend.channels.voice.call_control.services import CallServices
 from backend.channels.voice.call_control.switch import SwitchLine
+from backend.channels.voice.commands import SwitchCommandError
+from backend.channels.voice.legs import VAR_AGENT, VAR_CALL, VAR_INTERACTION, VAR_TENANT
 from backend.channels.voice.recordings import (
     begin_recording,
     end_recording,
@@ -33,6 +52,7 @@ from backend.channels.voice.recordings import (
     resume_recording,
     upload_url,
 )
+from backend.channels.voice.registrations import contact_uri
 from backend.config import Settings
 from backend.db.engine import tenant_transaction
 from backend.lib.problems import Problem
@@ -46,6 +66,23 @@ class ControlledCall(Protocol):
     s: CallServices
     record: CallRecord
     line: SwitchLine
+
+    def notify(self, message: object) -> None:
+        """Hand a message to the call's own task (its inbox)."""
+        ...
+
+    def bridged_elsewhere(self) -> None:
+        """The caller was bridged with `uuid_bridge`: no application of ours runs on it any more."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConsultOutcome:
+    """The consulted agent's phone answered, or not (the originate's result), for the call's own task."""
+
+    leg: uuid.UUID
+    ok: bool
+    cause: str | None = None
 
 
 def _refused(status: int, detail: str, kind: str) -> CallReply:
@@ -63,8 +100,14 @@ async def carry_out(call: ControlledCall, request: CallRequest) -> CallReply:
     try:
         if operation in ("hold", "unhold"):
             reply = await _hold(call, operation == "hold", arguments)
+        elif operation == "transfer" and arguments.get("mode") == "attended":
+            reply = await _consult(call, arguments)
         elif operation == "transfer":
             reply = await _transfer(call, arguments)
+        elif operation == "transfer_complete":
+            reply = await _complete(call, arguments)
+        elif operation == "transfer_cancel":
+            reply = await _cancel(call, arguments)
         elif operation == "recording":
             reply = await _recording(call, str(arguments.get("action", "")))
         else:
@@ -147,6 +190,244 @@ async def _transfer(call: ControlledCall, arguments: dict[str, Any]) -> CallRepl
         await call.line.api(f"uuid_setvar {call_uuid} hangup_after_bridge true")
         return _refused(502, f"The switch refused: {answer.text[:120]}", "switch-refused")
     return CallReply(True, 202, data={"target": target})
+
+
+async def _consult(call: ControlledCall, arguments: dict[str, Any]) -> CallReply:
+    """Start an attended transfer: the caller on hold, the consulted agent's phone rung (202; the outcome follows)."""
+    record = call.record
+    refusal = _bridged(record)
+    if refusal is not None:
+        return refusal
+    if record.direction == "outbound":
+        return _refused(409, "An outbound call cannot be transferred yet", "outbound-not-transferable")
+    agent_id = _uuid(arguments.get("agent_id"))
+    if arguments.get("target") != "agent" or agent_id is None:
+        return _refused(422, "An attended transfer goes to an agent", "bad-target")
+    if agent_id == record.agent_id:
+        return _refused(409, "The call is already with this agent", "same-agent")
+    assert record.agent_leg is not None and record.interaction_id is not None
+    if record.node_id is None:
+        return _refused(409, "The call's switch node is unknown", "no-node")
+    where = await call.s.voice.where_registered(record.tenant_id, agent_id)
+    if where is None:
+        return _refused(409, "The agent's phone is not registered", "agent-unreachable")
+    if where.node_id == record.node_id:
+        destination = f"user/{where.sip_username}@{await call.s.sip_domain(record.tenant_id)}"
+    else:
+        destination = f"sofia/{call.s.settings.switch_sip_profile}/{contact_uri(where.contact)}"
+    consult_leg = uuid.uuid4()
+    record.pending = PendingTransfer(
+        target="agent", agent_id=agent_id, mode="attended", by=_uuid(arguments.get("by")), consult_leg=consult_leg
+    )
+    await call.s.store.save(record)
+    caller, agent_leg = record.call_uuid, record.agent_leg
+    # The caller stays when the agent's leg leaves its bridge; the agent's leg stays when the consult leg leaves.
+    steps = [
+        f"uuid_setvar {caller} hangup_after_bridge false",
+        f"uuid_setvar {agent_leg} park_after_bridge true",
+    ]
+    if not record.held:
+        steps.append(f"uuid_hold {agent_leg}")  # the caller hears the agent leg's hold_music: the queue's music
+    for command in steps:
+        answer = await call.line.api(command)
+        if not answer.ok:
+            await _restore(call)
+            record.pending = None
+            await call.s.store.save(record)
+            return _refused(502, f"The switch refused: {answer.text[:120]}", "switch-refused")
+    record.held = True
+    await call.s.store.save(record)
+    await call.s.routing.note(
+        record.tenant_id,
+        record.interaction_id,
+        "held",
+        agent_id=record.agent_id,
+        by=arguments.get("by"),
+        reason="consultation",
+        consult_agent_id=str(agent_id),
+    )
+    ring = call.s.settings.call_control_transfer_ring_seconds
+    variables = {
+        VAR_TENANT: str(record.tenant_id),
+        VAR_CALL: str(caller),
+        VAR_INTERACTION: str(record.interaction_id),
+        VAR_AGENT: str(agent_id),
+        "originate_timeout": str(ring),
+        "park_after_bridge": "true",
+        "origination_caller_id_name": "Consultation",
+        "origination_caller_id_number": re.sub(r"[^0-9+]", "", record.caller_number)[:32] or "0",
+    }
+    node_id = record.node_id
+
+    async def ring_consultee() -> None:
+        try:
+            origination = await call.s.voice.commands.originate(
+                destination,
+                "&park()",
+                variables=variables,
+                node_id=node_id,
+                leg_uuid=consult_leg,
+                within=ring + call.s.settings.switch_command_timeout_seconds,
+            )
+            outcome = ConsultOutcome(consult_leg, origination.ok, origination.cause)
+        except SwitchCommandError as exc:
+            log.warning("consult_not_rung", consult_leg=str(consult_leg), error=str(exc))
+            outcome = ConsultOutcome(consult_leg, False, "SWITCH_UNAVAILABLE")
+        call.notify(outcome)
+
+    call.s.spawn(ring_consultee())
+    log.info("consult_ringing", call=str(caller), consult_agent_id=str(agent_id), consult_leg=str(consult_leg))
+    return CallReply(True, 202, data={"consult_leg": str(consult_leg)})
+
+
+async def _restore(call: ControlledCall) -> None:
+    """Undo what a consultation set on the legs: the caller back with the agent, as before."""
+    record = call.record
+    if record.agent_leg is not None:
+        await call.line.api(f"uuid_setvar {record.agent_leg} park_after_bridge false")
+        if record.held:
+            await call.line.api(f"uuid_hold off {record.agent_leg}")
+    await call.line.api(f"uuid_setvar {record.call_uuid} hangup_after_bridge true")
+
+
+async def back_to_agent(call: ControlledCall, reason: str, cause: str | None = None) -> None:
+    """The consultation is over before the two agents talked: the caller is taken off hold, back with the agent."""
+    record = call.record
+    pending = record.pending
+    await _restore(call)
+    if record.interaction_id is not None:
+        await call.s.routing.note(
+            record.tenant_id,
+            record.interaction_id,
+            "resumed",
+            agent_id=record.agent_id,
+            reason=reason,
+            cause=cause,
+            consult_agent_id=str(pending.agent_id) if pending and pending.agent_id else None,
+        )
+    record.pending = None
+    record.held = False
+    await call.s.store.save(record)
+    log.info("consult_ended", call=str(record.call_uuid), reason=reason, cause=cause)
+
+
+async def consult_outcome(call: ControlledCall, outcome: ConsultOutcome) -> None:
+    """The consulted agent answered (the agents are bridged; the caller leaves the agent) or did not."""
+    record = call.record
+    pending = record.pending
+    current = pending is not None and pending.mode == "attended" and pending.consult_leg == outcome.leg
+    if not current or record.phase != "bridged" or record.agent_leg is None:
+        if outcome.ok:  # cancelled meanwhile: the late answer is hung up
+            await call.line.api(f"uuid_kill {outcome.leg} ORIGINATOR_CANCEL")
+        return
+    assert pending is not None
+    if not outcome.ok:
+        log.warning("consult_not_answered", call=str(record.call_uuid), cause=outcome.cause)
+        await back_to_agent(call, "consult_not_answered", outcome.cause)
+        return
+    record.pending = msgspec.structs.replace(pending, consult_state="talking")
+    await call.s.store.save(record)
+    await call.line.api(f"uuid_hold off {record.agent_leg}")
+    # The agent's leg leaves the caller's bridge for the consult leg; the caller's `bridge` returns to call control.
+    answer = await call.line.api(f"uuid_bridge {record.agent_leg} {outcome.leg}")
+    if not answer.ok:
+        log.warning("consult_not_bridged", call=str(record.call_uuid), answer=answer.text[:120])
+        await call.line.api(f"uuid_kill {outcome.leg} NORMAL_CLEARING")
+        await back_to_agent(call, "consult_failed", answer.text[:60])
+        return
+    log.info("consult_connected", call=str(record.call_uuid), consult_leg=str(outcome.leg))
+
+
+def _consulting(record: CallRecord) -> CallReply | None:
+    pending = record.pending
+    if pending is None or pending.mode != "attended" or pending.consult_leg is None:
+        return _refused(409, "No attended transfer is under way", "no-consultation")
+    return None
+
+
+async def _complete(call: ControlledCall, arguments: dict[str, Any]) -> CallReply:
+    """The agent completes the attended transfer: the caller is bridged to the consulted agent, the agent leaves."""
+    record = call.record
+    refusal = _consulting(record)
+    if refusal is not None:
+        return refusal
+    pending = record.pending
+    assert pending is not None and pending.consult_leg is not None and pending.agent_id is not None
+    if pending.consult_state != "talking":
+        return _refused(409, "The consulted agent has not answered yet", "consult-ringing")
+    return await finish_consult(call, pending.consult_leg, pending.agent_id, by=_uuid(arguments.get("by")))
+
+
+async def finish_consult(
+    call: ControlledCall, consult_leg: uuid.UUID, agent_id: uuid.UUID, *, by: uuid.UUID | None
+) -> CallReply:
+    """The caller goes to the consulted agent (completion, or the first agent hung up during the consultation)."""
+    record = call.record
+    caller, first_leg = record.call_uuid, record.agent_leg
+    await call.line.api(f"uuid_setvar {caller} hangup_after_bridge true")
+    await call.line.api(f"uuid_setvar {consult_leg} park_after_bridge false")
+    answer = await call.line.api(f"uuid_bridge {caller} {consult_leg}")
+    if not answer.ok:
+        return _refused(409, "The consulted agent's line is gone", "consult-gone")
+    if first_leg is not None:
+        await call.line.api(f"uuid_kill {first_leg} NORMAL_CLEARING")
+    record.pending = None
+    record.held = False
+    record.agent_id = agent_id
+    record.agent_leg = consult_leg
+    await call.s.store.save(record)
+    call.bridged_elsewhere()
+    assert record.interaction_id is not None
+    result = await call.s.routing.connect_direct(
+        record.tenant_id, record.interaction_id, agent_id, by=str(by) if by else None, mode="attended"
+    )
+    log.info("call_transferred", to_agent=str(agent_id), mode="attended", ended=result is None)
+    return CallReply(True, data={"agent_id": str(agent_id)})
+
+
+async def _cancel(call: ControlledCall, arguments: dict[str, Any]) -> CallReply:
+    """The agent cancels: the consult leg is hung up, the caller is back with the agent."""
+    record = call.record
+    refusal = _consulting(record)
+    if refusal is not None:
+        return refusal
+    pending = record.pending
+    assert pending is not None and pending.consult_leg is not None
+    if pending.consult_state == "ringing":
+        await call.line.api(f"uuid_kill {pending.consult_leg} ORIGINATOR_CANCEL")
+        await back_to_agent(call, "consult_cancelled")
+        return CallReply(True)
+    return await reconnect_agent(call, "consult_cancelled")
+
+
+async def reconnect_agent(call: ControlledCall, reason: str) -> CallReply:
+    """After the agents talked: the caller is bridged back to the first agent, the consult leg hung up."""
+    record = call.record
+    pending = record.pending
+    assert record.agent_leg is not None
+    caller, agent_leg = record.call_uuid, record.agent_leg
+    await call.line.api(f"uuid_setvar {caller} hangup_after_bridge true")
+    await call.line.api(f"uuid_setvar {agent_leg} park_after_bridge false")
+    answer = await call.line.api(f"uuid_bridge {caller} {agent_leg}")
+    if not answer.ok:
+        return _refused(409, "The agent's line is gone", "agent-gone")
+    if pending is not None and pending.consult_leg is not None:
+        await call.line.api(f"uuid_kill {pending.consult_leg} NORMAL_CLEARING")
+    record.pending = None
+    record.held = False
+    await call.s.store.save(record)
+    call.bridged_elsewhere()
+    if record.interaction_id is not None:
+        await call.s.routing.note(
+            record.tenant_id,
+            record.interaction_id,
+            "resumed",
+            agent_id=record.agent_id,
+            reason=reason,
+            consult_agent_id=str(pending.agent_id) if pending and pending.agent_id else None,
+        )
+    log.info("consult_ended", call=str(caller), reason=reason)
+    return CallReply(True)
 
 
 async def _recording(call: ControlledCall, action: str) -> CallReply:

@@ -598,6 +598,16 @@ class OutboundCall:
             if event.name in HANDLED_EVENTS and event.unique_id == self.channel.uuid:
                 self.inbox.put_nowait(event)
 
+    def notify(self, message: object) -> None:
+        """Hand a message to the call's own task."""
+        self.inbox.put_nowait(message)
+
+    def bridged_elsewhere(self) -> None:
+        """Nothing to break off: outbound calls are never re-bridged (attended transfers are refused)."""
+
+    def supersede(self) -> None:
+        """An outbound call is never handed back through the dialplan's `socket`: nothing to let go."""
+
     async def _perform(self, operation: Awaitable[T]) -> T:
         task = asyncio.ensure_future(operation)
         try:

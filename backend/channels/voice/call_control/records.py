@@ -65,7 +65,10 @@ class PendingTransfer(msgspec.Struct, frozen=True):
     mode: Literal["blind", "attended"] = "blind"
     by: uuid.UUID | None = None
     consult_leg: uuid.UUID | None = None
-    """Attended: the leg of the agent (or queue agent) being consulted."""
+    """Attended: the leg of the agent being consulted."""
+    consult_state: Literal["ringing", "talking"] = "ringing"
+    """Attended: the consulted agent's phone rings (the caller on hold), or the two agents talk (the caller hears
+    the queue's music from call control)."""
 
 
 class CallRecord(msgspec.Struct, kw_only=True):

@@ -126,6 +126,10 @@ class CallControlServer:
         call.bind_interaction = self._bind
         key = (facts.tenant_id, facts.call_uuid)
         previous = self.calls.get(key)
+        if previous is not None:
+            # The channel came back through the dialplan's next `socket` (its bridge ended without hanging it up):
+            # whoever followed it here lets go.
+            previous.supersede()
         self.calls[key] = call
         if record is not None and record.interaction_id is not None:
             self.by_interaction[record.interaction_id] = call

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("backend.channels.voice.simulator")
 
 NO_CHANNEL = "-ERR No such channel!\n"
+MEDIA_APPLICATIONS = frozenset({"playback", "speak", "sleep", "play_and_get_digits", "read", "record"})
 
 ApiFunction = Callable[[Switch, str], Awaitable[str]]
 
@@ -207,6 +208,55 @@ async def api_uuid_hold(switch: Switch, argument: str) -> str:
     return "+OK Success\n"
 
 
+_DTMF_KEYS = frozenset("0123456789*#ABCDabcdwW")
+
+
+def _dtmf_arguments(argument: str) -> tuple[str, str] | None:
+    parts = argument.split()
+    if len(parts) < 2:
+        return None
+    return parts[0], parts[1]
+
+
+async def api_uuid_recv_dtmf(switch: Switch, argument: str) -> str:
+    """mod_commands uuid_recv_dtmf: switch_channel_queue_dtmf_string, as if the leg's endpoint had sent the keys
+    (the leg's running application dequeues them: play_and_get_digits, eavesdrop's mode keys)."""
+    found = _dtmf_arguments(argument)
+    if found is None:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    uuid, digits = found
+    leg = _leg(switch, uuid)
+    if leg is None:
+        return "-ERR Cannot locate session!\n"
+    keys = [key for key in digits.split("@")[0].replace("+", "") if key in _DTMF_KEYS]
+    if not keys:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    for key in keys:
+        switch.fire(
+            "DTMF",
+            leg.channel,
+            calling=("switch_channel.c", "switch_channel_dequeue_dtmf", 677),
+            post=[("DTMF-Digit", key), ("DTMF-Duration", "2000"), ("DTMF-Source", "APP")],
+        )
+        leg.channel.digits.append(key)
+    leg.dtmf_signal.set()
+    return f"+OK {uuid} received DTMF {digits}.\n"
+
+
+async def api_uuid_send_dtmf(switch: Switch, argument: str) -> str:
+    """mod_commands uuid_send_dtmf: switch_core_session_send_dtmf_string, sent out to the leg's endpoint (its
+    phone hears the tones); the leg's own applications never see them."""
+    found = _dtmf_arguments(argument)
+    if found is None:
+        return "-USAGE: <uuid> <dtmf_data>\n"
+    uuid, digits = found
+    leg = _leg(switch, uuid)
+    if leg is None:
+        return "-ERR Cannot locate session!\n"
+    leg.dtmf_sent.extend(key for key in digits if key in _DTMF_KEYS)
+    return f"+OK {uuid} sent DTMF {digits}.\n"
+
+
 async def _broadcast_loop(switch: Switch, leg: CallLeg, path: str) -> None:
     """switch_ivr_broadcast(SMF_LOOP): `playback` of `path` on the channel, again and again, until stopped."""
     while not leg.channel.down:
@@ -262,20 +312,55 @@ async def api_uuid_transfer(switch: Switch, argument: str) -> str:
 
 
 async def api_uuid_bridge(switch: Switch, argument: str) -> str:
+    """switch_ivr_uuid_bridge: both channels leave what they are doing (a bridge ends without hanging anyone
+    up, an application such as the `socket` one returns) and are bridged to each other. When that bridge is over:
+    a side left alone parks if `park_after_bridge` says so; otherwise the originator (the first uuid) goes on with
+    its extension, unless `hangup_after_bridge` hangs it up, and a leg with no extension of its own hangs up."""
     parts = argument.split()
     a = _leg(switch, parts[0]) if parts else None
     b = _leg(switch, parts[1]) if len(parts) > 1 else None
-    if a is None or b is None:
+    if a is None or b is None or a.channel.down or b.channel.down:
         return "-ERR Invalid uuid\n"
+    over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    for leg in (a, b):
+        leg.uuid_bridge = over
+        leg.orphaned = False
+        leg.redirect.set()
+        leg.private_ready.set()
+        if leg.running_app in MEDIA_APPLICATIONS:
+            # The state change breaks the media application running on the channel.
+            leg.break_pending = True
+            leg.break_signal.set()
 
     async def run() -> None:
-        with contextlib.suppress(HungUp):
-            await bridge_legs(switch, a, b)
-        for leg in a.deferred_teardown:
-            switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
-        a.deferred_teardown.clear()
-        if a.channel.down and not b.channel.down and not truthy(b.channel.variables.get("park_after_bridge")):
-            await switch.hangup(b, "NORMAL_CLEARING")
+        for _ in range(200):
+            if not a.channel.partner and not b.channel.partner:
+                break
+            await asyncio.sleep(0.005)
+        try:
+            with contextlib.suppress(HungUp):
+                await bridge_legs(switch, a, b)
+            for leg in a.deferred_teardown:
+                switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+            a.deferred_teardown.clear()
+            for leg, other in ((a, b), (b, a)):
+                if leg.channel.down or not other.channel.down or leg.uuid_bridge is not over:
+                    continue
+                if truthy(leg.channel.variables.get("park_after_bridge")):
+                    continue  # parked
+                if leg is b or leg.task is None:
+                    await switch.hangup(leg, "NORMAL_CLEARING")
+            for leg in (a, b):
+                if leg.channel.down and leg.task is None and leg.uuid_bridge is over:
+                    # A b-leg whose own bridge it left: nobody else reports it.
+                    switch.spawn(switch.teardown(leg), "uuid-bridge-teardown")
+        finally:
+            for leg in (a, b):
+                if leg.uuid_bridge is over:
+                    leg.uuid_bridge = None
+                    leg.orphaned = leg.task is None and not leg.channel.down
+            if not over.done():
+                over.set_result(None)
 
     switch.spawn(run(), f"uuid-bridge-{a.channel.uuid}")
     return f"+OK {b.channel.uuid}\n"
@@ -449,6 +534,8 @@ API_COMMANDS: dict[str, ApiFunction] = {
     "uuid_broadcast": api_uuid_broadcast,
     "uuid_transfer": api_uuid_transfer,
     "uuid_bridge": api_uuid_bridge,
+    "uuid_recv_dtmf": api_uuid_recv_dtmf,
+    "uuid_send_dtmf": api_uuid_send_dtmf,
     "show": api_show,
     "sofia": api_sofia,
     "reloadxml": api_reloadxml,

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from backend.channels.voice.esl._models import Command
 from backend.channels.voice.simulator._channel import Channel, now_us
-from backend.channels.voice.simulator._switch import SESSION_RUN, CallLeg, Endpoint, HungUp, Switch, write_wav
+from backend.channels.voice.simulator._switch import (
+    SESSION_RUN,
+    CallLeg,
+    Eavesdrop,
+    Endpoint,
+    HungUp,
+    Switch,
+    write_wav,
+)
 
 logger = logging.getLogger("backend.channels.voice.simulator")
 
@@ -78,10 +86,13 @@ async def execute(
     )
     variables.set("current_application", application)
     hung_up = False
+    outer, leg.running_app = leg.running_app, application
     try:
         await function(switch, leg, expanded)
     except HungUp:
         hung_up = True
+    finally:
+        leg.running_app = outer
     response = variables.get("current_application_response") or "_none_"
     switch.fire(
         "CHANNEL_EXECUTE_COMPLETE",
@@ -653,7 +664,7 @@ async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
     leg.parked_first = True
     parked = False
     try:
-        while not channel.down and not listener.closed.is_set():
+        while not channel.down and not listener.closed.is_set() and leg.uuid_bridge is None:
             if not leg.private.empty():
                 if not parked:
                     parked = True
@@ -663,16 +674,24 @@ async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
             closed = asyncio.ensure_future(listener.closed.wait())
             ready = asyncio.ensure_future(leg.private_ready.wait())
             hangup = asyncio.ensure_future(leg.hangup_signal.wait())
+            moved = asyncio.ensure_future(leg.redirect.wait())
             try:
-                await asyncio.wait({closed, ready, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({closed, ready, hangup, moved}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for waiter in (closed, ready, hangup):
+                for waiter in (closed, ready, hangup, moved):
                     waiter.cancel()
                 leg.private_ready.clear()
     except HungUp:
         pass
     if parked:
         switch.fire("CHANNEL_UNPARK", channel, calling=("switch_ivr.c", "switch_ivr_park", 1155))
+    if leg.uuid_bridge is not None and not channel.down:
+        # uuid_bridge changed the channel's state: switch_ivr_park returned, the socket application ends, and the
+        # extension goes on with its next action once the bridge is over (uuid_bridge_on_soft_execute sets
+        # CS_EXECUTE again), unless the bridge ended the channel. The listener stays attached for the events.
+        await asyncio.shield(leg.uuid_bridge)
+        if channel.down:
+            return
     if channel.down:
         # The listener stays for the linger notice, which teardown sends after HANGUP_COMPLETE.
         return
@@ -686,30 +705,76 @@ async def app_transfer(switch: Switch, leg: CallLeg, data: str) -> None:
 
 
 async def app_eavesdrop(switch: Switch, leg: CallLeg, data: str) -> None:
-    """Listen to another call (a media bug on it) until either side hangs up, as e02/e04 show."""
+    """mod_dptools eavesdrop on one uuid (switch_ivr_eavesdrop_session): a media bug on the target, a third
+    party on its call until either side hangs up, as e02/e04 show.
+
+    The flags come from the eavesdropper's variables as eavesdrop_function reads them: `eavesdrop_enable_dtmf`
+    (on unless set false), `eavesdrop_whisper_aleg` (ED_MUX_READ: the eavesdropper is mixed into what the
+    target reads, so the target's partner hears them), `eavesdrop_whisper_bleg` (ED_MUX_WRITE: mixed into
+    what is written to the target, so the target hears them). With DTMF on, each key the eavesdropper's
+    channel receives (its phone, or `uuid_recv_dtmf`) is dequeued in the loop: 1 = MUX_READ only, 2 =
+    MUX_WRITE only, 3 = both, 0 = neither, * ends the eavesdrop; other keys are ignored.
+    """
     target = switch.find(data.strip())
-    if target is None:
+    if target is None or target is leg or target.channel.down:
         leg.channel.variables.set("current_application_response", "-ERR no such channel")
         return
+    variables = leg.channel.variables
+    enable = variables.get("eavesdrop_enable_dtmf")
+    state = Eavesdrop(
+        target=target.channel.uuid,
+        dtmf=truthy(enable) if enable is not None else True,
+        mux_read=truthy(variables.get("eavesdrop_whisper_aleg")),
+        mux_write=truthy(variables.get("eavesdrop_whisper_bleg")),
+    )
     if not leg.channel.answered:
         switch.mark_answered(leg)
     read_codec_event(switch, leg)
     bug = [("Media-Bug-Function", "eavesdrop"), ("Media-Bug-Target", target.channel.uuid)]
     media_bug = ("switch_core_media_bug.c", "switch_core_media_bug_add", 1014)
     switch.fire("MEDIA_BUG_START", target.channel, calling=media_bug, pre=bug)
+    leg.eavesdrop = state
     hangup = asyncio.ensure_future(target.hangup_signal.wait())
     mine = asyncio.ensure_future(leg.hangup_signal.wait())
     try:
-        await asyncio.wait({hangup, mine}, return_when=asyncio.FIRST_COMPLETED)
+        while not leg.channel.down and not target.channel.down:
+            if state.dtmf and leg.channel.digits:
+                if not _eavesdrop_command(state, leg.channel.digits.pop(0)):
+                    break
+                continue
+            leg.dtmf_signal.clear()
+            keys = asyncio.ensure_future(leg.dtmf_signal.wait())
+            try:
+                await asyncio.wait({hangup, mine, keys}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                keys.cancel()
     finally:
         hangup.cancel()
         mine.cancel()
+        leg.eavesdrop = None
     read_codec_event(switch, leg)
     if not target.torn_down:
         stop = ("switch_core_media_bug.c", "switch_core_media_bug_destroy", 1287)
         switch.fire("MEDIA_BUG_STOP", target.channel, calling=stop, pre=bug)
     if leg.channel.down:
         raise HungUp
+
+
+def _eavesdrop_command(state: Eavesdrop, key: str) -> bool:
+    """One key of switch_ivr_eavesdrop_session's command loop; False for `*` (the eavesdrop ends)."""
+    if key == "1":
+        state.mux_read, state.mux_write = True, False
+    elif key == "2":
+        state.mux_read, state.mux_write = False, True
+    elif key == "3":
+        state.mux_read, state.mux_write = True, True
+    elif key == "0":
+        state.mux_read, state.mux_write = False, False
+    elif key == "*":
+        return False
+    if key in "1230":
+        state.commands.append(key)
+    return True
 
 
 def read_codec_event(switch: Switch, leg: CallLeg) -> None:
@@ -1237,7 +1302,14 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
                 ("Bridged-To", other.uuid),
             ],
         )
-    waiters = [asyncio.ensure_future(a.hangup_signal.wait()), asyncio.ensure_future(b.hangup_signal.wait())]
+    a.redirect.clear()
+    b.redirect.clear()
+    waiters = [
+        asyncio.ensure_future(a.hangup_signal.wait()),
+        asyncio.ensure_future(b.hangup_signal.wait()),
+        asyncio.ensure_future(a.redirect.wait()),
+        asyncio.ensure_future(b.redirect.wait()),
+    ]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -1247,6 +1319,26 @@ async def bridge_legs(switch: Switch, a: CallLeg, b: CallLeg) -> None:
         "calling": ("switch_ivr_bridge.c", "switch_ivr_multi_threaded_bridge", 1800),
         "pre": [("Bridge-A-Unique-ID", a_channel.uuid), ("Bridge-B-Unique-ID", b_channel.uuid)],
     }
+    if not a_channel.down and not b_channel.down and (a.redirect.is_set() or b.redirect.is_set()):
+        # A `uuid_bridge` took one side away (CF_TRANSFER/CF_REDIRECT): the bridge ends, nobody hangs up for it.
+        switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+        a_channel.partner = None
+        b_channel.partner = None
+        if b.redirect.is_set() and not a.redirect.is_set():
+            # The originator's bridge returns; switch_ivr_multi_threaded_bridge's hangup_after_bridge applies.
+            av.set("bridge_hangup_cause", "NORMAL_CLEARING")
+            hang_up = truthy(av.get("hangup_after_bridge")) and not truthy(av.get("park_after_bridge"))
+            if a.transfer_to is None and hang_up:
+                await switch.hangup(a, "NORMAL_CLEARING")
+                raise HungUp
+        return
+    if a_channel.down and not b_channel.down and truthy(bv.get("park_after_bridge")):
+        # audio_bridge_on_exchange_media: the other side left; park_after_bridge parks this one.
+        switch.fire("CHANNEL_UNBRIDGE", a_channel, **unbridge)  # type: ignore[arg-type]
+        a_channel.partner = None
+        b_channel.partner = None
+        a.partner_teardown = None
+        raise HungUp
     if a_channel.down:
         # The caller hung up: the b-leg goes with it (a08's order, the b-leg reported first).
         await switch.hangup(b, "NORMAL_CLEARING")

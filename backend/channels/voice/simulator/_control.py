@@ -25,6 +25,7 @@ class ControlApi:
                 "channels": switch.show_channels(),
                 "registrations": [f"{e.user}@{e.domain}" for e in switch.registrations()],
                 "listeners": len(switch.listeners),
+                "eavesdrops": switch.eavesdrops(),
             }
         if method == "POST" and parts == ["registrations"]:
             endpoint = Endpoint(

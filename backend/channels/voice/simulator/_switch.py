@@ -86,6 +86,30 @@ class Endpoint:
 
 
 @dataclass(slots=True)
+class Eavesdrop:
+    """A running `eavesdrop` (on the eavesdropper's leg): its target and switch_ivr_eavesdrop_session's flags."""
+
+    target: str
+    dtmf: bool = True
+    """ED_DTMF: keys received on the eavesdropper's channel are commands."""
+    mux_read: bool = False
+    """ED_MUX_READ: the eavesdropper's audio is mixed into what the target reads (the target's partner hears it)."""
+    mux_write: bool = False
+    """ED_MUX_WRITE: mixed into what is written to the target (the target hears it)."""
+    commands: list[str] = field(default_factory=list)
+    """The mode keys applied, in order."""
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "dtmf": self.dtmf,
+            "mux_read": self.mux_read,
+            "mux_write": self.mux_write,
+            "commands": "".join(self.commands),
+        }
+
+
+@dataclass(slots=True)
 class CallLeg:
     """Runtime state of a channel the simulator drives."""
 
@@ -115,6 +139,18 @@ class CallLeg:
     post_process: list[asyncio.Task[object]] = field(default_factory=list)
     failed_legs: list[tuple[str, str]] = field(default_factory=list)
     """Legs this channel's bridge rang that failed, with their causes (`originate_causes`)."""
+    eavesdrop: Eavesdrop | None = None
+    """While this leg runs `eavesdrop`: on whom, and in which mode."""
+    redirect: asyncio.Event = field(default_factory=asyncio.Event)
+    """CF_REDIRECT: `uuid_bridge` takes the leg out of the bridge or application it is in."""
+    running_app: str | None = None
+    """The application running on the channel now (the innermost, for one run by the `socket` application)."""
+    orphaned: bool = False
+    """A b-leg whose uuid_bridge ended with it still up: nobody else reports it when it hangs up."""
+    uuid_bridge: asyncio.Future[None] | None = None
+    """While the leg is in (or being moved into) a `uuid_bridge`: done when that bridge is over."""
+    dtmf_sent: list[str] = field(default_factory=list)
+    """Keys sent to the leg's endpoint (`uuid_send_dtmf`: outbound, never seen by the leg's applications)."""
     """`record_post_process_exec_api` commands still running (the leg is reported once they are done)."""
 
 
@@ -1005,6 +1041,8 @@ class Switch:
         self.fire("CHANNEL_HANGUP", channel, calling=("switch_channel.c", "switch_channel_perform_hangup", 3487))
         leg.hangup_signal.set()
         leg.dtmf_signal.set()
+        if leg.orphaned and leg.uuid_bridge is None:
+            self.spawn(self.teardown(leg), "orphan-teardown")
 
     async def teardown(self, leg: CallLeg) -> None:
         """CS_HANGUP, RECORD_STOP, CS_REPORTING, HANGUP_COMPLETE, the CDR, DESTROY (once per leg).
@@ -1277,6 +1315,10 @@ class Switch:
                 }
             )
         return {"row_count": len(rows), "rows": rows} if rows else {"row_count": 0}
+
+    def eavesdrops(self) -> dict[str, dict[str, object]]:
+        """Running eavesdrops by the eavesdropper's leg (the control API's state)."""
+        return {uuid: leg.eavesdrop.describe() for uuid, leg in self.legs.items() if leg.eavesdrop is not None}
 
     def registrations(self) -> list[Endpoint]:
         seen: dict[int, Endpoint] = {}
