@@ -664,6 +664,11 @@ async def one_run(
         if len(bridged) > 1
         else 0.0
     )
+    causes: dict[str, int] = {}
+    for c in placed:
+        if not c.bridged:
+            key = c.cause or "still up"
+            causes[key] = causes.get(key, 0) + 1
     expected = len(seen.legs_hung_up)
     stored, interactions = 0, {}
     wait_until = time.time() + 90
@@ -689,6 +694,7 @@ async def one_run(
         "lost_before_agent": lost_before_agent,
         "stuck": stuck,
         "presses_failed": seen.presses_failed,
+        "lost_causes": causes,
         "cdr_expected": expected,
         "cdr_stored": stored,
         "interactions": interactions,
@@ -741,7 +747,7 @@ def show(result: dict[str, Any]) -> None:
         f"{r['peak_concurrent']}; setup (arrival to agent) p50 {r['setup_p50']:.2f} s p99 {r['setup_p99']:.2f} s; "
         f"key to agent p50 {r['press_to_agent_p50']:.2f} s p99 {r['press_to_agent_p99']:.2f} s; "
         f"lost: {r['not_placed']} not placed, {r['lost_before_agent']} ended before an agent, {r['stuck']} stuck, "
-        f"{r['presses_failed']} key presses refused; CDRs {r['cdr_stored']}/{r['cdr_expected']}; "
+        f"{r['presses_failed']} key presses refused {r['lost_causes'] or ''}; CDRs {r['cdr_stored']}/{r['cdr_expected']}; "
         f"interactions {r['interactions']}; {r['events']} events watched; load {r['load_before']} -> {r['load_during']}; CPU s {r['cpu']}",
         flush=True,
     )

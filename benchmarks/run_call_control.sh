@@ -14,6 +14,9 @@ PG_PORT="${CC_BENCH_PG_PORT:-55562}"
 REDIS_PORT="${CC_BENCH_REDIS_PORT:-56509}"
 STATE="$(state_dir_for bench-call-control)"
 start_postgres "$STATE" "$PG_PORT" contactcenter_bench
+# Every run starts from an empty database: no nodes, tenants or calls of an earlier run.
+psql_super "$STATE/run" "$PG_PORT" postgres -c "DROP DATABASE IF EXISTS contactcenter_bench WITH (FORCE)" >/dev/null
+ensure_database "$STATE/run" "$PG_PORT" contactcenter_bench
 start_redis "$STATE/redis" "$REDIS_PORT"
 trap 'stop_redis "$REDIS_PORT"; stop_postgres "$STATE"' EXIT
 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" flushall >/dev/null
