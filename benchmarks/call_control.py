@@ -825,7 +825,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=250, help="agents per tenant (plan business: 250 at most)")
     parser.add_argument("--nodes", type=int, default=2, help="simulated FreeSWITCH nodes")
     parser.add_argument("--controls", type=int, nargs="+", default=[1, 2], help="call-control process counts")
-    parser.add_argument("--ramp", type=float, nargs="+", default=[30, 45, 60, 80, 100])
+    parser.add_argument("--ramp", type=float, nargs="+", default=[10, 20, 30, 45, 60, 80, 100])
     parser.add_argument("--ramp-seconds", type=float, default=30.0)
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--time-scale", type=float, default=1.0, help="the simulator's clock (1: real time)")
