@@ -620,9 +620,27 @@ async def sample_cpu(rig: Rig, stop: asyncio.Event, out: dict[str, float]) -> No
         out[key] = after[key] - before[key]
 
 
+async def nodes_empty(controls: list[str], wait_seconds: float = 300.0) -> int:
+    """Wait until no node has a channel up (the previous run's calls all ended); returns the channels left."""
+    deadline = time.monotonic() + wait_seconds
+    async with httpx.AsyncClient(timeout=30) as http:
+        while True:
+            left = 0
+            for control in controls:
+                state = (await http.get(f"{control}/state")).json()
+                channels = state["channels"]
+                left += int(channels.get("row_count", 0)) if isinstance(channels, dict) else len(channels)
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            await asyncio.sleep(2)
+
+
 async def one_run(
     rig: Rig, world: World, rate: float, seconds: float, talk: float, ring: float, label: str
 ) -> dict[str, Any]:
+    left = await nodes_empty(rig.controls)
+    if left:
+        print(f"  {left} channels of earlier calls still up: this run shares the machine with them", flush=True)
     seen = Observed()
     since = time.time() - 1
     load_before = load()
@@ -639,7 +657,7 @@ async def one_run(
     placed_done = time.time()
     load_during = load()
     # Drain: every placed call ends (IVR + queue + ring + talk), with a margin.
-    deadline = time.time() + talk + ring + 60
+    deadline = time.time() + talk + ring + 180
     while time.time() < deadline and any(c.uuid and c.ended is None for c in seen.calls.values()):  # noqa: ASYNC110
         await asyncio.sleep(0.5)
     stop_cpu.set()
