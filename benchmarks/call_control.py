@@ -56,6 +56,8 @@ from typing import Any
 import httpx
 import uvloop
 
+# This checkout's code, not whichever one the virtualenv's editable install points at.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api import PASSWORD, free_port, start_server, stop_server
 
