@@ -46,12 +46,6 @@ class Settings:
     """Extra connections a process may open under load."""
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:56379/0"))
     """Redis for routing state, caches, throttling, pub/sub and the job queue."""
-    redis_max_connections: int = field(default_factory=lambda: _env_int("CC_REDIS_MAX_CONNECTIONS", 100))
-    """Redis connections a process keeps at most; beyond, a command waits for one to be free."""
-    redis_pool_timeout_seconds: float = field(
-        default_factory=lambda: float(os.environ.get("CC_REDIS_POOL_TIMEOUT", "10"))
-    )
-    """How long a command waits for a free Redis connection before it fails."""
     public_base_url: str = field(default_factory=lambda: _env("CC_PUBLIC_BASE_URL", "http://127.0.0.1:8000"))
     """Where users reach the API; used in e-mailed links and SSO redirects."""
     secret_key: str = field(default_factory=lambda: _env("CC_SECRET_KEY", DEV_SECRET))
