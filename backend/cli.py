@@ -10,6 +10,19 @@ from typing import Any
 import click
 
 
+def run_forever(coroutine: Any) -> Any:
+    """Run a long-lived server process's main coroutine on uvloop (as uvicorn runs the API), else asyncio's loop.
+
+    A call-control process spends much of its time in socket I/O (a socket per call, PostgreSQL, Redis);
+    uvloop's transports cost less per read and write.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 @click.group()
 def main() -> None:
     """Hosted multi-tenant contact center."""
@@ -45,7 +58,7 @@ def worker() -> None:
     from backend.worker import build_worker
 
     configure_logging(get_settings())
-    asyncio.run(build_worker().start())
+    run_forever(build_worker().start())
 
 
 @main.command("call-control")
@@ -57,7 +70,7 @@ def call_control() -> None:
 
     settings = get_settings()
     configure_logging(settings)
-    asyncio.run(run(settings))
+    run_forever(run(settings))
 
 
 @main.command()
@@ -141,7 +154,7 @@ def switch_sim(
         from pathlib import Path
 
         plans += [load_scenario_file(p) for p in sorted(Path(config.scenario_dir).glob("*")) if p.is_file()]
-    asyncio.run(serve(config, plans))
+    run_forever(serve(config, plans))
 
 
 @main.command("import-cdrs")

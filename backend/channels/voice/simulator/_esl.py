@@ -85,6 +85,35 @@ MAX_MISSED = 500
 _FRAME_BYTES_ESTIMATE = 2048
 
 
+def event_unique_id(pairs: Pairs) -> str:
+    """The event's Unique-ID header ("" when it has none), as mod_event_socket compares it for myevents."""
+    return next((value for key, value in pairs if key.lower() == "unique-id"), "")
+
+
+class FiredEvent:
+    """One event on its way to the listeners: its Unique-ID looked up once, each format serialized once."""
+
+    __slots__ = ("_frames", "_unique_id", "body", "pairs")
+
+    def __init__(self, pairs: Pairs, body: str | None) -> None:
+        self.pairs = pairs
+        self.body = body
+        self._unique_id: str | None = None
+        self._frames: dict[str, bytes] = {}
+
+    @property
+    def unique_id(self) -> str:
+        if self._unique_id is None:
+            self._unique_id = event_unique_id(self.pairs)
+        return self._unique_id
+
+    def frame(self, event_format: str) -> bytes:
+        frame = self._frames.get(event_format)
+        if frame is None:
+            frame = self._frames[event_format] = event_frame(event_format, self.pairs, self.body)
+        return frame
+
+
 class Listener:
     """One event-socket connection seen from the switch: authentication, subscription, filters, commands."""
 
@@ -144,8 +173,9 @@ class Listener:
         self.write(body_frame("text/disconnect-notice", GOODBYE))
         self.kill()
 
-    def wants(self, name: str, subclass: str | None, pairs: Pairs) -> bool:
-        """mod_event_socket event_handler: subscription, then filters, then myevents."""
+    def wants(self, name: str, subclass: str | None, pairs: Pairs, unique_id: str | None = None) -> bool:
+        """mod_event_socket event_handler: subscription, then filters, then myevents (`unique_id`: the event's
+        Unique-ID when the caller has looked it up already)."""
         if not self.listening:
             return False
         if "ALL" in self.events:
@@ -185,13 +215,20 @@ class Listener:
                         send = False
                         break
         if send and self.myevents:
-            unique_id = next((value for key, value in pairs if key.lower() == "unique-id"), None)
-            if unique_id is None or (self.session is not None and unique_id != self.session.channel.uuid):
+            if unique_id is None:
+                unique_id = event_unique_id(pairs)
+            if not unique_id or (self.session is not None and unique_id != self.session.channel.uuid):
                 send = False
         return send
 
-    def deliver(self, name: str, subclass: str | None, pairs: Pairs, body: str | None) -> None:
-        if not self.wants(name, subclass, pairs):
+    def deliver(
+        self, name: str, subclass: str | None, pairs: Pairs, body: str | None, fired: FiredEvent | None = None
+    ) -> None:
+        """Send the event if this listener wants it. `fired` carries what every listener of one event shares
+        (its Unique-ID, its frames once serialized): with a socket per call, an event is offered to as many
+        listeners as there are calls."""
+        fired = fired or FiredEvent(pairs, body)
+        if not self.wants(name, subclass, pairs, fired.unique_id):
             return
         transport = self.writer.transport
         if transport.get_write_buffer_size() > self.switch.config.event_queue_size * _FRAME_BYTES_ESTIMATE:
@@ -201,7 +238,7 @@ class Listener:
                 logger.critical("Killing listener because of too many lost events. Lost [%d]", self.lost)
                 self.kill()
             return
-        self.write(event_frame("json" if self.format == "json" else "plain", pairs, body))
+        self.write(fired.frame("json" if self.format == "json" else "plain"))
 
     def channel_down(self) -> None:
         """The controlled channel reached CS_REPORTING: linger notice, or goodbye and close."""

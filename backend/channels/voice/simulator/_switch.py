@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from backend.channels.voice.esl._wire import serialize_json, serialize_plain, url_encode
 from backend.channels.voice.simulator._channel import Q850, CallerProfile, Channel, Pairs, now_us
 from backend.channels.voice.simulator._config import SimulatorConfig
+from backend.channels.voice.simulator._esl import FiredEvent
 from backend.channels.voice.simulator._http import HttpResult, post, request
 from backend.lib.tasks import cancel_and_wait
 
@@ -275,8 +276,9 @@ class Switch:
             else:
                 pairs += channel.event_data(name, skip_hangup_cause=skip_hangup_cause)
         pairs += list(post)
+        fired = FiredEvent(pairs, body)
         for listener in list(self.listeners):
-            listener.deliver(name, subclass, pairs, body)
+            listener.deliver(name, subclass, pairs, body, fired)
 
     def fire_custom(self, subclass: str, calling: tuple[str, str, int], pairs: Pairs) -> None:
         self.fire("CUSTOM", calling=calling, subclass=subclass, post=pairs)
