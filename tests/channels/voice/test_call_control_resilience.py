@@ -112,7 +112,9 @@ async def test_a_bridged_call_survives_its_controller_and_the_survivor_finishes_
         leg = await rig.call(did)
         iid = (await rig.interaction_of(ctx, leg))["id"]
         await eventually(lambda: rig.state_is(ctx, iid, "connected"))
-        record = await eventually(lambda: _recorded_by(rig, ctx, iid, doomed.owner))
+        # Killed once the node records the call (the queue records always): before, a recording begun in the
+        # database but never started on the node stays unrecorded (noted in docs/call-control.md).
+        record = await eventually(lambda: _recording_by(rig, ctx, iid, doomed.owner))
         assert record.agent_leg is not None
         agent_leg = str(record.agent_leg)
 
@@ -164,7 +166,8 @@ async def test_a_waiting_call_is_resumed_by_another_process_through_the_dialplan
         leg = await rig.call(did)
         iid = (await rig.interaction_of(ctx, leg))["id"]
         await eventually(lambda: rig.state_is(ctx, iid, "queued"))
-        await eventually(lambda: _recorded_by(rig, ctx, iid, doomed.owner))
+        # Killed once its record says it waits (routing queues the call a moment before the record is saved).
+        await eventually(lambda: _waiting_with(rig, ctx, iid, doomed.owner))
         await survivor.start()  # shares the address, as several call-control processes do
         await doomed.kill()
         # The music playing when the socket dropped ends; the dialplan's next `socket` reaches the survivor.
@@ -189,6 +192,16 @@ async def test_a_waiting_call_is_resumed_by_another_process_through_the_dialplan
 async def _recorded_by(rig: CallRig, ctx: Any, iid: str, owner: str) -> Any:
     record = await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid))
     return record if record is not None and record.owner == owner else None
+
+
+async def _waiting_with(rig: CallRig, ctx: Any, iid: str, owner: str) -> Any:
+    record = await _recorded_by(rig, ctx, iid, owner)
+    return record if record is not None and record.phase == "queued" else None
+
+
+async def _recording_by(rig: CallRig, ctx: Any, iid: str, owner: str) -> Any:
+    record = await _recorded_by(rig, ctx, iid, owner)
+    return record if record is not None and record.recording_id is not None else None
 
 
 async def _both_legs_reported(rig: CallRig, ctx: Any, iid: str) -> bool:
