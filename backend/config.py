@@ -46,6 +46,10 @@ class Settings:
     """Extra connections a process may open under load."""
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:56379/0"))
     """Redis for routing state, caches, throttling, pub/sub and the job queue."""
+    redis_max_connections: int = field(default_factory=lambda: _env_int("CC_REDIS_MAX_CONNECTIONS", 2000))
+    """Connections a process's Redis pool may open. redis-py's own default (100) refuses the 101st command in
+    flight ("Too many connections"): call control with hundreds of live calls, each waiting on blocking
+    reads, went past it and dropped calls. Redis itself takes 10,000 clients by default."""
     public_base_url: str = field(default_factory=lambda: _env("CC_PUBLIC_BASE_URL", "http://127.0.0.1:8000"))
     """Where users reach the API; used in e-mailed links and SSO redirects."""
     secret_key: str = field(default_factory=lambda: _env("CC_SECRET_KEY", DEV_SECRET))
