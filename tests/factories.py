@@ -168,6 +168,15 @@ class Factory:
         assert response.status_code == 201, response.text
         return uuid.UUID(response.json()["id"])
 
+    async def agent_skills(self, ctx: TenantCtx, user_id: uuid.UUID, levels: dict[uuid.UUID, int]) -> None:
+        """Set an agent's skills (skill id -> level 1 to 10) through the routing API."""
+        response = await self.client.put(
+            f"/api/v1/routing/agents/{user_id}",
+            json={"skills": [{"skill_id": str(skill), "level": level} for skill, level in levels.items()]},
+            headers=ctx.headers,
+        )
+        assert response.status_code == 200, response.text
+
     async def queue(self, ctx: TenantCtx, **settings: Any) -> uuid.UUID:
         """A queue of the tenant."""
         response = await self.client.post(

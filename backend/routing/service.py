@@ -8,7 +8,7 @@ transaction.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -816,6 +816,35 @@ async def set_system_state(
     return await _transition(
         session, row, state, reason, {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
     )
+
+
+async def free_agent_for_consultation(
+    session: AsyncSession, queue_id: uuid.UUID, *, excluding: Collection[uuid.UUID] = ()
+) -> uuid.UUID | None:
+    """An agent a caller's agent may consult on behalf of a queue: available, softphone registered, holding the
+    queue's skills at the levels it asks of a new arrival; the longest idle first. None when nobody is free."""
+    await _queue(session, queue_id)
+    requirements = (await _requirements(session, [queue_id])).get(queue_id, [])
+    statement = (
+        select(AgentState.user_id)
+        .where(AgentState.state == "available", AgentState.voice_registered.is_(True))
+        .order_by(AgentState.since, AgentState.user_id)
+    )
+    if excluding:
+        statement = statement.where(AgentState.user_id.not_in(list(excluding)))
+    for requirement in requirements:
+        first_step = min(requirement.steps, key=lambda step: step["after_seconds"])
+        statement = statement.where(
+            select(AgentSkill.user_id)
+            .where(
+                AgentSkill.user_id == AgentState.user_id,
+                AgentSkill.skill_id == requirement.skill_id,
+                AgentSkill.level >= first_step["min_level"],
+            )
+            .exists()
+        )
+    found: uuid.UUID | None = await session.scalar(statement.limit(1))
+    return found
 
 
 async def set_voice_registration(

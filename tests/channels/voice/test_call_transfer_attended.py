@@ -147,6 +147,38 @@ async def _forgotten(rig: CallRig, ctx: TenantCtx, iid: str) -> bool:
     return await rig.control.services.store.for_interaction(ctx.tenant_id, uuid.UUID(iid)) is None
 
 
+async def test_an_attended_transfer_to_a_queue_consults_its_longest_idle_free_agent(rig: CallRig, factory: Factory):
+    """Consulting a queue rings one of its free agents now: available, phone registered, with the queue's skills
+    (the longest idle first); an available agent without them is passed over."""
+    ctx = await factory.tenant()
+    skill = await factory.skill(ctx)
+    sales = await factory.queue(ctx, skills=[{"skill_id": str(skill), "steps": [{"after_seconds": 0, "min_level": 5}]}])
+    queue = await factory.queue(ctx, wrap_up_seconds=30)
+    first = await rig.agent(ctx)
+    caller, iid, first_leg = await _connected(rig, ctx, queue, first)
+    unskilled = await rig.agent(ctx, available=False)
+    skilled = await rig.agent(ctx, available=False)
+    await factory.agent_skills(ctx, skilled.user_id, {skill: 7})
+    await factory.agent_skills(ctx, unskilled.user_id, {skill: 2})
+    await rig.set_state(unskilled, "available")
+    await rig.set_state(skilled, "available")
+
+    started = await rig.client.post(
+        f"/api/v1/voice/calls/{iid}/transfer",
+        json={"target": "queue", "queue_id": str(sales), "mode": "attended"},
+        headers=first.headers,
+    )
+    assert started.status_code == 202, started.text
+    assert started.json()["consult_agent_id"] == str(skilled.user_id)
+    await eventually(lambda: _talking(rig, iid, first))
+    consult_leg = await _consult_leg(rig, ctx, iid)
+    cancelled = await rig.client.post(f"/api/v1/voice/calls/{iid}/transfer/cancel", headers=first.headers)
+    assert cancelled.status_code == 200, cancelled.text
+    await eventually(lambda: _equal(rig.gone(consult_leg), True))
+    await rig.switch.caller_hangup(caller)
+    await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+
+
 async def test_a_cancelled_consultation_brings_the_caller_back_to_the_agent(rig: CallRig, factory: Factory):
     ctx = await factory.tenant()
     queue = await factory.queue(ctx, wrap_up_seconds=30)
@@ -212,10 +244,16 @@ async def test_attended_transfer_refusals(rig: CallRig, factory: Factory):
         url, json={"target": "agent", "agent_id": str(stranger.user_id), "mode": "attended"}, headers=first.headers
     )
     assert foreign.status_code == 404, foreign.text
+    # A queue with nobody free to consult (its only agent is on this call), and another tenant's queue.
     to_queue = await rig.client.post(
         url, json={"target": "queue", "queue_id": str(queue), "mode": "attended"}, headers=first.headers
     )
-    assert to_queue.status_code == 422, to_queue.text
+    assert to_queue.status_code == 409 and to_queue.json()["type"].endswith("no-free-agent"), to_queue.text
+    foreign_queue = await factory.queue(other)
+    elsewhere = await rig.client.post(
+        url, json={"target": "queue", "queue_id": str(foreign_queue), "mode": "attended"}, headers=first.headers
+    )
+    assert elsewhere.status_code == 404, elsewhere.text
     unregistered = await factory.user(ctx)
     silent = await rig.client.post(
         url, json={"target": "agent", "agent_id": str(unregistered["id"]), "mode": "attended"}, headers=first.headers

@@ -104,13 +104,38 @@ class CallDesk:
         await self._ask(principal, interaction_id, "hold" if hold else "unhold", {})
         return await self.live(principal, interaction_id)
 
+    async def _consultee_of_queue(
+        self, principal: Principal, interaction_id: uuid.UUID, data: CallTransfer
+    ) -> CallTransfer:
+        """An attended transfer to a queue consults one of its free agents now (the longest idle with its skills);
+        with nobody free the agent is told so, and may transfer blind to let the caller wait in the queue."""
+        assert principal.tenant_id is not None
+        if data.queue_id is None:
+            raise InvalidInput.field("queue_id", "is required for a queue")
+        call = await self.live(principal, interaction_id)
+        async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
+            agent_id = await routing_service.free_agent_for_consultation(
+                session, data.queue_id, excluding=[a for a in (call.agent_id, principal.user_id) if a is not None]
+            )
+        if agent_id is None:
+            log.info(
+                "call_transfer_refused",
+                tenant_id=str(principal.tenant_id),
+                interaction_id=str(interaction_id),
+                queue_id=str(data.queue_id),
+                reason="no agent of the queue is free to consult",
+            )
+            raise Conflict(
+                "No agent of that queue is free to consult; a blind transfer queues the caller", kind="no-free-agent"
+            )
+        return CallTransfer(target="agent", agent_id=agent_id, queue_id=data.queue_id, mode="attended")
+
     async def transfer(self, principal: Principal, interaction_id: uuid.UUID, data: CallTransfer) -> LiveCallOut:
         """Send the caller to another queue or agent of the tenant (blind: the agent's leg ends now; attended: the
         consulted agent's phone rings while the caller waits on hold)."""
         assert principal.tenant_id is not None
-        if data.mode == "attended" and data.target != "agent":
-            # A consultation with a queue would need a second, internal contact waiting and offered in routing.
-            raise InvalidInput.field("target", "an attended transfer goes to an agent")
+        if data.mode == "attended" and data.target == "queue":
+            data = await self._consultee_of_queue(principal, interaction_id, data)
         async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
             if data.target == "queue":
                 if data.queue_id is None:
