@@ -146,6 +146,43 @@ async def test_a_bridged_call_survives_its_controller_and_the_survivor_finishes_
         await doomed.close()
 
 
+async def test_an_adopted_call_is_recorded_when_its_queue_records_always_and_nobody_had_started(
+    rig: CallRig, factory: Factory, tmp_path
+):
+    """The process that bridged the call died before the node recorded it (here: the queue only began to record
+    always meanwhile): the process adopting it starts the recording, uploaded when the call ends."""
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx)
+    settings_url = f"/api/v1/voice/queues/{queue}/settings"
+    assert (await rig.client.put(settings_url, json={"recording_policy": "never"}, headers=ctx.headers)).is_success
+    agent = await rig.agent(ctx)
+    did = await rig.number(ctx, queue_id=queue)
+    port = free_port()
+    doomed = CallControlProcess(rig, port, tmp_path / "call-control.log")
+    await doomed.start()
+    xml_curl = rig.app.state.xml_curl
+    before = xml_curl.call_control
+    xml_curl.call_control = f"127.0.0.1:{port}"
+    store = rig.control.services.store
+    try:
+        leg = await rig.call(did)
+        iid = (await rig.interaction_of(ctx, leg))["id"]
+        await eventually(lambda: rig.state_is(ctx, iid, "connected"))
+        record = await eventually(lambda: _recorded_by(rig, ctx, iid, doomed.owner))
+        assert record.recording_id is None
+        assert (await rig.client.put(settings_url, json={"recording_policy": "always"}, headers=ctx.headers)).is_success
+        await doomed.kill()
+        adopted = await eventually(lambda: _recording_by(rig, ctx, iid, store.owner), timeout=15)
+        assert adopted.phase == "bridged"
+        await rig.switch.caller_hangup(str(adopted.agent_leg))
+        await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+        stored = await eventually(lambda: _stored(rig, ctx, iid))
+        assert stored["policy"] == "always" and stored["agent_id"] == str(agent.user_id)
+    finally:
+        xml_curl.call_control = before
+        await doomed.close()
+
+
 async def test_a_waiting_call_is_resumed_by_another_process_through_the_dialplans_second_socket(
     rig: CallRig, factory: Factory, tmp_path
 ):

@@ -35,11 +35,14 @@ from backend.channels.voice.call_control.operations import (
     carry_out,
     close_recording,
     consult_outcome,
+    start_recording,
 )
 from backend.channels.voice.call_control.records import CallRecord, CallReply, CallRequest
 from backend.channels.voice.call_control.services import CallServices
 from backend.channels.voice.call_control.switch import NodeLine, SwitchLine
+from backend.channels.voice.recordings import recording_policy
 from backend.db.base import utcnow
+from backend.db.engine import tenant_transaction
 
 log = structlog.get_logger("voice.call_control")
 
@@ -78,6 +81,7 @@ class AdoptedCall:
         )
         await self.s.store.save(self.record)
         await self._reconcile()
+        await self._keep_recording_policy()
         poll = self.s.settings.call_control_adopted_poll_seconds
         while True:
             exists = await self.line.api(f"uuid_exists {self.record.call_uuid}")
@@ -150,6 +154,23 @@ class AdoptedCall:
             if record.interaction_id is not None:
                 await self.s.routing.connect_from_channel(record.tenant_id, record.interaction_id, ringing.agent_id)
             return
+
+    async def _keep_recording_policy(self) -> None:
+        """A queue that records always has its bridged call recorded, even when the dead process had not yet
+        started the recording on the node (its database row aside): better a second file than none."""
+        record = self.record
+        if record.phase != "bridged" or record.recording_id is not None or record.queue_id is None:
+            return
+        async with tenant_transaction(self.s.sessionmaker, record.tenant_id) as session:
+            policy = await recording_policy(session, record.queue_id)
+        if policy != "always":
+            return
+        try:
+            await start_recording(self.s, record, self.line, on_demand=False)
+        except Exception:
+            self.log.exception("adopted_call_recording_not_started")
+            return
+        self.log.warning("adopted_call_recording_started", recording_id=str(record.recording_id))
 
     async def _finish(self) -> None:
         record = self.record
