@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -35,6 +36,7 @@ async def test_a_stopper_cancelled_while_it_waits_is_cancelled_too():
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(outer, timeout=5)
     assert not carried_on.is_set()
+    await asyncio.wait({inner}, timeout=1)  # its own cleanup goes on a moment after the stopper's end
     assert inner.cancelled()
 
 
@@ -53,3 +55,41 @@ async def test_stopped_tasks_errors_and_finished_tasks_are_not_the_callers():
     await asyncio.sleep(0)
     await cancel_and_wait(failing, finished, None)
     assert failing.done() and finished.result() == 1
+
+
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again():
+    """Cleanup that awaits something never coming (a reply from a closed socket) must not hang the stop."""
+    cleaned = asyncio.Event()
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed: carries on with its cleanup
+            await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)  # the cleanup that never finishes
+        finally:
+            cleaned.set()
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, grace=0.05), timeout=5)
+    assert task.cancelled() and cleaned.is_set()
+
+
+async def test_a_task_deaf_to_cancellation_is_left_running_not_waited_for():
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task, grace=0.02, attempts=2), timeout=5)
+    assert not task.done()
+    release.set()
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert task.done()
