@@ -36,6 +36,7 @@ import msgspec
 import structlog
 
 from backend.channels.voice.call_control.dialing import agent_leg, decline_reason, ring_all
+from backend.channels.voice.call_control.inbox import perform_while_serving
 from backend.channels.voice.call_control.operations import (
     ConsultOutcome,
     carry_out,
@@ -379,20 +380,7 @@ class InboundCall:
 
     async def _perform(self, operation: Awaitable[T]) -> T:
         """Wait for a switch operation, handling signals, channel events and requests meanwhile."""
-        task = asyncio.ensure_future(operation)
-        try:
-            while True:
-                getter = asyncio.ensure_future(self.inbox.get())
-                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    await self._handle(getter.result())
-                else:
-                    getter.cancel()
-                if task in done:
-                    return task.result()
-        finally:
-            if not task.done():
-                task.cancel()
+        return await perform_while_serving(operation, self.inbox, self._handle)
 
     async def drain(self) -> None:
         """Handle whatever is waiting in the inbox now."""

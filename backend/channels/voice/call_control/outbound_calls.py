@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
+from backend.channels.voice.call_control.inbox import perform_while_serving
 from backend.channels.voice.call_control.operations import carry_out, close_recording, start_recording
 from backend.channels.voice.call_control.records import CallRecord, CallRequest
 from backend.channels.voice.call_control.services import CallServices
@@ -609,20 +610,8 @@ class OutboundCall:
         """An outbound call is never handed back through the dialplan's `socket`: nothing to let go."""
 
     async def _perform(self, operation: Awaitable[T]) -> T:
-        task = asyncio.ensure_future(operation)
-        try:
-            while True:
-                getter = asyncio.ensure_future(self.inbox.get())
-                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    await self._handle(getter.result())
-                else:
-                    getter.cancel()
-                if task in done:
-                    return task.result()
-        finally:
-            if not task.done():
-                task.cancel()
+        """Wait for a switch operation, handling signals, channel events and requests meanwhile."""
+        return await perform_while_serving(operation, self.inbox, self._handle)
 
     async def _handle(self, message: object) -> None:
         try:
