@@ -59,7 +59,7 @@ from backend.customers.controllers import (
     TicketController,
 )
 from backend.customers.service import offer_screen_pop
-from backend.db.engine import make_engine, make_sessionmaker
+from backend.db.engine import make_engine, make_lookup_sessionmaker, make_sessionmaker
 from backend.db.session import provide_db_session
 from backend.lib.health import healthz, metrics, readyz
 from backend.lib.jobs import make_job_queue
@@ -163,7 +163,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     register_routing_messages(hub, sessionmaker, routing)
     switch_sources = NodeAddressBook(sessionmaker, settings.switch_source_cache_seconds)
     voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
-    xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address)
+    xml_curl = XmlCurl(
+        switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address, make_lookup_sessionmaker(engine)
+    )
     storage = make_storage(settings)
     voicemail = VoicemailDesk(sessionmaker, storage, settings, routing, CustomerStoreTickets(sessionmaker))
     job_queue = make_job_queue(settings)

@@ -14,8 +14,12 @@ ANY_MEMBER = "self"
 """A tenant route any signed-in member may call (their own profile, their own sessions)."""
 
 
-def access_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Enforce what the route declares in its `opt`: `access`, `permission`, `allow_suspended`."""
+async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Enforce what the route declares in its `opt`: `access`, `permission`, `allow_suspended`.
+
+    A coroutine although it never awaits: Litestar runs a plain function guard in a worker thread, a
+    thread hop on every request for a few dictionary lookups.
+    """
     access = handler.opt.get("access", "tenant")
     if access in {"public", "switch"}:
         return

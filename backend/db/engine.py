@@ -28,6 +28,17 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+def make_lookup_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions without a transaction: each statement commits alone, so a lookup is one round trip.
+
+    Only for reads that need no atomicity across statements (the switch's directory, asked on every
+    REGISTER); the pool is the engine's, the isolation level is put back when a connection returns.
+    """
+    return async_sessionmaker(
+        engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+    )
+
+
 @asynccontextmanager
 async def tenant_transaction(
     sessionmaker: async_sessionmaker[AsyncSession], tenant_id: uuid.UUID | None

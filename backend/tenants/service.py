@@ -890,6 +890,38 @@ async def seat_identity(session: AsyncSession, sip_username: str) -> SeatIdentit
     return SeatIdentity(*row) if row is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class SipAddressSeat:
+    """The tenant of a SIP domain and, when the user part names one of its seats, that seat."""
+
+    tenant_id: uuid.UUID
+    tenant_status: str
+    sip_domain: str
+    seat: SeatIdentity | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> SipAddressSeat:
+        """From the first nine columns of a `seat_by_sip_address(domain, username)` row (migration 0010)."""
+        tenant_id, status, sip_domain, seat_id, user_id, username, a1_hash, user_name, user_status = row[:9]
+        seat = SeatIdentity(seat_id, user_id, username, a1_hash, user_name, user_status) if seat_id else None
+        return cls(tenant_id, status, sip_domain, seat)
+
+
+SEAT_BY_SIP_ADDRESS = "seat_by_sip_address(:domain, :username)"
+"""The set-returning function behind `seat_by_sip_address`, for a statement that joins more to its row."""
+_SEAT_BY_SIP_ADDRESS = text(f"SELECT * FROM {SEAT_BY_SIP_ADDRESS}")
+
+
+async def seat_by_sip_address(session: AsyncSession, domain: str, sip_username: str) -> SipAddressSeat | None:
+    """`user@domain`'s tenant and seat in one statement: None when no tenant has the domain.
+
+    The seat is read under the tenant's row-level security inside the function, and the session's own
+    tenant setting is left as it was, so this works outside a transaction (one round trip) and inside one.
+    """
+    row = (await session.execute(_SEAT_BY_SIP_ADDRESS, {"domain": domain, "username": sip_username})).first()
+    return SipAddressSeat.from_row(row) if row is not None else None
+
+
 async def find_tenant_by_sip_domain(session: AsyncSession, domain: str) -> Tenant | None:
     """The tenant whose SIP domain this is (global table; case-insensitive, as DNS names are)."""
     return await session.scalar(select(Tenant).where(Tenant.sip_domain == domain.strip().lower()))

@@ -61,11 +61,11 @@ class SwitchController(Controller):
     opt = {"access": "switch"}
 
     @post("/directory", operation_id="switch_directory", status_code=HTTP_200_OK)
-    async def directory(self, request: Request[Any, Any, Any], db_session: AsyncSession) -> Response[bytes]:
+    async def directory(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """mod_xml_curl `directory`: a seat's digest credentials and variables, or FreeSWITCH's "not found"."""
         xml_curl: XmlCurl = request.app.state.xml_curl
         form = parse_form(await request.body())
-        return _xml(await xml_curl.directory(db_session, form, _source(request)))
+        return _xml(await xml_curl.directory(form, _source(request)))
 
     @post("/dialplan", operation_id="switch_dialplan", status_code=HTTP_200_OK)
     async def dialplan(self, request: Request[Any, Any, Any], db_session: AsyncSession) -> Response[bytes]:

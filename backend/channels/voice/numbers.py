@@ -13,7 +13,7 @@ from typing import Protocol
 import msgspec
 import phonenumbers
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
@@ -302,6 +302,26 @@ async def first_number(session: AsyncSession, tenant_id: uuid.UUID) -> str | Non
     return await session.scalar(
         select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164).limit(1)
     )
+
+
+_SEAT_WITH_FIRST_NUMBER = text(
+    f"SELECT seat.*, (SELECT n.e164 FROM phone_numbers n WHERE n.tenant_id = seat.tenant_id ORDER BY n.e164 LIMIT 1)"
+    f" FROM {tenants.SEAT_BY_SIP_ADDRESS} AS seat"
+)
+
+
+async def seat_with_first_number(
+    session: AsyncSession, domain: str, sip_username: str
+) -> tuple[tenants.SipAddressSeat, str | None] | None:
+    """`tenants.seat_by_sip_address` and the tenant's `first_number`, in one statement (no transaction needed).
+
+    The switch's directory asks this on every REGISTER; the number pool is a global table, so the join
+    needs no tenant context of its own.
+    """
+    row = (await session.execute(_SEAT_WITH_FIRST_NUMBER, {"domain": domain, "username": sip_username})).first()
+    if row is None:
+        return None
+    return tenants.SipAddressSeat.from_row(row), row[-1]
 
 
 async def numbers_routed_to_flow(session: AsyncSession, tenant_id: uuid.UUID, flow_id: uuid.UUID) -> list[str]:
