@@ -115,20 +115,19 @@ class Registrations:
         if not username or not realm:
             log.warning("registration_event_incomplete", subclass=header(event, "Event-Subclass"))
             return None
-        tenant = await tenants.find_tenant_by_sip_domain(session, realm)
-        if tenant is None:
+        found = await tenants.seat_by_sip_address(session, realm, username)
+        if found is None:
             log.info("registration_unknown_domain", realm=realm[:255], user=username[:64])
             return None
         hinted = as_uuid(header(event, VAR_TENANT))
-        if hinted is not None and hinted != tenant.id:
+        if hinted is not None and hinted != found.tenant_id:
             log.warning("registration_tenant_mismatch", realm=realm[:255], user=username[:64])
             return None
-        await set_tenant(session, tenant.id)
-        seat = await tenants.seat_identity(session, username)
-        if seat is None:
-            log.info("registration_unknown_seat", tenant_id=str(tenant.id), user=username[:64])
+        if found.seat is None:
+            log.info("registration_unknown_seat", tenant_id=str(found.tenant_id), user=username[:64])
             return None
-        return tenant.id, seat.sip_username, seat.user_id
+        await set_tenant(session, found.tenant_id)
+        return found.tenant_id, found.seat.sip_username, found.seat.user_id
 
     async def registered(self, node_id: uuid.UUID, event: Event) -> RegistrationChange | None:
         """A seat registered (or refreshed its registration) on the node."""
