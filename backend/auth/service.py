@@ -589,11 +589,9 @@ class AuthService:
             raise NotFound("No such API key")
         if key.revoked_at is None:
             key.revoked_at = utcnow()
-            await audit.record(
+            await audit.record_by(
                 session,
-                tenant_id=principal.tenant_id,
-                actor_type=principal.actor_type,
-                actor_id=principal.actor_id,
+                principal,
                 action="api_key.revoke",
                 target_type="api_key",
                 target_id=key.id,

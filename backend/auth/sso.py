@@ -243,11 +243,9 @@ class SsoService:
         config.auto_provision = data.auto_provision
         await session.flush()
         after = msgspec.to_builtins(self._out(config))
-        await audit.record(
+        await audit.record_by(
             session,
-            tenant_id=principal.tenant_id,
-            actor_type=principal.actor_type,
-            actor_id=principal.actor_id,
+            principal,
             action="sso.configure",
             target_type="sso",
             target_id=config.id,
@@ -263,11 +261,9 @@ class SsoService:
         if config is None:
             return
         await session.delete(config)
-        await audit.record(
+        await audit.record_by(
             session,
-            tenant_id=principal.tenant_id,
-            actor_type=principal.actor_type,
-            actor_id=principal.actor_id,
+            principal,
             action="sso.delete",
             target_type="sso",
             target_id=config.id,

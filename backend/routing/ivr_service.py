@@ -147,11 +147,6 @@ async def _current_references(session: AsyncSession, flow: IvrFlow) -> FlowRefer
     return references(_graph(row.graph))
 
 
-def _actor(principal: Principal) -> dict[str, Any]:
-    assert principal.tenant_id is not None
-    return {"tenant_id": principal.tenant_id, "actor_type": principal.actor_type, "actor_id": principal.actor_id}
-
-
 # --- the flows --------------------------------------------------------------------------------
 
 
@@ -199,13 +194,13 @@ async def create_flow(
     _set_references(flow, refs)
     session.add(flow)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="ivr_flow.create",
         target_type="ivr_flow",
         target_id=flow.id,
         after={"name": name, "nodes": len(data.graph.nodes)},
-        **_actor(principal),
     )
     return _out(flow)
 
@@ -241,14 +236,14 @@ async def save_draft(
     flow.updated_at = utcnow()
     _set_references(flow, refs, await _current_references(session, flow))
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="ivr_flow.save_draft",
         target_type="ivr_flow",
         target_id=flow.id,
         before=before,
         after={"name": name, "draft_revision": flow.draft_revision, "nodes": len(data.graph.nodes)},
-        **_actor(principal),
     )
     return _out(flow)
 
@@ -288,14 +283,14 @@ async def publish(
     flow.updated_at = utcnow()
     _set_references(flow, refs)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="ivr_flow.publish",
         target_type="ivr_flow",
         target_id=flow.id,
         before={"published_version": before},
         after={"published_version": row.version, "draft_revision": flow.draft_revision},
-        **_actor(principal),
     )
     log.info("ivr_flow_published", tenant_id=str(flow.tenant_id), flow_id=str(flow.id), version=row.version)
     return _version_out(row)
@@ -311,13 +306,13 @@ async def archive(session: AsyncSession, principal: Principal, flow_id: uuid.UUI
     if routed:
         raise Conflict(f"Numbers still send calls to this flow ({', '.join(routed[:5])}); point them elsewhere first")
     flow.archived_at = utcnow()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="ivr_flow.archive",
         target_type="ivr_flow",
         target_id=flow.id,
         before={"name": flow.name},
-        **_actor(principal),
     )
 
 

@@ -125,13 +125,13 @@ async def create_skill(session: AsyncSession, principal: Principal, data: SkillI
     )
     session.add(skill)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="skill.create",
         target_type="skill",
         target_id=skill.id,
         after={"name": name},
-        **_actor(principal),
     )
     return _skill_out(skill)
 
@@ -147,14 +147,14 @@ async def update_skill(session: AsyncSession, principal: Principal, skill_id: uu
         skill.name = name
     if data.description is not msgspec.UNSET:
         skill.description = clean_text("description", data.description, max_length=300, allow_empty=True)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="skill.update",
         target_type="skill",
         target_id=skill.id,
         before=before,
         after={"name": skill.name, "description": skill.description},
-        **_actor(principal),
     )
     return _skill_out(skill)
 
@@ -165,13 +165,13 @@ async def delete_skill(session: AsyncSession, principal: Principal, skill_id: uu
     if await session.scalar(select(QueueSkill.queue_id).where(QueueSkill.skill_id == skill_id).limit(1)) is not None:
         raise Conflict("Queues still require this skill; remove it from them first")
     await session.delete(skill)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="skill.delete",
         target_type="skill",
         target_id=skill_id,
         before={"name": skill.name},
-        **_actor(principal),
     )
 
 
@@ -254,13 +254,13 @@ async def create_business_hours(session: AsyncSession, principal: Principal, dat
     hours = BusinessHours(tenant_id=principal.tenant_id, **values)
     session.add(hours)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="business_hours.create",
         target_type="business_hours",
         target_id=hours.id,
         after=values,
-        **_actor(principal),
     )
     return _hours_out(hours)
 
@@ -285,14 +285,14 @@ async def replace_business_hours(
     }
     for key, value in values.items():
         setattr(hours, key, value)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="business_hours.update",
         target_type="business_hours",
         target_id=hours.id,
         before=before,
         after=values,
-        **_actor(principal),
     )
     return _hours_out(hours)
 
@@ -306,13 +306,13 @@ async def delete_business_hours(session: AsyncSession, principal: Principal, hou
     if flows:
         raise Conflict(f"IVR flows still use these hours ({', '.join(flows[:5])}); change them first")
     await session.delete(hours)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="business_hours.delete",
         target_type="business_hours",
         target_id=hours_id,
         before={"name": hours.name},
-        **_actor(principal),
     )
 
 
@@ -485,8 +485,13 @@ async def create_queue(session: AsyncSession, principal: Principal, data: QueueI
     await session.flush()
     await _save_requirements(session, principal.tenant_id, queue.id, data)
     out = await get_queue(session, queue.id)
-    await audit.record(
-        session, action="queue.create", target_type="queue", target_id=queue.id, after=_plain(out), **_actor(principal)
+    await audit.record_by(
+        session,
+        principal,
+        action="queue.create",
+        target_type="queue",
+        target_id=queue.id,
+        after=_plain(out),
     )
     return out
 
@@ -507,14 +512,14 @@ async def replace_queue(session: AsyncSession, principal: Principal, queue_id: u
     await session.flush()
     await _save_requirements(session, principal.tenant_id, queue_id, data)
     out = await get_queue(session, queue_id)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="queue.update",
         target_type="queue",
         target_id=queue_id,
         before=before,
         after=_plain(out),
-        **_actor(principal),
     )
     return out
 
@@ -535,13 +540,13 @@ async def delete_queue(session: AsyncSession, principal: Principal, queue_id: uu
     if flows:
         raise Conflict(f"IVR flows send calls to this queue ({', '.join(flows[:5])}); change them first")
     await session.delete(queue)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="queue.delete",
         target_type="queue",
         target_id=queue_id,
         before={"name": queue.name},
-        **_actor(principal),
     )
 
 
@@ -595,14 +600,14 @@ async def put_agent_profile(
         )
     await session.flush()
     out = await get_agent_profile(session, user_id)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="agent_profile.update",
         target_type="user",
         target_id=user_id,
         before=before,
         after=_plain(out),
-        **_actor(principal),
     )
     return out
 
@@ -661,13 +666,13 @@ class CodeCatalogue:
         )
         session.add(row)
         await session.flush()
-        await audit.record(
+        await audit.record_by(
             session,
+            principal,
             action=f"{self.kind}.create",
             target_type=self.kind,
             target_id=row.id,
             after={"code": row.code, "label": row.label},
-            **_actor(principal),
         )
         return self._out(row)
 
@@ -679,14 +684,14 @@ class CodeCatalogue:
             row.label = clean_text("label", data.label, max_length=120)
         if data.active is not msgspec.UNSET:
             row.active = data.active
-        await audit.record(
+        await audit.record_by(
             session,
+            principal,
             action=f"{self.kind}.update",
             target_type=self.kind,
             target_id=row.id,
             before=before,
             after={"label": row.label, "active": row.active},
-            **_actor(principal),
         )
         return self._out(row)
 
@@ -694,13 +699,13 @@ class CodeCatalogue:
         """Delete a code (deactivate it instead once it has been used)."""
         row = await self._row(session, row_id, lock=True)
         await session.delete(row)
-        await audit.record(
+        await audit.record_by(
             session,
+            principal,
             action=f"{self.kind}.delete",
             target_type=self.kind,
             target_id=row_id,
             before={"code": row.code},
-            **_actor(principal),
         )
 
 

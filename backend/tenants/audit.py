@@ -11,6 +11,7 @@ from sqlalchemy import case, cast, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.auth.principal import Principal
 from backend.lib.context import client_ip_var, request_id_var
 from backend.tenants.models import AuditEntry, ProviderAuditEntry
 
@@ -54,6 +55,32 @@ async def record(
     )
     session.add(entry)
     log.info("audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id)
+
+
+async def record_by(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    action: str,
+    target_type: str,
+    target_id: uuid.UUID | str | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    """`record` what a tenant's member or API key did, in their own tenant."""
+    if principal.tenant_id is None:
+        raise ValueError(f"a {principal.kind} principal has no tenant to audit in")
+    await record(
+        session,
+        tenant_id=principal.tenant_id,
+        actor_type=principal.actor_type,
+        actor_id=principal.actor_id,
+        action=action,
+        target_type=target_type,
+        target_id=target_id,
+        before=before,
+        after=after,
+    )
 
 
 async def record_provider(

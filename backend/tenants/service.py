@@ -79,10 +79,6 @@ class SignupResult:
     owner_id: uuid.UUID
 
 
-def _audit_actor(principal: Principal) -> dict[str, Any]:
-    return {"actor_type": principal.actor_type, "actor_id": principal.actor_id}
-
-
 def tenant_out(tenant: Tenant, plan: Plan) -> TenantOut:
     """The API's view of a tenant."""
     return TenantOut(
@@ -225,15 +221,14 @@ async def update_tenant(session: AsyncSession, principal: Principal, data: Tenan
     if data.require_mfa is not msgspec.UNSET:
         tenant.require_mfa = data.require_mfa
     after = {"name": tenant.name, "time_zone": tenant.time_zone, "require_mfa": tenant.require_mfa}
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=tenant.id,
+        principal,
         action="tenant.update",
         target_type="tenant",
         target_id=tenant.id,
         before=before,
         after=after,
-        **_audit_actor(principal),
     )
     return await get_tenant(session, tenant.id)
 
@@ -362,14 +357,13 @@ async def invite_user(session: AsyncSession, principal: Principal, data: InviteR
         subject="You are invited to a contact-center workspace",
         body=f"Accept the invitation: {settings.public_base_url}/accept-invite?token={token}",
     )
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="user.invite",
         target_type="user",
         target_id=user.id,
         after={"email": email, "name": name, "role": role.name, "team_ids": [str(t) for t in data.team_ids]},
-        **_audit_actor(principal),
     )
     await session.flush()
     return await get_user(session, user.id)
@@ -470,15 +464,14 @@ async def update_user(
         user.tokens_revoked_at = utcnow()
         revoked = await revoke_user_credentials(session, principal.tenant_id, user.id)
     after = {"name": user.name, "role_id": str(user.role_id)}
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="user.role_change" if revoked else "user.update",
         target_type="user",
         target_id=user.id,
         before=before,
         after=after,
-        **_audit_actor(principal),
     )
     await session.flush()
     return await get_user(session, user.id), revoked
@@ -508,15 +501,14 @@ async def set_user_active(
         if user.status != "disabled":
             return await get_user(session, user.id), None
         user.status = "active" if user.password_hash else "invited"
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="user.deactivate" if not active else "user.reactivate",
         target_type="user",
         target_id=user.id,
         before=before,
         after={"status": user.status},
-        **_audit_actor(principal),
     )
     await session.flush()
     return await get_user(session, user.id), revoked
@@ -629,14 +621,13 @@ async def create_role(session: AsyncSession, principal: Principal, data: RoleCre
     )
     session.add(role)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="role.create",
         target_type="role",
         target_id=role.id,
         after={"name": name, "permissions": permissions},
-        **_audit_actor(principal),
     )
     return _role_out(role)
 
@@ -670,15 +661,14 @@ async def update_role(
                 await session.execute(update(User).where(User.id.in_(affected)).values(tokens_revoked_at=utcnow()))
                 revoked = [await revoke_user_credentials(session, principal.tenant_id, u) for u in affected]
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="role.update",
         target_type="role",
         target_id=role.id,
         before=before,
         after={"name": role.name, "permissions": list(role.permissions), "description": role.description},
-        **_audit_actor(principal),
     )
     return _role_out(role), revoked
 
@@ -694,14 +684,13 @@ async def delete_role(session: AsyncSession, principal: Principal, role_id: uuid
     if await session.scalar(select(func.count()).select_from(User).where(User.role_id == role.id)):
         raise Conflict("Users still hold this role; give them another role first")
     await session.delete(role)
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="role.delete",
         target_type="role",
         target_id=role.id,
         before={"name": role.name, "permissions": list(role.permissions)},
-        **_audit_actor(principal),
     )
 
 
@@ -757,14 +746,13 @@ async def create_team(session: AsyncSession, principal: Principal, data: TeamCre
     )
     session.add(team)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="team.create",
         target_type="team",
         target_id=team.id,
         after={"name": name},
-        **_audit_actor(principal),
     )
     return await _team_out(session, team)
 
@@ -781,15 +769,14 @@ async def update_team(session: AsyncSession, principal: Principal, team_id: uuid
         team.name = name
     if data.description is not msgspec.UNSET:
         team.description = clean_text("description", data.description, max_length=300, allow_empty=True)
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="team.update",
         target_type="team",
         target_id=team.id,
         before=before,
         after={"name": team.name, "description": team.description},
-        **_audit_actor(principal),
     )
     return await _team_out(session, team)
 
@@ -799,14 +786,13 @@ async def delete_team(session: AsyncSession, principal: Principal, team_id: uuid
     assert principal.tenant_id is not None
     team = await _team(session, team_id, lock=True)
     await session.delete(team)
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="team.delete",
         target_type="team",
         target_id=team.id,
         before={"name": team.name},
-        **_audit_actor(principal),
     )
 
 
@@ -825,14 +811,13 @@ async def set_membership(
     else:
         return await _team_out(session, team)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="team.member_add" if member else "team.member_remove",
         target_type="team",
         target_id=team.id,
         after={"user_id": str(user_id)},
-        **_audit_actor(principal),
     )
     return await _team_out(session, team)
 
@@ -991,14 +976,13 @@ async def assign_seat(session: AsyncSession, principal: Principal, user_id: uuid
     )
     session.add(seat)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=tenant_id,
+        principal,
         action="seat.assign",
         target_type="seat",
         target_id=seat.id,
         after={"user_id": str(user_id), "sip_username": seat.sip_username},
-        **_audit_actor(principal),
     )
     return SeatCredentials(_seat_out(seat, domain), password, f"sip:{seat.sip_username}@{domain}")
 
@@ -1014,13 +998,12 @@ async def rotate_seat_credentials(session: AsyncSession, principal: Principal, s
     password = _sip_password()
     seat.sip_a1_hash = sip_a1_hash(seat.sip_username, domain, password)
     seat.credentials_rotated_at = utcnow()
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=tenant_id,
+        principal,
         action="seat.rotate_credentials",
         target_type="seat",
         target_id=seat.id,
-        **_audit_actor(principal),
     )
     return SeatCredentials(_seat_out(seat, domain), password, f"sip:{seat.sip_username}@{domain}")
 
@@ -1032,14 +1015,13 @@ async def release_seat(session: AsyncSession, principal: Principal, seat_id: uui
     if seat is None:
         raise NotFound("No such seat")
     await session.delete(seat)
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
+        principal,
         action="seat.release",
         target_type="seat",
         target_id=seat.id,
         before={"user_id": str(seat.user_id), "sip_username": seat.sip_username},
-        **_audit_actor(principal),
     )
 
 

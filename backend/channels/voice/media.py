@@ -46,11 +46,6 @@ from backend.tenants import audit
 log = structlog.get_logger("voice.media")
 
 
-def _actor(principal: Principal) -> dict[str, Any]:
-    assert principal.tenant_id is not None
-    return {"tenant_id": principal.tenant_id, "actor_type": principal.actor_type, "actor_id": principal.actor_id}
-
-
 def prompt_out(prompt: Prompt) -> PromptOut:
     """The API's view of a prompt."""
     return PromptOut(
@@ -127,13 +122,13 @@ async def upload_prompt(
     except Exception:
         await storage.delete(key)  # the row is not there: neither is its object
         raise
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="prompt.upload",
         target_type="prompt",
         target_id=prompt.id,
         after={"name": name, "kind": kind, "format": info.format, "size_bytes": spooled.size, "sha256": spooled.sha256},
-        **_actor(principal),
     )
     log.info("prompt_uploaded", tenant_id=str(principal.tenant_id), prompt_id=str(prompt.id), size=spooled.size)
     return prompt_out(prompt)
@@ -171,14 +166,14 @@ async def rename_prompt(session: AsyncSession, principal: Principal, prompt_id: 
     before = {"name": prompt.name}
     prompt.name = name
     prompt.updated_at = utcnow()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="prompt.rename",
         target_type="prompt",
         target_id=prompt.id,
         before=before,
         after={"name": name},
-        **_actor(principal),
     )
     return prompt_out(prompt)
 
@@ -206,13 +201,13 @@ async def delete_prompt(
         raise Conflict("A queue plays this prompt; change its voice settings first")
     await session.delete(prompt)
     await session.flush()
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="prompt.delete",
         target_type="prompt",
         target_id=prompt_id,
         before={"name": prompt.name, "sha256": prompt.sha256},
-        **_actor(principal),
     )
     key = prompt.storage_key
     after_commit(session, lambda: storage.delete(key))
@@ -315,14 +310,14 @@ async def put_queue_voice_settings(
     row.updated_at = utcnow()
     await session.flush()
     out = _settings_out(queue_id, row)
-    await audit.record(
+    await audit.record_by(
         session,
+        principal,
         action="queue.voice_settings",
         target_type="queue",
         target_id=queue_id,
         before=before,
         after=_plain(out),
-        **_actor(principal),
     )
     return out
 

@@ -299,11 +299,9 @@ async def _audit_listen(
     interaction_id: uuid.UUID | None,
 ) -> None:
     assert principal.tenant_id is not None
-    await audit.record(
+    await audit.record_by(
         session,
-        tenant_id=principal.tenant_id,
-        actor_type=principal.actor_type,
-        actor_id=principal.actor_id,
+        principal,
         action=action,
         target_type=target_type,
         target_id=target_id,

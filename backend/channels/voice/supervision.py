@@ -108,11 +108,9 @@ class SupervisionDesk:
     async def _refuse(self, principal: Principal, mode: Mode, interaction_id: uuid.UUID | None) -> Forbidden:
         assert principal.tenant_id is not None
         async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
-            await audit.record(
+            await audit.record_by(
                 session,
-                tenant_id=principal.tenant_id,
-                actor_type=principal.actor_type,
-                actor_id=principal.actor_id,
+                principal,
                 action="supervision.refused",
                 target_type="interaction",
                 target_id=interaction_id,
@@ -182,11 +180,9 @@ class SupervisionDesk:
             )
             session.add(row)
             await session.flush()
-            await audit.record(
+            await audit.record_by(
                 session,
-                tenant_id=principal.tenant_id,
-                actor_type=principal.actor_type,
-                actor_id=principal.actor_id,
+                principal,
                 action="supervision.start",
                 target_type="interaction",
                 target_id=interaction_id,
@@ -221,11 +217,9 @@ class SupervisionDesk:
             row = await self._own_open(session, principal, session_id)
             if row.mode != mode:
                 row.modes = [*row.modes, {"mode": mode, "at": utcnow().isoformat()}]
-                await audit.record(
+                await audit.record_by(
                     session,
-                    tenant_id=principal.tenant_id,
-                    actor_type=principal.actor_type,
-                    actor_id=principal.actor_id,
+                    principal,
                     action="supervision.mode",
                     target_type="interaction",
                     target_id=row.interaction_id,
@@ -241,11 +235,9 @@ class SupervisionDesk:
         async with tenant_transaction(self.sessionmaker, principal.tenant_id) as session:
             row = await self._own_open(session, principal, session_id)
             row.ended_at = utcnow()
-            await audit.record(
+            await audit.record_by(
                 session,
-                tenant_id=principal.tenant_id,
-                actor_type=principal.actor_type,
-                actor_id=principal.actor_id,
+                principal,
                 action="supervision.end",
                 target_type="interaction",
                 target_id=row.interaction_id,
