@@ -91,8 +91,10 @@ async def test_an_attended_transfer_to_an_agent_completes_after_the_consultation
     await _consult(rig, iid, first, second)
     await eventually(lambda: _talking(rig, iid, first))
     consult_leg = await _consult_leg(rig, ctx, iid)
-    # The two agents talk; the caller, out of their bridge, hears the queue's music from call control.
-    assert _partner(rig, first_leg) == consult_leg and _partner(rig, consult_leg) == first_leg
+    # The two agents talk; the caller, out of their bridge, hears the queue's music from call control. The
+    # record says "talking" just before the uuid_bridge (the caller's returning bridge must find it so).
+    await eventually(lambda: _equal(_partner(rig, first_leg), consult_leg))
+    assert _partner(rig, consult_leg) == first_leg
     assert _partner(rig, caller) is None
     await eventually(lambda: _music_while_consulting(rig, caller))
     originate = next(c for c in rig.api_commands("originate") if f"origination_uuid={consult_leg}" in c)
