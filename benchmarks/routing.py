@@ -261,12 +261,12 @@ async def _ours_drain(world: World, share: int, shares: int, concurrency: int, g
     async with engine.connect() as warm:
         await warm.execute(text("SELECT 1"))
     await asyncio.to_thread(go.wait)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(lane(agents) for agents in lanes))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await redis.aclose()
     await engine.dispose()
-    return {"decided": decided, "seconds": elapsed, "batches": recorder.batches_written}
+    return {"decided": decided, "seconds": elapsed, "cpu": cpu, "batches": recorder.batches_written}
 
 
 async def ours_steady(world: World, rate: float, seconds: float) -> dict[str, Any]:
@@ -386,11 +386,11 @@ async def _base_drain(world: World, share: int, shares: int, concurrency: int, g
                 decided += 1
 
     await asyncio.to_thread(go.wait)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(lane(mine[i::concurrency]) for i in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await pool.close()
-    return {"decided": decided, "seconds": elapsed, "batches": decided}
+    return {"decided": decided, "seconds": elapsed, "cpu": cpu, "batches": decided}
 
 
 async def base_steady(world: World, rate: float, seconds: float) -> dict[str, Any]:
@@ -531,7 +531,53 @@ async def neighbours(rate: float, seconds: float, noisy_waiting: int, poll_rate:
     return results
 
 
-def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[str, float]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int, children_too: bool = False) -> float:
+    """CPU seconds of a process (and of its reaped children: backends that exited), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    used = int(fields[11]) + int(fields[12])  # utime, stime
+    if children_too:
+        used += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return used / _TICK
+
+
+def _postgres_cpu(postmaster: int) -> float:
+    """CPU seconds of the whole PostgreSQL instance: the postmaster, its live children and those it reaped."""
+    total = _proc_cpu(postmaster, children_too=True)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                total += (int(fields[11]) + int(fields[12])) / _TICK
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _redis_cpu() -> float:
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(os.environ["REDIS_URL"])
+    info = client.info("cpu")
+    client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _postmaster_pid() -> int:
+    conn = await asyncpg.connect(os.environ["CC_BENCH_SUPERUSER_DSN"])
+    data = await conn.fetchval("SHOW data_directory")
+    await conn.close()
+    with open(os.path.join(data, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def drain(target: Any, world: World, processes: int, concurrency: int, postmaster: int) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     out, go = context.Queue(), context.Event()
     workers = [
@@ -540,8 +586,12 @@ def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[s
     for w in workers:
         w.start()
     time.sleep(8)  # let every process start, import and connect before the clock starts
+    load = os.getloadavg()[0]
+    pg_cpu, redis_cpu = _postgres_cpu(postmaster), _redis_cpu()
     go.set()
     results = [out.get(timeout=1800) for _ in workers]
+    # Whatever the processes did after their clocks stopped (closing pools) is counted here too: a little high.
+    pg_cpu, redis_cpu = _postgres_cpu(postmaster) - pg_cpu, _redis_cpu() - redis_cpu
     for w in workers:
         w.join()
     elapsed = max(r["seconds"] for r in results)
@@ -551,6 +601,11 @@ def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[s
         "seconds": elapsed,
         "rate": decided / elapsed,
         "batches": sum(r["batches"] for r in results),
+        "load": load,
+        # CPU per decision is what to compare on a shared machine: wall-clock rates move with the neighbours.
+        "cpu_us_client": sum(r["cpu"] for r in results) / max(1, decided) * 1e6,
+        "cpu_us_postgres": pg_cpu / max(1, decided) * 1e6,
+        "cpu_us_redis": redis_cpu / max(1, decided) * 1e6,
     }
 
 
@@ -563,24 +618,40 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=20)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent decision loops per process")
+    parser.add_argument(
+        "--parts", default="saturation,steady,neighbours", help="which measurements to run (comma-separated)"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     print(f"seeding {args.tenants} tenants, {args.agents} agents, {args.waiting} waiting interactions ...", flush=True)
     world = uvloop.run(seed(args))
     uvloop.run(ours_load(world))
+    postmaster = uvloop.run(_postmaster_pid())
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    ours = drain(_ours_drain_process, world, args.processes, args.concurrency)
-    print(
-        f"ours      saturation: {ours['decided']:,} decisions in {ours['seconds']:.1f} s = {ours['rate']:,.0f}/s "
-        f"({ours['batches']:,} commits, {ours['decided'] / max(1, ours['batches']):.1f} offers per commit)",
-        flush=True,
-    )
-    base = drain(_base_drain_process, world, args.processes, args.concurrency)
-    print(
-        f"baseline  saturation: {base['decided']:,} decisions in {base['seconds']:.1f} s = {base['rate']:,.0f}/s "
-        f"-> ours is {ours['rate'] / base['rate']:.1f}x",
-        flush=True,
-    )
+    def cpu(r: dict[str, float]) -> str:
+        total = r["cpu_us_client"] + r["cpu_us_postgres"] + r["cpu_us_redis"]
+        return (
+            f"CPU per decision {total:.0f} us (Python {r['cpu_us_client']:.0f}, PostgreSQL {r['cpu_us_postgres']:.0f}, "
+            f"Redis {r['cpu_us_redis']:.0f}); load average {r['load']:.2f} at the start"
+        )
+
+    if "saturation" in parts:
+        ours = drain(_ours_drain_process, world, args.processes, args.concurrency, postmaster)
+        print(
+            f"ours      saturation: {ours['decided']:,} decisions in {ours['seconds']:.1f} s = {ours['rate']:,.0f}/s "
+            f"({ours['batches']:,} commits, {ours['decided'] / max(1, ours['batches']):.1f} offers per commit); "
+            f"{cpu(ours)}",
+            flush=True,
+        )
+        base = drain(_base_drain_process, world, args.processes, args.concurrency, postmaster)
+        print(
+            f"baseline  saturation: {base['decided']:,} decisions in {base['seconds']:.1f} s = {base['rate']:,.0f}/s "
+            f"-> ours is {ours['rate'] / base['rate']:.1f}x; {cpu(base)}",
+            flush=True,
+        )
+    if "steady" not in parts:
+        return
     for name, steady in (
         ("ours", ours_steady(world, args.steady_rate, args.steady_seconds)),
         ("baseline", base_steady(world, args.steady_rate, args.steady_seconds)),
@@ -593,6 +664,8 @@ def main() -> None:
             f"({r['batches']:,} commits)",
             flush=True,
         )
+    if "neighbours" not in parts:
+        return
     n = uvloop.run(neighbours(200, 10, 10_000, 1_000))
     for waiting in (10, 10_000):
         p50, p99 = n[waiting]
