@@ -569,11 +569,15 @@ def _redis_cpu() -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-async def _postmaster_pid() -> int:
+async def _data_directory() -> str:
     conn = await asyncpg.connect(os.environ["CC_BENCH_SUPERUSER_DSN"])
     data = await conn.fetchval("SHOW data_directory")
     await conn.close()
-    with open(os.path.join(data, "postmaster.pid")) as f:
+    return str(data)
+
+
+def _postmaster_pid() -> int:
+    with open(os.path.join(uvloop.run(_data_directory()), "postmaster.pid")) as f:
         return int(f.readline())
 
 
@@ -626,7 +630,7 @@ def main() -> None:
     print(f"seeding {args.tenants} tenants, {args.agents} agents, {args.waiting} waiting interactions ...", flush=True)
     world = uvloop.run(seed(args))
     uvloop.run(ours_load(world))
-    postmaster = uvloop.run(_postmaster_pid())
+    postmaster = _postmaster_pid()
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     def cpu(r: dict[str, float]) -> str:
