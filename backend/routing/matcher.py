@@ -254,6 +254,26 @@ local function back_to_queue(iid)
   redis.call('ZREM', P .. 'offers', iid)
   return agents
 end
+-- Ends an interaction wherever it is: waiting (leaves its queue), offered (every agent it rings is freed) or
+-- connected (its agent is freed). Returns the agent it was with, or ''.
+local function finish(iid)
+  local ikey = P .. 'i:' .. iid
+  local state = redis.call('HGET', ikey, 'state')
+  if not state then return '' end
+  local agent = redis.call('HGET', ikey, 'agent') or ''
+  leave_queue(iid)
+  redis.call('ZREM', P .. 'offers', iid)
+  if state == 'offered' or state == 'connected' then release(offered_to(iid), redis.call('HGET', ikey, 'ch')) end
+  redis.call('DEL', ikey, P .. 'ring:' .. iid)
+  return agent
+end
+-- Offers an available agent the most urgent waiting interaction they may take, appending it to `out` as
+-- offer_now does (a ring-all call rings every other agent it may go to as well).
+local function offer_agent(agent, now, depth, out)
+  if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return end
+  local best = most_urgent_for(agent, now, depth)
+  if best then offer_now(best, now, depth, out, agent) end
+end
 """
 
 # ARGV: iid, then field/value pairs of the interaction hash. Puts it in its queue's lanes at its rank; an
@@ -300,11 +320,8 @@ return out
 _OFFER_AGENT = (
     _COMMON
     + r"""
-local agent, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return {} end
-local best = most_urgent_for(agent, now, depth)
 local out = {}
-if best then offer_now(best, now, depth, out, agent) end
+offer_agent(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), out)
 return out
 """
 )
@@ -384,16 +401,31 @@ return out
 _FINISH = (
     _COMMON
     + r"""
-local iid = ARGV[1]
-local ikey = P .. 'i:' .. iid
-local state = redis.call('HGET', ikey, 'state')
-if not state then return '' end
-local agent = redis.call('HGET', ikey, 'agent') or ''
-leave_queue(iid)
-redis.call('ZREM', P .. 'offers', iid)
-if state == 'offered' or state == 'connected' then release(offered_to(iid), redis.call('HGET', ikey, 'ch')) end
-redis.call('DEL', ikey, P .. 'ring:' .. iid)
-return agent
+return finish(ARGV[1])
+"""
+)
+
+# ARGV: iid, agent, now_ms, scan_depth, wrap_up ('1' when the agent goes to wrap-up once they hold nothing).
+# An agent comes free: ends `iid` as _FINISH does, then offers `agent` their next interaction as _OFFER_AGENT
+# does, in one step instead of two round trips. An agent who then holds nothing and goes to wrap-up is offered
+# nothing and leaves the available set at once, so no other process offers them work before the engine records
+# the wrap-up. Returns {agent the interaction was with or '', 1 if `agent` held nothing once it ended else 0,
+# then the offers made as _OFFER_AGENT returns them}.
+_FINISH_AND_OFFER = (
+    _COMMON
+    + r"""
+local agent, now, depth = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {finish(ARGV[1]), 1}
+local fields = redis.call('HGETALL', P .. 'a:' .. agent)
+for f = 1, #fields, 2 do
+  if string.sub(fields[f], 1, 5) == 'load:' and tonumber(fields[f + 1]) > 0 then out[2] = 0 end
+end
+if ARGV[5] == '1' and out[2] == 1 then
+  redis.call('SREM', P .. 'avail', agent)
+else
+  offer_agent(agent, now, depth, out)
+end
+return out
 """
 )
 
@@ -476,6 +508,18 @@ class Acceptance:
         return self.verdict == "ok"
 
 
+@dataclass(frozen=True, slots=True)
+class Freed:
+    """The outcome of an agent coming free (`Matcher.finish_and_offer`)."""
+
+    was_with: uuid.UUID | None
+    """The agent the finished interaction was with, if any."""
+    held_nothing: bool
+    """Whether the agent held nothing (no load on any channel) once the interaction ended, before any offer."""
+    offer: Offer | None
+    """The agent's next interaction, offered in the same step (None when nothing fits or they go to wrap-up)."""
+
+
 class Matcher:
     """Atomic routing steps on Redis for one deployment; every method names its tenant."""
 
@@ -490,6 +534,7 @@ class Matcher:
         self._reject = redis.register_script(_REJECT)
         self._expire = redis.register_script(_EXPIRE)
         self._finish = redis.register_script(_FINISH)
+        self._finish_and_offer = redis.register_script(_FINISH_AND_OFFER)
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
         self._pop_due = redis.register_script(_POP_DUE)
 
@@ -578,6 +623,25 @@ class Matcher:
         """Take an interaction out of routing (ended or abandoned); returns the agent it freed, if any."""
         agent = await self._finish(keys=[self.prefix(tenant_id)], args=[str(interaction_id)])
         return uuid.UUID(agent) if agent else None
+
+    async def finish_and_offer(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        agent_id: uuid.UUID,
+        now_ms: int,
+        *,
+        wrap_up: bool = False,
+    ) -> Freed:
+        """An agent comes free: `finish` the interaction, then `offer_agent` them their next one, atomically and
+        in one round trip. With `wrap_up`, an agent left holding nothing is offered nothing and leaves the
+        available set (they are going to wrap-up); one still holding other work is offered more as usual."""
+        flat = await self._finish_and_offer(
+            keys=[self.prefix(tenant_id)],
+            args=[str(interaction_id), str(agent_id), now_ms, self._scan_depth, 1 if wrap_up else 0],
+        )
+        offers = _offers(flat[2:])
+        return Freed(uuid.UUID(flat[0]) if flat[0] else None, flat[1] == 1, offers[0] if offers else None)
 
     async def finish_keep_rank(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
         """Take a waiting interaction out of its queue and return its rank, to put it back in the same place."""
