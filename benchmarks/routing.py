@@ -246,16 +246,24 @@ async def _ours_drain(world: World, share: int, shares: int, concurrency: int, g
         active = list(agents)
         for t, a in active:  # every agent comes free at once
             await matcher.set_agent(uuid.UUID(t), AgentRouting(uuid.UUID(a), True, {"voice": 1}, {}, 0))
+        handling: dict[tuple[str, str], uuid.UUID] = {}
         while active:
             for t, a in list(active):
                 tenant, agent = uuid.UUID(t), uuid.UUID(a)
-                offer = await matcher.offer_agent(tenant, agent, int(time.time() * 1000))
+                previous = handling.pop((t, a), None)
+                if previous is None:
+                    offer = await matcher.offer_agent(tenant, agent, int(time.time() * 1000))
+                else:
+                    # The previous one was handled at once: the agent comes free and is offered the next one, as
+                    # the engine does when an interaction ends (`RoutingEngine._released`).
+                    freed = await matcher.finish_and_offer(tenant, previous, agent, int(time.time() * 1000))
+                    offer = freed.offer
                 if offer is None:
                     active.remove((t, a))
                     continue
                 await recorder.record(tenant, offer.interaction_id, offer.agents, offer.timeout_ms)
                 decided += 1
-                await matcher.finish(tenant, offer.interaction_id)  # handled at once: the agent is free again
+                handling[(t, a)] = offer.interaction_id
 
     await redis.ping()
     async with engine.connect() as warm:
@@ -355,12 +363,52 @@ def _base_dsn() -> str:
     return os.environ["DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")
 
 
+_BASE_CLAIM_THIS_AGENT = """
+UPDATE bench_agents SET load = load + 1 WHERE (tenant_id, agent_id) = (
+  SELECT tenant_id, agent_id FROM bench_agents WHERE tenant_id = $1 AND agent_id = $2 AND available AND load < capacity
+  FOR UPDATE SKIP LOCKED
+) RETURNING agent_id
+"""
+_BASE_RELEASE_AGENT = "UPDATE bench_agents SET load = load - 1 WHERE tenant_id = $1 AND agent_id = $2"
+
+
+async def _refill_baseline(world: World) -> None:
+    """Puts the baseline's backlog back as seeded (after the old drain), so the next drain starts alike."""
+    conn = await asyncpg.connect(os.environ["CC_BENCH_SUPERUSER_DSN"])
+    ids = [uuid.UUID(_baseline_id(i)) for _, i, _, _ in world.backlog]
+    await conn.execute("DELETE FROM interaction_events WHERE interaction_id = ANY($1) AND seq > 2", ids)
+    await conn.execute(
+        "UPDATE interactions SET state = 'queued', agent_id = NULL, last_seq = 2 WHERE id = ANY($1)", ids
+    )
+    await conn.execute("TRUNCATE bench_waiting")
+    await conn.copy_to_table(
+        "bench_waiting",
+        source=_copy_rows([(t, _baseline_id(i), q, enq) for t, i, q, enq in world.backlog]),
+        columns=["tenant_id", "interaction_id", "queue_id", "rank"],
+    )
+    await conn.execute("UPDATE bench_agents SET available = false, load = 0")
+    await conn.execute("VACUUM ANALYZE")
+    await conn.close()
+
+
 def _base_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
-    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go)))
+    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go, claim_agents=True)))
 
 
-async def _base_drain(world: World, share: int, shares: int, concurrency: int, go: Any) -> dict[str, float]:
+def _old_base_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
+    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go, claim_agents=False)))
+
+
+async def _base_drain(
+    world: World, share: int, shares: int, concurrency: int, go: Any, *, claim_agents: bool
+) -> dict[str, float]:
+    """With `claim_agents`, each decision claims its agent (state and capacity checked, the row locked) and
+    releases it after, as ours does (the offer checks the agent, `finish` frees them). Without, the drain of
+    this benchmark before 2026-11-25 15:00, which never touched the agents' rows: kept to compare figures."""
     pool = await asyncpg.create_pool(_base_dsn(), min_size=concurrency, max_size=concurrency)
+    if claim_agents:
+        async with pool.acquire() as conn:  # the old drain may have run first; its waiting rows are gone anyway
+            await conn.execute("UPDATE bench_agents SET load = 0")
     mine = [(t, a) for i, t in enumerate(world.tenants) if i % shares == share for a in world.agents[t]]
     decided = 0
 
@@ -376,13 +424,21 @@ async def _base_drain(world: World, share: int, shares: int, concurrency: int, g
                 )
         while active:
             for t, a in list(active):
-                async with pool.acquire() as conn, conn.transaction():
+                tenant, agent = uuid.UUID(t), uuid.UUID(a)
+                async with pool.acquire() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
                     await conn.execute("SELECT set_config('app.tenant_id', $1, true)", t)
-                    iid = await conn.fetchval(_BASE_OFFER_WAITING, uuid.UUID(t))
+                    claimed = not claim_agents or await conn.fetchval(_BASE_CLAIM_THIS_AGENT, tenant, agent)
+                    iid = await conn.fetchval(_BASE_OFFER_WAITING, tenant) if claimed else None
                     if iid is None:
-                        active.remove((t, a))
+                        await transaction.rollback()  # the claim too
+                        active.remove((t, a))  # nothing left for them (a claim never fails: one lane per agent)
                         continue
-                    await conn.execute(_BASE_RECORD, uuid.UUID(t), iid, uuid.UUID(a))
+                    await conn.execute(_BASE_RECORD, tenant, iid, agent)
+                    await transaction.commit()
+                    if claim_agents:
+                        await conn.execute(_BASE_RELEASE_AGENT, tenant, agent)  # handled at once: free again
                 decided += 1
 
     await asyncio.to_thread(go.wait)
@@ -623,6 +679,11 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent decision loops per process")
     parser.add_argument(
+        "--old-baseline",
+        action="store_true",
+        help="also drain with the baseline as it was before it claimed agents (its figures before the fix)",
+    )
+    parser.add_argument(
         "--parts", default="saturation,steady,neighbours", help="which measurements to run (comma-separated)"
     )
     args = parser.parse_args()
@@ -648,6 +709,14 @@ def main() -> None:
             f"{cpu(ours)}",
             flush=True,
         )
+        if args.old_baseline:
+            old = drain(_old_base_drain_process, world, args.processes, args.concurrency, postmaster)
+            print(
+                f"old baseline (agents never claimed) saturation: {old['decided']:,} decisions in "
+                f"{old['seconds']:.1f} s = {old['rate']:,.0f}/s -> ours is {ours['rate'] / old['rate']:.1f}x; {cpu(old)}",
+                flush=True,
+            )
+            uvloop.run(_refill_baseline(world))
         base = drain(_base_drain_process, world, args.processes, args.concurrency, postmaster)
         print(
             f"baseline  saturation: {base['decided']:,} decisions in {base['seconds']:.1f} s = {base['rate']:,.0f}/s "
