@@ -26,6 +26,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from backend.lib.redis_keys import global_key, tenant_key
+from backend.lib.redis_scripts import ScriptRunner
 
 STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill", "ring_all")
 
@@ -537,6 +538,7 @@ class Matcher:
         self._finish_and_offer = redis.register_script(_FINISH_AND_OFFER)
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
         self._pop_due = redis.register_script(_POP_DUE)
+        self._run = ScriptRunner(redis)
 
     @property
     def redis(self) -> Redis:
@@ -566,7 +568,7 @@ class Matcher:
             "strategy": item.strategy,
         }
         flat = [part for pair in fields.items() for part in pair]
-        await self._enqueue(keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), *flat])
+        await self._run(self._enqueue, [self.prefix(tenant_id)], [str(item.interaction_id), *flat])
 
     async def set_agent(self, tenant_id: uuid.UUID, agent: AgentRouting) -> None:
         """Record an agent's availability, capacity and skills (load is kept as it is)."""
@@ -587,15 +589,15 @@ class Matcher:
         """Offer a waiting interaction by its queue's strategy (a ring-all voice queue rings every eligible
         agent). Agents it could go to who have older work waiting are offered that first, so the offers made
         may include other interactions; empty when nobody may take anything now."""
-        flat = await self._offer_interaction(
-            keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), now_ms, self._scan_depth]
+        flat = await self._run(
+            self._offer_interaction, [self.prefix(tenant_id)], [str(item.interaction_id), now_ms, self._scan_depth]
         )
         return _offers(flat)
 
     async def offer_agent(self, tenant_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> Offer | None:
         """Offer the most urgent waiting interaction this agent may take, if any (a ring-all call rings the
         other agents it may go to as well)."""
-        flat = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
+        flat = await self._run(self._offer_agent, [self.prefix(tenant_id)], [str(agent_id), now_ms, self._scan_depth])
         offers = _offers(flat)
         return offers[0] if offers else None
 
@@ -604,24 +606,24 @@ class Matcher:
     ) -> Acceptance:
         """Connect the agent; a ring-all offer stops ringing everyone else. Refused as `not_offered`,
         `not_yours` or `expired`."""
-        result = await self._accept(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id), now_ms])
+        result = await self._run(self._accept, [self.prefix(tenant_id)], [str(interaction_id), str(agent_id), now_ms])
         return Acceptance(str(result[0]), tuple(uuid.UUID(a) for a in result[1:]))
 
     async def reject(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID) -> str:
         """`ok` (back at its old place), `ringing` (a ring-all offer goes on ringing others), or why not."""
-        return str(await self._reject(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id)]))
+        return str(await self._run(self._reject, [self.prefix(tenant_id)], [str(interaction_id), str(agent_id)]))
 
     async def expire_offers(
         self, tenant_id: uuid.UUID, now_ms: int, limit: int = 100
     ) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """Offers past their time, each put back at its old place: [(interaction, agent)], a ring-all offer
         once per agent it rang."""
-        flat = await self._expire(keys=[self.prefix(tenant_id)], args=[now_ms, limit])
+        flat = await self._run(self._expire, [self.prefix(tenant_id)], [now_ms, limit])
         return [(uuid.UUID(flat[i]), uuid.UUID(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def finish(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> uuid.UUID | None:
         """Take an interaction out of routing (ended or abandoned); returns the agent it freed, if any."""
-        agent = await self._finish(keys=[self.prefix(tenant_id)], args=[str(interaction_id)])
+        agent = await self._run(self._finish, [self.prefix(tenant_id)], [str(interaction_id)])
         return uuid.UUID(agent) if agent else None
 
     async def finish_and_offer(
@@ -636,9 +638,10 @@ class Matcher:
         """An agent comes free: `finish` the interaction, then `offer_agent` them their next one, atomically and
         in one round trip. With `wrap_up`, an agent left holding nothing is offered nothing and leaves the
         available set (they are going to wrap-up); one still holding other work is offered more as usual."""
-        flat = await self._finish_and_offer(
-            keys=[self.prefix(tenant_id)],
-            args=[str(interaction_id), str(agent_id), now_ms, self._scan_depth, 1 if wrap_up else 0],
+        flat = await self._run(
+            self._finish_and_offer,
+            [self.prefix(tenant_id)],
+            [str(interaction_id), str(agent_id), now_ms, self._scan_depth, 1 if wrap_up else 0],
         )
         offers = _offers(flat[2:])
         return Freed(uuid.UUID(flat[0]) if flat[0] else None, flat[1] == 1, offers[0] if offers else None)
@@ -651,9 +654,10 @@ class Matcher:
 
     async def restore_connected(self, tenant_id: uuid.UUID, item: WaitingInteraction, agent_id: uuid.UUID) -> None:
         """Record (after a Redis loss) that an interaction is with an agent, using their capacity."""
-        await self._restore_connected(
-            keys=[self.prefix(tenant_id)],
-            args=[
+        await self._run(
+            self._restore_connected,
+            [self.prefix(tenant_id)],
+            [
                 str(item.interaction_id),
                 str(item.queue_id),
                 item.channel,
@@ -707,7 +711,7 @@ class Matcher:
     async def due_timers(self, tenant_id: uuid.UUID, now_ms: int, limit: int = 500) -> list[str]:
         """Timers of the tenant that are due, removed from the schedule (each returned to one caller only)."""
         key = self.prefix(tenant_id) + "due"
-        popped = await self._pop_due(keys=[key], args=[now_ms, limit])
+        popped = await self._run(self._pop_due, [key], [now_ms, limit])
         return [str(t) for t in popped]
 
     async def next_due(self, tenant_id: uuid.UUID) -> int | None:
@@ -719,7 +723,7 @@ class Matcher:
 
     async def due_tenants(self, now_ms: int, limit: int = 100) -> list[uuid.UUID]:
         """Tenants whose earliest timer has come, removed from the index (their tick re-adds what remains)."""
-        popped = await self._pop_due(keys=[TIMER_INDEX], args=[now_ms, limit])
+        popped = await self._run(self._pop_due, [TIMER_INDEX], [now_ms, limit])
         return [uuid.UUID(t) for t in popped]
 
     async def earliest_timer(self) -> int | None:
