@@ -68,24 +68,25 @@ local function required_ok(req_json, agent_skills_json, waited_s)
   end
   return true, total
 end
+-- (Fields of one hash are read with one HMGET: each redis.call costs more than the Lua around it.)
 local function has_room(agent, channel)
-  local cap = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'cap:' .. channel) or 0)
-  local load = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'load:' .. channel) or 0)
-  return load < cap
+  local f = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel)
+  return tonumber(f[2] or 0) < tonumber(f[1] or 0)
 end
 local function rings_all(ikey)
-  return redis.call('HGET', ikey, 'strategy') == 'ring_all' and redis.call('HGET', ikey, 'ch') == 'voice'
+  local f = redis.call('HMGET', ikey, 'strategy', 'ch')
+  return f[1] == 'ring_all' and f[2] == 'voice'
 end
 -- Every available agent with room who qualifies for the waiting interaction `iid`.
 local function eligible_agents(iid, now)
-  local ikey = P .. 'i:' .. iid
-  local channel = redis.call('HGET', ikey, 'ch')
-  local req = redis.call('HGET', ikey, 'req')
-  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'ch', 'req', 'enq')
+  local channel, req = i[1], i[2]
+  local waited = (now - tonumber(i[3])) / 1000
   local found = {}
   for _, agent in ipairs(redis.call('SMEMBERS', P .. 'avail')) do
-    if has_room(agent, channel) then
-      local ok = required_ok(req, redis.call('HGET', P .. 'a:' .. agent, 'skills'), waited)
+    local a = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel, 'skills')
+    if tonumber(a[2] or 0) < tonumber(a[1] or 0) then
+      local ok = required_ok(req, a[3], waited)
       if ok then table.insert(found, agent) end
     end
   end
@@ -93,16 +94,15 @@ local function eligible_agents(iid, now)
   return found
 end
 local function join_queue(iid)
-  local ikey = P .. 'i:' .. iid
-  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
-  local rank = tonumber(redis.call('HGET', ikey, 'rank'))
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'q', 'ch', 'rank')
+  local queue, channel, rank = i[1], i[2], tonumber(i[3])
   redis.call('ZADD', P .. 'q:' .. queue, rank, iid)
   redis.call('ZADD', P .. 'qc:' .. queue .. ':' .. channel, rank, iid)
   redis.call('SADD', P .. 'lanes:' .. channel, queue)
 end
 local function leave_queue(iid)
-  local ikey = P .. 'i:' .. iid
-  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'q', 'ch')
+  local queue, channel = i[1], i[2]
   if not queue then return end
   redis.call('ZREM', P .. 'q:' .. queue, iid)
   local lane = P .. 'qc:' .. queue .. ':' .. channel
@@ -112,13 +112,14 @@ end
 -- The most urgent (lowest-rank) waiting interaction `agent` may take now: on a channel where they have room,
 -- with skills that meet its requirements at its current wait. Looks at most `depth` entries per lane.
 local function most_urgent_for(agent, now, depth)
-  local akey = P .. 'a:' .. agent
-  local skills = redis.call('HGET', akey, 'skills')
-  local fields = redis.call('HGETALL', akey)
+  local fields = redis.call('HGETALL', P .. 'a:' .. agent)
+  local hash = {}
+  for f = 1, #fields, 2 do hash[fields[f]] = fields[f + 1] end
+  local skills = hash['skills']
   local best, best_rank = false, nil
   for f = 1, #fields, 2 do
     local channel = string.match(fields[f], '^cap:(.+)$')
-    if channel and has_room(agent, channel) then
+    if channel and tonumber(hash['load:' .. channel] or 0) < tonumber(fields[f + 1]) then
       for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
         -- Read the lane a few entries at a time: the head usually qualifies. Requirements only relax with
         -- waiting (queue settings refuse a rising step), so once an interaction fails, any with the same
@@ -180,10 +181,9 @@ local function make_offer(iid, agents, now, timeout_ms)
 end
 -- `candidates` in the order the queue's strategy prefers them for `iid` (ties: lowest id first).
 local function by_strategy(iid, candidates, now)
-  local ikey = P .. 'i:' .. iid
-  local strategy = redis.call('HGET', ikey, 'strategy')
-  local req = redis.call('HGET', ikey, 'req')
-  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'strategy', 'req', 'enq')
+  local strategy, req = i[1], i[2]
+  local waited = (now - tonumber(i[3])) / 1000
   local keys = {}
   for _, agent in ipairs(candidates) do
     local akey = P .. 'a:' .. agent
@@ -259,12 +259,13 @@ end
 -- connected (its agent is freed). Returns the agent it was with, or ''.
 local function finish(iid)
   local ikey = P .. 'i:' .. iid
-  local state = redis.call('HGET', ikey, 'state')
+  local i = redis.call('HMGET', ikey, 'state', 'agent', 'ch')
+  local state = i[1]
   if not state then return '' end
-  local agent = redis.call('HGET', ikey, 'agent') or ''
+  local agent = i[2] or ''
   leave_queue(iid)
   redis.call('ZREM', P .. 'offers', iid)
-  if state == 'offered' or state == 'connected' then release(offered_to(iid), redis.call('HGET', ikey, 'ch')) end
+  if state == 'offered' or state == 'connected' then release(offered_to(iid), i[3]) end
   redis.call('DEL', ikey, P .. 'ring:' .. iid)
   return agent
 end
@@ -446,6 +447,19 @@ return 1
 )
 
 
+# ARGV: agent, '1' if available else '0', then field/value pairs of the agent's hash (load fields are left as
+# they are). A script rather than a MULTI/EXEC pipeline so that it shares round trips with other calls.
+_SET_AGENT = r"""
+local P, agent = KEYS[1], ARGV[1]
+redis.call('HSET', P .. 'a:' .. agent, unpack(ARGV, 3))
+if ARGV[2] == '1' then
+  redis.call('SADD', P .. 'avail', agent)
+else
+  redis.call('SREM', P .. 'avail', agent)
+end
+return 1
+"""
+
 # KEYS[1]: a sorted set of timers. ARGV: now_ms, limit. Pops the due members atomically.
 _POP_DUE = r"""
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -537,6 +551,7 @@ class Matcher:
         self._finish = redis.register_script(_FINISH)
         self._finish_and_offer = redis.register_script(_FINISH_AND_OFFER)
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
+        self._set_agent = redis.register_script(_SET_AGENT)
         self._pop_due = redis.register_script(_POP_DUE)
         self._run = ScriptRunner(redis)
 
@@ -572,18 +587,17 @@ class Matcher:
 
     async def set_agent(self, tenant_id: uuid.UUID, agent: AgentRouting) -> None:
         """Record an agent's availability, capacity and skills (load is kept as it is)."""
-        p = self.prefix(tenant_id)
-        uid = str(agent.user_id)
-        mapping: dict[str | bytes, str | int] = {"skills": json.dumps(agent.skills), "idle": agent.idle_since_ms}
+        args: list[str | int] = [
+            str(agent.user_id),
+            1 if agent.available else 0,
+            "skills",
+            json.dumps(agent.skills),
+            "idle",
+            agent.idle_since_ms,
+        ]
         for channel, capacity in agent.capacity.items():
-            mapping["cap:" + channel] = capacity
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(p + "a:" + uid, mapping=mapping)  # type: ignore[arg-type]
-            if agent.available:
-                pipe.sadd(p + "avail", uid)
-            else:
-                pipe.srem(p + "avail", uid)
-            await pipe.execute()
+            args += ["cap:" + channel, capacity]
+        await self._run(self._set_agent, [self.prefix(tenant_id)], args)
 
     async def offer_interaction(self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int) -> list[Offer]:
         """Offer a waiting interaction by its queue's strategy (a ring-all voice queue rings every eligible
