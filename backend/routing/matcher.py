@@ -121,13 +121,15 @@ local function most_urgent_for(agent, now, depth)
     local channel = string.match(fields[f], '^cap:(.+)$')
     if channel and tonumber(hash['load:' .. channel] or 0) < tonumber(fields[f + 1]) then
       for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
-        -- Read the lane a few entries at a time: the head usually qualifies. Requirements only relax with
-        -- waiting (queue settings refuse a rising step), so once an interaction fails, any with the same
-        -- requirements that arrived later fails too and is passed over without a second look.
-        local lane, from, done = P .. 'qc:' .. queue .. ':' .. channel, 0, false
+        -- Read the head alone, then a few entries at a time: the head usually qualifies (or ranks behind the
+        -- best found so far), and every entry read costs (a reply is converted to Lua strings). Requirements
+        -- only relax with waiting (queue settings refuse a rising step), so once an interaction fails, any with
+        -- the same requirements that arrived later fails too and is passed over without a second look.
+        local lane, from, done, chunk = P .. 'qc:' .. queue .. ':' .. channel, 0, false, 1
         local failed_req, failed_enq = nil, nil
         while not done and from < depth do
-          local upto = math.min(from + 8, depth) - 1
+          local upto = math.min(from + chunk, depth) - 1
+          chunk = 8
           local items = redis.call('ZRANGE', lane, from, upto, 'WITHSCORES')
           if #items == 0 then break end
           for i = 1, #items, 2 do
