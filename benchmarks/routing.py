@@ -9,12 +9,16 @@ Ours is the production path without HTTP: the Redis matcher (`backend.routing.ma
 `backend.routing.offers.OfferRecorder` writes the interaction's new state and its `offered` timeline event
 durably, group-committing concurrent offers. Every process runs on uvloop, as the API and workers do. The baseline does the same work the way a first version
 usually does: one PostgreSQL transaction per decision, `SELECT ... FOR UPDATE SKIP LOCKED` to claim the
-oldest waiting interaction and a free agent, then the same interaction update and timeline event.
+oldest waiting interaction and the agent (available and under capacity), then the same interaction update
+and timeline event; the agent is released after the decision.
 
 Two measurements for each:
 
 1. Saturation: every agent comes free at once and the backlog is drained as fast as it goes (each offer
-   counts as one decision; the agent is freed right after so it can take the next). Decisions per second.
+   counts as one decision; the agent is freed right after so it can take the next: ours ends the interaction
+   and offers the next in one matcher step, as the engine does). Decisions per second, and the CPU time per
+   decision of the benchmark's processes, PostgreSQL and Redis (wall-clock rates depend on what else the
+   machine runs; CPU per decision much less).
 2. Steady rate: new interactions arrive open-loop at `--steady-rate` per second with agents free; for each,
    the time from enqueue to the offer decided (the matcher's answer) and to the offer durable (committed).
 """
