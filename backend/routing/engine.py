@@ -838,13 +838,17 @@ class RoutingEngine:
         is recorded after the state so their timeline reads available, then offered."""
         if held_nothing is None:
             held_nothing = not any((await self.matcher.load(tenant_id, agent)).values())
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            state = await service.get_agent_state(session, tenant_id, agent)
-            wrapping = state.state == "busy" and held_nothing and wrap_up_seconds > 0
-            if state.state == "busy" and held_nothing:
-                await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
-        if offer is not None:
-            await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
+        try:
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                state = await service.get_agent_state(session, tenant_id, agent)
+                wrapping = state.state == "busy" and held_nothing and wrap_up_seconds > 0
+                if state.state == "busy" and held_nothing:
+                    await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
+        finally:
+            # The matcher made the offer already: even if the state could not be written, the offer is recorded
+            # and reaches the agent (unannounced, it would time out and send them away for a missed offer).
+            if offer is not None:
+                await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
         if wrapping:
             await self.matcher.schedule(tenant_id, f"wrapup:{agent}", now_ms() + wrap_up_seconds * 1000)
         await self.sync_agent(tenant_id, agent)
