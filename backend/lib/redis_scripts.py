@@ -4,8 +4,7 @@ Under load many coroutines of a process call scripts at once (every offer group-
 wakes its callers together, and each asks Redis for its next step). One round trip per call costs a
 write and a read on both sides and a pass through redis-py's connection pool and retry wrappers; sent
 as one pipeline, those costs are paid once per batch. Each script still runs atomically on its own, in
-the order it was called. Nothing waits for a batch to fill: a call made while no other is under way goes
-out at once; calls made while others are under way go out together at the end of the event-loop turn.
+the order it was called; nothing waits for a batch to fill, so a lone call goes out at once.
 """
 
 from __future__ import annotations
@@ -28,23 +27,13 @@ class ScriptRunner:
         self._redis = redis
         self._queued: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self._in_flight = 0
         self.round_trips = 0
         """Round trips made so far (each carries one or more calls)."""
 
     async def __call__(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        command = (len(keys), *keys, *args)
-        if not self._in_flight and not self._queued:
-            # Nothing else going on (a quiet system): straight out, without waiting for the end of the turn.
-            self._in_flight += 1
-            self.round_trips += 1
-            try:
-                return await self._one(script, command)
-            finally:
-                self._in_flight -= 1
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((script, command, done))
+        self._queued.append((script, (len(keys), *keys, *args), done))
         if len(self._queued) == 1:
             # After the callbacks already due in this turn: the coroutines they resume queue their calls too.
             loop.call_soon(self._send)
@@ -57,7 +46,6 @@ class ScriptRunner:
         task.add_done_callback(self._sending.discard)
 
     async def _run(self, batch: list[_Call]) -> None:
-        self._in_flight += 1
         try:
             self.round_trips += 1
             if len(batch) == 1:
@@ -80,8 +68,6 @@ class ScriptRunner:
             for _, _, done in batch:
                 done.cancel()
             raise
-        finally:
-            self._in_flight -= 1
         for (_, _, done), result in zip(batch, results, strict=True):
             if done.done():  # its caller was cancelled
                 continue
