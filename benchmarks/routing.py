@@ -9,12 +9,16 @@ Ours is the production path without HTTP: the Redis matcher (`backend.routing.ma
 `backend.routing.offers.OfferRecorder` writes the interaction's new state and its `offered` timeline event
 durably, group-committing concurrent offers. Every process runs on uvloop, as the API and workers do. The baseline does the same work the way a first version
 usually does: one PostgreSQL transaction per decision, `SELECT ... FOR UPDATE SKIP LOCKED` to claim the
-oldest waiting interaction and a free agent, then the same interaction update and timeline event.
+oldest waiting interaction and the agent (available and under capacity), then the same interaction update
+and timeline event; the agent is released after the decision.
 
 Two measurements for each:
 
 1. Saturation: every agent comes free at once and the backlog is drained as fast as it goes (each offer
-   counts as one decision; the agent is freed right after so it can take the next). Decisions per second.
+   counts as one decision; the agent is freed right after so it can take the next: ours ends the interaction
+   and offers the next in one matcher step, as the engine does). Decisions per second, and the CPU time per
+   decision of the benchmark's processes, PostgreSQL and Redis (wall-clock rates depend on what else the
+   machine runs; CPU per decision much less).
 2. Steady rate: new interactions arrive open-loop at `--steady-rate` per second with agents free; for each,
    the time from enqueue to the offer decided (the matcher's answer) and to the offer durable (committed).
 """
@@ -246,27 +250,35 @@ async def _ours_drain(world: World, share: int, shares: int, concurrency: int, g
         active = list(agents)
         for t, a in active:  # every agent comes free at once
             await matcher.set_agent(uuid.UUID(t), AgentRouting(uuid.UUID(a), True, {"voice": 1}, {}, 0))
+        handling: dict[tuple[str, str], uuid.UUID] = {}
         while active:
             for t, a in list(active):
                 tenant, agent = uuid.UUID(t), uuid.UUID(a)
-                offer = await matcher.offer_agent(tenant, agent, int(time.time() * 1000))
+                previous = handling.pop((t, a), None)
+                if previous is None:
+                    offer = await matcher.offer_agent(tenant, agent, int(time.time() * 1000))
+                else:
+                    # The previous one was handled at once: the agent comes free and is offered the next one, as
+                    # the engine does when an interaction ends (`RoutingEngine._released`).
+                    freed = await matcher.finish_and_offer(tenant, previous, agent, int(time.time() * 1000))
+                    offer = freed.offer
                 if offer is None:
                     active.remove((t, a))
                     continue
                 await recorder.record(tenant, offer.interaction_id, offer.agents, offer.timeout_ms)
                 decided += 1
-                await matcher.finish(tenant, offer.interaction_id)  # handled at once: the agent is free again
+                handling[(t, a)] = offer.interaction_id
 
     await redis.ping()
     async with engine.connect() as warm:
         await warm.execute(text("SELECT 1"))
     await asyncio.to_thread(go.wait)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(lane(agents) for agents in lanes))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await redis.aclose()
     await engine.dispose()
-    return {"decided": decided, "seconds": elapsed, "batches": recorder.batches_written}
+    return {"decided": decided, "seconds": elapsed, "cpu": cpu, "batches": recorder.batches_written}
 
 
 async def ours_steady(world: World, rate: float, seconds: float) -> dict[str, Any]:
@@ -355,12 +367,52 @@ def _base_dsn() -> str:
     return os.environ["DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")
 
 
+_BASE_CLAIM_THIS_AGENT = """
+UPDATE bench_agents SET load = load + 1 WHERE (tenant_id, agent_id) = (
+  SELECT tenant_id, agent_id FROM bench_agents WHERE tenant_id = $1 AND agent_id = $2 AND available AND load < capacity
+  FOR UPDATE SKIP LOCKED
+) RETURNING agent_id
+"""
+_BASE_RELEASE_AGENT = "UPDATE bench_agents SET load = load - 1 WHERE tenant_id = $1 AND agent_id = $2"
+
+
+async def _refill_baseline(world: World) -> None:
+    """Puts the baseline's backlog back as seeded (after the old drain), so the next drain starts alike."""
+    conn = await asyncpg.connect(os.environ["CC_BENCH_SUPERUSER_DSN"])
+    ids = [uuid.UUID(_baseline_id(i)) for _, i, _, _ in world.backlog]
+    await conn.execute("DELETE FROM interaction_events WHERE interaction_id = ANY($1) AND seq > 2", ids)
+    await conn.execute(
+        "UPDATE interactions SET state = 'queued', agent_id = NULL, last_seq = 2 WHERE id = ANY($1)", ids
+    )
+    await conn.execute("TRUNCATE bench_waiting")
+    await conn.copy_to_table(
+        "bench_waiting",
+        source=_copy_rows([(t, _baseline_id(i), q, enq) for t, i, q, enq in world.backlog]),
+        columns=["tenant_id", "interaction_id", "queue_id", "rank"],
+    )
+    await conn.execute("UPDATE bench_agents SET available = false, load = 0")
+    await conn.execute("VACUUM ANALYZE")
+    await conn.close()
+
+
 def _base_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
-    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go)))
+    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go, claim_agents=True)))
 
 
-async def _base_drain(world: World, share: int, shares: int, concurrency: int, go: Any) -> dict[str, float]:
+def _old_base_drain_process(world: World, share: int, shares: int, concurrency: int, out: Any, go: Any) -> None:
+    out.put(uvloop.run(_base_drain(world, share, shares, concurrency, go, claim_agents=False)))
+
+
+async def _base_drain(
+    world: World, share: int, shares: int, concurrency: int, go: Any, *, claim_agents: bool
+) -> dict[str, float]:
+    """With `claim_agents`, each decision claims its agent (state and capacity checked, the row locked) and
+    releases it after, as ours does (the offer checks the agent, `finish` frees them). Without, the drain of
+    this benchmark before 2026-11-25 15:00, which never touched the agents' rows: kept to compare figures."""
     pool = await asyncpg.create_pool(_base_dsn(), min_size=concurrency, max_size=concurrency)
+    if claim_agents:
+        async with pool.acquire() as conn:  # the old drain may have run first; its waiting rows are gone anyway
+            await conn.execute("UPDATE bench_agents SET load = 0")
     mine = [(t, a) for i, t in enumerate(world.tenants) if i % shares == share for a in world.agents[t]]
     decided = 0
 
@@ -376,21 +428,29 @@ async def _base_drain(world: World, share: int, shares: int, concurrency: int, g
                 )
         while active:
             for t, a in list(active):
-                async with pool.acquire() as conn, conn.transaction():
+                tenant, agent = uuid.UUID(t), uuid.UUID(a)
+                async with pool.acquire() as conn:
+                    transaction = conn.transaction()
+                    await transaction.start()
                     await conn.execute("SELECT set_config('app.tenant_id', $1, true)", t)
-                    iid = await conn.fetchval(_BASE_OFFER_WAITING, uuid.UUID(t))
+                    claimed = not claim_agents or await conn.fetchval(_BASE_CLAIM_THIS_AGENT, tenant, agent)
+                    iid = await conn.fetchval(_BASE_OFFER_WAITING, tenant) if claimed else None
                     if iid is None:
-                        active.remove((t, a))
+                        await transaction.rollback()  # the claim too
+                        active.remove((t, a))  # nothing left for them (a claim never fails: one lane per agent)
                         continue
-                    await conn.execute(_BASE_RECORD, uuid.UUID(t), iid, uuid.UUID(a))
+                    await conn.execute(_BASE_RECORD, tenant, iid, agent)
+                    await transaction.commit()
+                    if claim_agents:
+                        await conn.execute(_BASE_RELEASE_AGENT, tenant, agent)  # handled at once: free again
                 decided += 1
 
     await asyncio.to_thread(go.wait)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(lane(mine[i::concurrency]) for i in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await pool.close()
-    return {"decided": decided, "seconds": elapsed, "batches": decided}
+    return {"decided": decided, "seconds": elapsed, "cpu": cpu, "batches": decided}
 
 
 async def base_steady(world: World, rate: float, seconds: float) -> dict[str, Any]:
@@ -531,7 +591,57 @@ async def neighbours(rate: float, seconds: float, noisy_waiting: int, poll_rate:
     return results
 
 
-def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[str, float]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int, children_too: bool = False) -> float:
+    """CPU seconds of a process (and of its reaped children: backends that exited), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    used = int(fields[11]) + int(fields[12])  # utime, stime
+    if children_too:
+        used += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return used / _TICK
+
+
+def _postgres_cpu(postmaster: int) -> float:
+    """CPU seconds of the whole PostgreSQL instance: the postmaster, its live children and those it reaped."""
+    total = _proc_cpu(postmaster, children_too=True)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                total += (int(fields[11]) + int(fields[12])) / _TICK
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _redis_cpu() -> float:
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(os.environ["REDIS_URL"])
+    info = client.info("cpu")
+    client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _data_directory() -> str:
+    conn = await asyncpg.connect(os.environ["CC_BENCH_SUPERUSER_DSN"])
+    data = await conn.fetchval("SHOW data_directory")
+    await conn.close()
+    return str(data)
+
+
+def _postmaster_pid() -> int:
+    with open(os.path.join(uvloop.run(_data_directory()), "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def drain(target: Any, world: World, processes: int, concurrency: int, postmaster: int) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     out, go = context.Queue(), context.Event()
     workers = [
@@ -540,8 +650,12 @@ def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[s
     for w in workers:
         w.start()
     time.sleep(8)  # let every process start, import and connect before the clock starts
+    load = os.getloadavg()[0]
+    pg_cpu, redis_cpu = _postgres_cpu(postmaster), _redis_cpu()
     go.set()
     results = [out.get(timeout=1800) for _ in workers]
+    # Whatever the processes did after their clocks stopped (closing pools) is counted here too: a little high.
+    pg_cpu, redis_cpu = _postgres_cpu(postmaster) - pg_cpu, _redis_cpu() - redis_cpu
     for w in workers:
         w.join()
     elapsed = max(r["seconds"] for r in results)
@@ -551,6 +665,11 @@ def drain(target: Any, world: World, processes: int, concurrency: int) -> dict[s
         "seconds": elapsed,
         "rate": decided / elapsed,
         "batches": sum(r["batches"] for r in results),
+        "load": load,
+        # CPU per decision is what to compare on a shared machine: wall-clock rates move with the neighbours.
+        "cpu_us_client": sum(r["cpu"] for r in results) / max(1, decided) * 1e6,
+        "cpu_us_postgres": pg_cpu / max(1, decided) * 1e6,
+        "cpu_us_redis": redis_cpu / max(1, decided) * 1e6,
     }
 
 
@@ -563,24 +682,53 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=20)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent decision loops per process")
+    parser.add_argument(
+        "--old-baseline",
+        action="store_true",
+        help="also drain with the baseline as it was before it claimed agents (its figures before the fix)",
+    )
+    parser.add_argument(
+        "--parts", default="saturation,steady,neighbours", help="which measurements to run (comma-separated)"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     print(f"seeding {args.tenants} tenants, {args.agents} agents, {args.waiting} waiting interactions ...", flush=True)
     world = uvloop.run(seed(args))
     uvloop.run(ours_load(world))
+    postmaster = _postmaster_pid()
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    ours = drain(_ours_drain_process, world, args.processes, args.concurrency)
-    print(
-        f"ours      saturation: {ours['decided']:,} decisions in {ours['seconds']:.1f} s = {ours['rate']:,.0f}/s "
-        f"({ours['batches']:,} commits, {ours['decided'] / max(1, ours['batches']):.1f} offers per commit)",
-        flush=True,
-    )
-    base = drain(_base_drain_process, world, args.processes, args.concurrency)
-    print(
-        f"baseline  saturation: {base['decided']:,} decisions in {base['seconds']:.1f} s = {base['rate']:,.0f}/s "
-        f"-> ours is {ours['rate'] / base['rate']:.1f}x",
-        flush=True,
-    )
+    def cpu(r: dict[str, float]) -> str:
+        total = r["cpu_us_client"] + r["cpu_us_postgres"] + r["cpu_us_redis"]
+        return (
+            f"CPU per decision {total:.0f} us (Python {r['cpu_us_client']:.0f}, PostgreSQL {r['cpu_us_postgres']:.0f}, "
+            f"Redis {r['cpu_us_redis']:.0f}); load average {r['load']:.2f} at the start"
+        )
+
+    if "saturation" in parts:
+        ours = drain(_ours_drain_process, world, args.processes, args.concurrency, postmaster)
+        print(
+            f"ours      saturation: {ours['decided']:,} decisions in {ours['seconds']:.1f} s = {ours['rate']:,.0f}/s "
+            f"({ours['batches']:,} commits, {ours['decided'] / max(1, ours['batches']):.1f} offers per commit); "
+            f"{cpu(ours)}",
+            flush=True,
+        )
+        if args.old_baseline:
+            old = drain(_old_base_drain_process, world, args.processes, args.concurrency, postmaster)
+            print(
+                f"old baseline (agents never claimed) saturation: {old['decided']:,} decisions in "
+                f"{old['seconds']:.1f} s = {old['rate']:,.0f}/s -> ours is {ours['rate'] / old['rate']:.1f}x; {cpu(old)}",
+                flush=True,
+            )
+            uvloop.run(_refill_baseline(world))
+        base = drain(_base_drain_process, world, args.processes, args.concurrency, postmaster)
+        print(
+            f"baseline  saturation: {base['decided']:,} decisions in {base['seconds']:.1f} s = {base['rate']:,.0f}/s "
+            f"-> ours is {ours['rate'] / base['rate']:.1f}x; {cpu(base)}",
+            flush=True,
+        )
+    if "steady" not in parts:
+        return
     for name, steady in (
         ("ours", ours_steady(world, args.steady_rate, args.steady_seconds)),
         ("baseline", base_steady(world, args.steady_rate, args.steady_seconds)),
@@ -593,6 +741,8 @@ def main() -> None:
             f"({r['batches']:,} commits)",
             flush=True,
         )
+    if "neighbours" not in parts:
+        return
     n = uvloop.run(neighbours(200, 10, 10_000, 1_000))
     for waiting in (10, 10_000):
         p50, p99 = n[waiting]

@@ -791,9 +791,13 @@ class RoutingEngine:
         queue_id: uuid.UUID | None,
         outcome: str | None = None,
     ) -> None:
-        await self.matcher.finish(tenant_id, interaction_id)
-        if agent is not None:
-            await self._after_interaction(tenant_id, agent, wrap_up)
+        if agent is None:
+            await self.matcher.finish(tenant_id, interaction_id)
+        else:
+            # The agent comes free: ending the interaction and offering them their next one is one matcher step
+            # (one round trip, and no other process can take the agent in between).
+            freed = await self.matcher.finish_and_offer(tenant_id, interaction_id, agent, now_ms(), wrap_up=wrap_up > 0)
+            await self._after_interaction(tenant_id, agent, wrap_up, held_nothing=freed.held_nothing, offer=freed.offer)
         await self.queue_changed(tenant_id, queue_id)
         await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "ended", outcome=outcome))
 
@@ -818,13 +822,33 @@ class RoutingEngine:
             **data,
         )
 
-    async def _after_interaction(self, tenant_id: uuid.UUID, agent: uuid.UUID, wrap_up_seconds: int) -> None:
-        load = await self.matcher.load(tenant_id, agent)
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            state = await service.get_agent_state(session, tenant_id, agent)
-            wrapping = state.state == "busy" and not any(load.values()) and wrap_up_seconds > 0
-            if state.state == "busy" and not any(load.values()):
-                await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
+    async def _after_interaction(
+        self,
+        tenant_id: uuid.UUID,
+        agent: uuid.UUID,
+        wrap_up_seconds: int,
+        *,
+        held_nothing: bool | None = None,
+        offer: Offer | None = None,
+    ) -> None:
+        """The agent's state once an interaction left them: available or wrap-up if they hold nothing else.
+
+        `held_nothing` and `offer` come from `Matcher.finish_and_offer` when the matcher already offered the
+        agent their next interaction: the state follows from what they held before that offer, and the offer
+        is recorded after the state so their timeline reads available, then offered."""
+        if held_nothing is None:
+            held_nothing = not any((await self.matcher.load(tenant_id, agent)).values())
+        try:
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                state = await service.get_agent_state(session, tenant_id, agent)
+                wrapping = state.state == "busy" and held_nothing and wrap_up_seconds > 0
+                if state.state == "busy" and held_nothing:
+                    await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
+        finally:
+            # The matcher made the offer already: even if the state could not be written, the offer is recorded
+            # and reaches the agent (unannounced, it would time out and send them away for a missed offer).
+            if offer is not None:
+                await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
         if wrapping:
             await self.matcher.schedule(tenant_id, f"wrapup:{agent}", now_ms() + wrap_up_seconds * 1000)
         await self.sync_agent(tenant_id, agent)

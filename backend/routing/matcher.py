@@ -26,6 +26,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from backend.lib.redis_keys import global_key, tenant_key
+from backend.lib.redis_scripts import ScriptRunner
 
 STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill", "ring_all")
 
@@ -67,24 +68,25 @@ local function required_ok(req_json, agent_skills_json, waited_s)
   end
   return true, total
 end
+-- (Fields of one hash are read with one HMGET: each redis.call costs more than the Lua around it.)
 local function has_room(agent, channel)
-  local cap = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'cap:' .. channel) or 0)
-  local load = tonumber(redis.call('HGET', P .. 'a:' .. agent, 'load:' .. channel) or 0)
-  return load < cap
+  local f = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel)
+  return tonumber(f[2] or 0) < tonumber(f[1] or 0)
 end
 local function rings_all(ikey)
-  return redis.call('HGET', ikey, 'strategy') == 'ring_all' and redis.call('HGET', ikey, 'ch') == 'voice'
+  local f = redis.call('HMGET', ikey, 'strategy', 'ch')
+  return f[1] == 'ring_all' and f[2] == 'voice'
 end
 -- Every available agent with room who qualifies for the waiting interaction `iid`.
 local function eligible_agents(iid, now)
-  local ikey = P .. 'i:' .. iid
-  local channel = redis.call('HGET', ikey, 'ch')
-  local req = redis.call('HGET', ikey, 'req')
-  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'ch', 'req', 'enq')
+  local channel, req = i[1], i[2]
+  local waited = (now - tonumber(i[3])) / 1000
   local found = {}
   for _, agent in ipairs(redis.call('SMEMBERS', P .. 'avail')) do
-    if has_room(agent, channel) then
-      local ok = required_ok(req, redis.call('HGET', P .. 'a:' .. agent, 'skills'), waited)
+    local a = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel, 'skills')
+    if tonumber(a[2] or 0) < tonumber(a[1] or 0) then
+      local ok = required_ok(req, a[3], waited)
       if ok then table.insert(found, agent) end
     end
   end
@@ -92,16 +94,15 @@ local function eligible_agents(iid, now)
   return found
 end
 local function join_queue(iid)
-  local ikey = P .. 'i:' .. iid
-  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
-  local rank = tonumber(redis.call('HGET', ikey, 'rank'))
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'q', 'ch', 'rank')
+  local queue, channel, rank = i[1], i[2], tonumber(i[3])
   redis.call('ZADD', P .. 'q:' .. queue, rank, iid)
   redis.call('ZADD', P .. 'qc:' .. queue .. ':' .. channel, rank, iid)
   redis.call('SADD', P .. 'lanes:' .. channel, queue)
 end
 local function leave_queue(iid)
-  local ikey = P .. 'i:' .. iid
-  local queue, channel = redis.call('HGET', ikey, 'q'), redis.call('HGET', ikey, 'ch')
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'q', 'ch')
+  local queue, channel = i[1], i[2]
   if not queue then return end
   redis.call('ZREM', P .. 'q:' .. queue, iid)
   local lane = P .. 'qc:' .. queue .. ':' .. channel
@@ -111,21 +112,24 @@ end
 -- The most urgent (lowest-rank) waiting interaction `agent` may take now: on a channel where they have room,
 -- with skills that meet its requirements at its current wait. Looks at most `depth` entries per lane.
 local function most_urgent_for(agent, now, depth)
-  local akey = P .. 'a:' .. agent
-  local skills = redis.call('HGET', akey, 'skills')
-  local fields = redis.call('HGETALL', akey)
+  local fields = redis.call('HGETALL', P .. 'a:' .. agent)
+  local hash = {}
+  for f = 1, #fields, 2 do hash[fields[f]] = fields[f + 1] end
+  local skills = hash['skills']
   local best, best_rank = false, nil
   for f = 1, #fields, 2 do
     local channel = string.match(fields[f], '^cap:(.+)$')
-    if channel and has_room(agent, channel) then
+    if channel and tonumber(hash['load:' .. channel] or 0) < tonumber(fields[f + 1]) then
       for _, queue in ipairs(redis.call('SMEMBERS', P .. 'lanes:' .. channel)) do
-        -- Read the lane a few entries at a time: the head usually qualifies. Requirements only relax with
-        -- waiting (queue settings refuse a rising step), so once an interaction fails, any with the same
-        -- requirements that arrived later fails too and is passed over without a second look.
-        local lane, from, done = P .. 'qc:' .. queue .. ':' .. channel, 0, false
+        -- Read the head alone, then a few entries at a time: the head usually qualifies (or ranks behind the
+        -- best found so far), and every entry read costs (a reply is converted to Lua strings). Requirements
+        -- only relax with waiting (queue settings refuse a rising step), so once an interaction fails, any with
+        -- the same requirements that arrived later fails too and is passed over without a second look.
+        local lane, from, done, chunk = P .. 'qc:' .. queue .. ':' .. channel, 0, false, 1
         local failed_req, failed_enq = nil, nil
         while not done and from < depth do
-          local upto = math.min(from + 8, depth) - 1
+          local upto = math.min(from + chunk, depth) - 1
+          chunk = 8
           local items = redis.call('ZRANGE', lane, from, upto, 'WITHSCORES')
           if #items == 0 then break end
           for i = 1, #items, 2 do
@@ -179,10 +183,9 @@ local function make_offer(iid, agents, now, timeout_ms)
 end
 -- `candidates` in the order the queue's strategy prefers them for `iid` (ties: lowest id first).
 local function by_strategy(iid, candidates, now)
-  local ikey = P .. 'i:' .. iid
-  local strategy = redis.call('HGET', ikey, 'strategy')
-  local req = redis.call('HGET', ikey, 'req')
-  local waited = (now - tonumber(redis.call('HGET', ikey, 'enq'))) / 1000
+  local i = redis.call('HMGET', P .. 'i:' .. iid, 'strategy', 'req', 'enq')
+  local strategy, req = i[1], i[2]
+  local waited = (now - tonumber(i[3])) / 1000
   local keys = {}
   for _, agent in ipairs(candidates) do
     local akey = P .. 'a:' .. agent
@@ -254,6 +257,27 @@ local function back_to_queue(iid)
   redis.call('ZREM', P .. 'offers', iid)
   return agents
 end
+-- Ends an interaction wherever it is: waiting (leaves its queue), offered (every agent it rings is freed) or
+-- connected (its agent is freed). Returns the agent it was with, or ''.
+local function finish(iid)
+  local ikey = P .. 'i:' .. iid
+  local i = redis.call('HMGET', ikey, 'state', 'agent', 'ch')
+  local state = i[1]
+  if not state then return '' end
+  local agent = i[2] or ''
+  leave_queue(iid)
+  redis.call('ZREM', P .. 'offers', iid)
+  if state == 'offered' or state == 'connected' then release(offered_to(iid), i[3]) end
+  redis.call('DEL', ikey, P .. 'ring:' .. iid)
+  return agent
+end
+-- Offers an available agent the most urgent waiting interaction they may take, appending it to `out` as
+-- offer_now does (a ring-all call rings every other agent it may go to as well).
+local function offer_agent(agent, now, depth, out)
+  if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return end
+  local best = most_urgent_for(agent, now, depth)
+  if best then offer_now(best, now, depth, out, agent) end
+end
 """
 
 # ARGV: iid, then field/value pairs of the interaction hash. Puts it in its queue's lanes at its rank; an
@@ -300,11 +324,8 @@ return out
 _OFFER_AGENT = (
     _COMMON
     + r"""
-local agent, now, depth = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('SISMEMBER', P .. 'avail', agent) == 0 then return {} end
-local best = most_urgent_for(agent, now, depth)
 local out = {}
-if best then offer_now(best, now, depth, out, agent) end
+offer_agent(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), out)
 return out
 """
 )
@@ -384,16 +405,31 @@ return out
 _FINISH = (
     _COMMON
     + r"""
-local iid = ARGV[1]
-local ikey = P .. 'i:' .. iid
-local state = redis.call('HGET', ikey, 'state')
-if not state then return '' end
-local agent = redis.call('HGET', ikey, 'agent') or ''
-leave_queue(iid)
-redis.call('ZREM', P .. 'offers', iid)
-if state == 'offered' or state == 'connected' then release(offered_to(iid), redis.call('HGET', ikey, 'ch')) end
-redis.call('DEL', ikey, P .. 'ring:' .. iid)
-return agent
+return finish(ARGV[1])
+"""
+)
+
+# ARGV: iid, agent, now_ms, scan_depth, wrap_up ('1' when the agent goes to wrap-up once they hold nothing).
+# An agent comes free: ends `iid` as _FINISH does, then offers `agent` their next interaction as _OFFER_AGENT
+# does, in one step instead of two round trips. An agent who then holds nothing and goes to wrap-up is offered
+# nothing and leaves the available set at once, so no other process offers them work before the engine records
+# the wrap-up. Returns {agent the interaction was with or '', 1 if `agent` held nothing once it ended else 0,
+# then the offers made as _OFFER_AGENT returns them}.
+_FINISH_AND_OFFER = (
+    _COMMON
+    + r"""
+local agent, now, depth = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {finish(ARGV[1]), 1}
+local fields = redis.call('HGETALL', P .. 'a:' .. agent)
+for f = 1, #fields, 2 do
+  if string.sub(fields[f], 1, 5) == 'load:' and tonumber(fields[f + 1]) > 0 then out[2] = 0 end
+end
+if ARGV[5] == '1' and out[2] == 1 then
+  redis.call('SREM', P .. 'avail', agent)
+else
+  offer_agent(agent, now, depth, out)
+end
+return out
 """
 )
 
@@ -412,6 +448,19 @@ return 1
 """
 )
 
+
+# ARGV: agent, '1' if available else '0', then field/value pairs of the agent's hash (load fields are left as
+# they are). A script rather than a MULTI/EXEC pipeline so that it shares round trips with other calls.
+_SET_AGENT = r"""
+local P, agent = KEYS[1], ARGV[1]
+redis.call('HSET', P .. 'a:' .. agent, unpack(ARGV, 3))
+if ARGV[2] == '1' then
+  redis.call('SADD', P .. 'avail', agent)
+else
+  redis.call('SREM', P .. 'avail', agent)
+end
+return 1
+"""
 
 # KEYS[1]: a sorted set of timers. ARGV: now_ms, limit. Pops the due members atomically.
 _POP_DUE = r"""
@@ -476,6 +525,18 @@ class Acceptance:
         return self.verdict == "ok"
 
 
+@dataclass(frozen=True, slots=True)
+class Freed:
+    """The outcome of an agent coming free (`Matcher.finish_and_offer`)."""
+
+    was_with: uuid.UUID | None
+    """The agent the finished interaction was with, if any."""
+    held_nothing: bool
+    """Whether the agent held nothing (no load on any channel) once the interaction ended, before any offer."""
+    offer: Offer | None
+    """The agent's next interaction, offered in the same step (None when nothing fits or they go to wrap-up)."""
+
+
 class Matcher:
     """Atomic routing steps on Redis for one deployment; every method names its tenant."""
 
@@ -490,8 +551,11 @@ class Matcher:
         self._reject = redis.register_script(_REJECT)
         self._expire = redis.register_script(_EXPIRE)
         self._finish = redis.register_script(_FINISH)
+        self._finish_and_offer = redis.register_script(_FINISH_AND_OFFER)
         self._restore_connected = redis.register_script(_RESTORE_CONNECTED)
+        self._set_agent = redis.register_script(_SET_AGENT)
         self._pop_due = redis.register_script(_POP_DUE)
+        self._run = ScriptRunner(redis)
 
     @property
     def redis(self) -> Redis:
@@ -521,36 +585,35 @@ class Matcher:
             "strategy": item.strategy,
         }
         flat = [part for pair in fields.items() for part in pair]
-        await self._enqueue(keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), *flat])
+        await self._run(self._enqueue, [self.prefix(tenant_id)], [str(item.interaction_id), *flat])
 
     async def set_agent(self, tenant_id: uuid.UUID, agent: AgentRouting) -> None:
         """Record an agent's availability, capacity and skills (load is kept as it is)."""
-        p = self.prefix(tenant_id)
-        uid = str(agent.user_id)
-        mapping: dict[str | bytes, str | int] = {"skills": json.dumps(agent.skills), "idle": agent.idle_since_ms}
+        args: list[str | int] = [
+            str(agent.user_id),
+            1 if agent.available else 0,
+            "skills",
+            json.dumps(agent.skills),
+            "idle",
+            agent.idle_since_ms,
+        ]
         for channel, capacity in agent.capacity.items():
-            mapping["cap:" + channel] = capacity
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(p + "a:" + uid, mapping=mapping)  # type: ignore[arg-type]
-            if agent.available:
-                pipe.sadd(p + "avail", uid)
-            else:
-                pipe.srem(p + "avail", uid)
-            await pipe.execute()
+            args += ["cap:" + channel, capacity]
+        await self._run(self._set_agent, [self.prefix(tenant_id)], args)
 
     async def offer_interaction(self, tenant_id: uuid.UUID, item: WaitingInteraction, now_ms: int) -> list[Offer]:
         """Offer a waiting interaction by its queue's strategy (a ring-all voice queue rings every eligible
         agent). Agents it could go to who have older work waiting are offered that first, so the offers made
         may include other interactions; empty when nobody may take anything now."""
-        flat = await self._offer_interaction(
-            keys=[self.prefix(tenant_id)], args=[str(item.interaction_id), now_ms, self._scan_depth]
+        flat = await self._run(
+            self._offer_interaction, [self.prefix(tenant_id)], [str(item.interaction_id), now_ms, self._scan_depth]
         )
         return _offers(flat)
 
     async def offer_agent(self, tenant_id: uuid.UUID, agent_id: uuid.UUID, now_ms: int) -> Offer | None:
         """Offer the most urgent waiting interaction this agent may take, if any (a ring-all call rings the
         other agents it may go to as well)."""
-        flat = await self._offer_agent(keys=[self.prefix(tenant_id)], args=[str(agent_id), now_ms, self._scan_depth])
+        flat = await self._run(self._offer_agent, [self.prefix(tenant_id)], [str(agent_id), now_ms, self._scan_depth])
         offers = _offers(flat)
         return offers[0] if offers else None
 
@@ -559,25 +622,45 @@ class Matcher:
     ) -> Acceptance:
         """Connect the agent; a ring-all offer stops ringing everyone else. Refused as `not_offered`,
         `not_yours` or `expired`."""
-        result = await self._accept(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id), now_ms])
+        result = await self._run(self._accept, [self.prefix(tenant_id)], [str(interaction_id), str(agent_id), now_ms])
         return Acceptance(str(result[0]), tuple(uuid.UUID(a) for a in result[1:]))
 
     async def reject(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID) -> str:
         """`ok` (back at its old place), `ringing` (a ring-all offer goes on ringing others), or why not."""
-        return str(await self._reject(keys=[self.prefix(tenant_id)], args=[str(interaction_id), str(agent_id)]))
+        return str(await self._run(self._reject, [self.prefix(tenant_id)], [str(interaction_id), str(agent_id)]))
 
     async def expire_offers(
         self, tenant_id: uuid.UUID, now_ms: int, limit: int = 100
     ) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """Offers past their time, each put back at its old place: [(interaction, agent)], a ring-all offer
         once per agent it rang."""
-        flat = await self._expire(keys=[self.prefix(tenant_id)], args=[now_ms, limit])
+        flat = await self._run(self._expire, [self.prefix(tenant_id)], [now_ms, limit])
         return [(uuid.UUID(flat[i]), uuid.UUID(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def finish(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> uuid.UUID | None:
         """Take an interaction out of routing (ended or abandoned); returns the agent it freed, if any."""
-        agent = await self._finish(keys=[self.prefix(tenant_id)], args=[str(interaction_id)])
+        agent = await self._run(self._finish, [self.prefix(tenant_id)], [str(interaction_id)])
         return uuid.UUID(agent) if agent else None
+
+    async def finish_and_offer(
+        self,
+        tenant_id: uuid.UUID,
+        interaction_id: uuid.UUID,
+        agent_id: uuid.UUID,
+        now_ms: int,
+        *,
+        wrap_up: bool = False,
+    ) -> Freed:
+        """An agent comes free: `finish` the interaction, then `offer_agent` them their next one, atomically and
+        in one round trip. With `wrap_up`, an agent left holding nothing is offered nothing and leaves the
+        available set (they are going to wrap-up); one still holding other work is offered more as usual."""
+        flat = await self._run(
+            self._finish_and_offer,
+            [self.prefix(tenant_id)],
+            [str(interaction_id), str(agent_id), now_ms, self._scan_depth, 1 if wrap_up else 0],
+        )
+        offers = _offers(flat[2:])
+        return Freed(uuid.UUID(flat[0]) if flat[0] else None, flat[1] == 1, offers[0] if offers else None)
 
     async def finish_keep_rank(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> int | None:
         """Take a waiting interaction out of its queue and return its rank, to put it back in the same place."""
@@ -587,9 +670,10 @@ class Matcher:
 
     async def restore_connected(self, tenant_id: uuid.UUID, item: WaitingInteraction, agent_id: uuid.UUID) -> None:
         """Record (after a Redis loss) that an interaction is with an agent, using their capacity."""
-        await self._restore_connected(
-            keys=[self.prefix(tenant_id)],
-            args=[
+        await self._run(
+            self._restore_connected,
+            [self.prefix(tenant_id)],
+            [
                 str(item.interaction_id),
                 str(item.queue_id),
                 item.channel,
@@ -643,7 +727,7 @@ class Matcher:
     async def due_timers(self, tenant_id: uuid.UUID, now_ms: int, limit: int = 500) -> list[str]:
         """Timers of the tenant that are due, removed from the schedule (each returned to one caller only)."""
         key = self.prefix(tenant_id) + "due"
-        popped = await self._pop_due(keys=[key], args=[now_ms, limit])
+        popped = await self._run(self._pop_due, [key], [now_ms, limit])
         return [str(t) for t in popped]
 
     async def next_due(self, tenant_id: uuid.UUID) -> int | None:
@@ -655,7 +739,7 @@ class Matcher:
 
     async def due_tenants(self, now_ms: int, limit: int = 100) -> list[uuid.UUID]:
         """Tenants whose earliest timer has come, removed from the index (their tick re-adds what remains)."""
-        popped = await self._pop_due(keys=[TIMER_INDEX], args=[now_ms, limit])
+        popped = await self._run(self._pop_due, [TIMER_INDEX], [now_ms, limit])
         return [uuid.UUID(t) for t in popped]
 
     async def earliest_timer(self) -> int | None:

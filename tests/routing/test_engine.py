@@ -261,3 +261,45 @@ async def _next_of_type(socket, kind: str) -> dict:
         if message["type"] == kind:
             return message
     raise AssertionError(f"no {kind} message")
+
+
+async def test_an_agent_who_ends_a_chat_is_offered_the_next_at_once(client, factory):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, wrap_up_seconds=0)
+    agent = await _available(client, factory, ctx, capacity={"webchat": 1})
+    first = await _create(client, ctx, queue)
+    second = await _create(client, ctx, queue)
+    assert (first["state"], second["state"]) == ("offered", "queued")
+    accepted = await client.post(f"/api/v1/interactions/{first['id']}/accept", headers=agent["headers"])
+    assert accepted.status_code == 200, accepted.text
+    ended = await client.post(
+        f"/api/v1/interactions/{first['id']}/end", json={"outcome": "handled"}, headers=agent["headers"]
+    )
+    assert ended.status_code == 200, ended.text
+    detail = (await client.get(f"/api/v1/interactions/{second['id']}", headers=ctx.headers)).json()
+    assert detail["state"] == "offered"
+    assert detail["agent_id"] == str(agent["id"])
+    assert [e["name"] for e in detail["timeline"]] == ["created", "queued", "offered"]
+    # Free again (an offer is not work in hand) until they accept it.
+    state = (await client.get("/api/v1/routing/me/state", headers=agent["headers"])).json()
+    assert state["state"] == "available"
+    accepted = await client.post(f"/api/v1/interactions/{second['id']}/accept", headers=agent["headers"])
+    assert accepted.status_code == 200, accepted.text
+
+
+async def test_an_agent_going_to_wrap_up_is_offered_the_next_only_after_it(client, factory, app):
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, wrap_up_seconds=15)
+    agent = await _available(client, factory, ctx, capacity={"webchat": 1})
+    first = await _create(client, ctx, queue)
+    second = await _create(client, ctx, queue)
+    await client.post(f"/api/v1/interactions/{first['id']}/accept", headers=agent["headers"])
+    await client.post(f"/api/v1/interactions/{first['id']}/end", json={"outcome": "handled"}, headers=agent["headers"])
+    state = (await client.get("/api/v1/routing/me/state", headers=agent["headers"])).json()
+    assert state["state"] == "wrap_up"
+    detail = (await client.get(f"/api/v1/interactions/{second['id']}", headers=ctx.headers)).json()
+    assert detail["state"] == "queued"
+    await app.state.routing.tick(ctx.tenant_id, now_ms() + 16_000)
+    detail = (await client.get(f"/api/v1/interactions/{second['id']}", headers=ctx.headers)).json()
+    assert detail["state"] == "offered"
+    assert detail["agent_id"] == str(agent["id"])

@@ -311,3 +311,159 @@ async def test_concurrent_matchers_never_double_assign_or_overrun(redis):
 def _url(redis) -> str:
     kwargs = redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+async def _snapshot(redis, tenant: uuid.UUID) -> dict[str, object]:
+    """Every routing key of the tenant and its value, without the tenant's prefix (to compare two tenants)."""
+    prefix = Matcher.prefix(tenant)
+    found: dict[str, object] = {}
+    async for key in redis.scan_iter(match=prefix + "*"):
+        kind = await redis.type(key)
+        if kind == "hash":
+            value: object = await redis.hgetall(key)
+        elif kind == "set":
+            value = sorted(await redis.smembers(key))
+        else:
+            value = await redis.zrange(key, 0, -1, withscores=True)
+        found[key.removeprefix(prefix)] = value
+    return found
+
+
+async def test_finish_and_offer_does_what_finish_then_offer_agent_do(redis):
+    """Two tenants with the same world, driven at random: one ends interactions with `finish` then
+    `offer_agent`, the other with `finish_and_offer`; every outcome and the whole state stay the same."""
+    matcher = Matcher(redis)
+    rng = random.Random(11)
+    two, one = uuid.uuid4(), uuid.uuid4()  # two steps, one step
+    skill = str(uuid.uuid4())
+    queues = [uuid.uuid4() for _ in range(3)]
+    strategies = ["longest_idle", "best_skill", "ring_all"]
+    agents = [
+        agent(capacity={"voice": 1, "webchat": rng.randint(1, 3)}, skills={skill: rng.randint(1, 9)}, idle=NOW - n)
+        for n in range(6)
+    ]
+    for tenant in (two, one):
+        for a in agents:
+            await matcher.set_agent(tenant, a)
+    holding: dict[uuid.UUID, uuid.UUID] = {}  # interaction -> the agent it is with (offered or connected)
+    rings: set[uuid.UUID] = set()  # ring-all calls: with nobody in particular until accepted, so accepted at once
+    next_offers = 0
+    for step in range(400):
+        now = NOW + step * 100
+        if rng.random() < 0.5:
+            n = rng.randrange(3)
+            it = item(
+                queues[n],
+                enq=now,
+                channel=rng.choice(["voice", "webchat"]),
+                strategy=strategies[n],
+                req=((skill, ((0, rng.randint(1, 9)), (5, 1))),) if rng.random() < 0.5 else (),
+            )
+            if strategies[n] == "ring_all" and it.channel == "voice":
+                rings.add(it.interaction_id)
+            outcomes = []
+            for tenant in (two, one):
+                await matcher.enqueue(tenant, it)
+                outcomes.append(await matcher.offer_interaction(tenant, it, now))
+            assert outcomes[0] == outcomes[1]
+            for made in outcomes[0]:
+                if made.interaction_id in rings:  # the first agent takes it, the others stop ringing
+                    for tenant in (two, one):
+                        assert (await matcher.accept(tenant, made.interaction_id, made.agents[0], now)).ok
+                holding[made.interaction_id] = made.agents[0]
+        elif holding:
+            iid = rng.choice(sorted(holding))
+            who = holding.pop(iid)
+            if rng.random() < 0.5:
+                for tenant in (two, one):
+                    assert (await matcher.accept(tenant, iid, who, now)).verdict in ("ok", "not_offered", "expired")
+            was = await matcher.finish(two, iid)
+            separately = await matcher.offer_agent(two, who, now)
+            together = await matcher.finish_and_offer(one, iid, who, now)
+            assert together.was_with == was == who
+            assert together.offer == separately
+            if separately is not None:
+                next_offers += 1
+                assert who in separately.agents
+                if separately.interaction_id in rings:
+                    for tenant in (two, one):
+                        assert (await matcher.accept(tenant, separately.interaction_id, who, now)).ok
+                holding[separately.interaction_id] = who
+        if step % 50 == 0:
+            assert await _snapshot(redis, two) == await _snapshot(redis, one)
+    assert await _snapshot(redis, two) == await _snapshot(redis, one)
+    assert next_offers > 20  # the freed agent was often offered more
+
+
+async def test_finish_and_offer_keeps_capacity_and_skills(matcher):
+    tenant, other_tenant, queue, skill = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
+    me = agent(capacity={"voice": 1, "webchat": 1}, skills={})
+    await matcher.set_agent(tenant, me)
+    call, chat = item(queue, enq=NOW), item(queue, enq=NOW + 1, channel="webchat")
+    for it in (call, chat):
+        await matcher.enqueue(tenant, it)
+        assert await offer(matcher, tenant, it, NOW + 10) == (me.user_id,)
+        assert (await matcher.accept(tenant, it.interaction_id, me.user_id, NOW + 10)).ok
+    # Waiting for them: a call needing a skill they lack, another tenant's chat, then a call and a chat they can take.
+    skilled_call = item(queue, enq=NOW + 2, req=((skill, ((0, 1),)),))
+    await matcher.enqueue(tenant, skilled_call)
+    await matcher.enqueue(other_tenant, item(queue, enq=NOW + 3, channel="webchat"))
+    next_call, next_chat = item(queue, enq=NOW + 4), item(queue, enq=NOW + 5, channel="webchat")
+    for it in (next_call, next_chat):
+        await matcher.enqueue(tenant, it)
+    # The chat ends: the voice slot is still taken by the call, so only the next chat may come.
+    freed = await matcher.finish_and_offer(tenant, chat.interaction_id, me.user_id, NOW + 20)
+    assert freed.was_with == me.user_id
+    assert not freed.held_nothing
+    assert freed.offer is not None and freed.offer.interaction_id == next_chat.interaction_id
+    assert await matcher.load(tenant, me.user_id) == {"voice": 1, "webchat": 1}
+    # The call ends: the skilled call is passed over for the next call.
+    freed = await matcher.finish_and_offer(tenant, call.interaction_id, me.user_id, NOW + 30)
+    assert freed.offer is not None and freed.offer.interaction_id == next_call.interaction_id
+    assert await matcher.load(tenant, me.user_id) == {"voice": 1, "webchat": 1}
+    # Nothing they may take is left: the interaction ends all the same and nothing is offered.
+    freed = await matcher.finish_and_offer(tenant, next_call.interaction_id, me.user_id, NOW + 40)
+    assert freed.offer is None
+    assert await matcher.state(tenant, next_call.interaction_id) is None
+    assert await matcher.waiting(tenant, queue) == [skilled_call.interaction_id]
+
+
+async def test_finish_and_offer_leaves_an_agent_going_to_wrap_up_alone(matcher, redis):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    me = agent(capacity={"voice": 1, "webchat": 2})
+    await matcher.set_agent(tenant, me)
+    first_chat, second_chat = item(queue, channel="webchat"), item(queue, enq=NOW + 1, channel="webchat")
+    for it in (first_chat, second_chat):
+        await matcher.enqueue(tenant, it)
+        assert await offer(matcher, tenant, it, NOW + 10) == (me.user_id,)
+    waiting_chat = item(queue, enq=NOW + 2, channel="webchat")
+    await matcher.enqueue(tenant, waiting_chat)
+    # Still holding a chat: no wrap-up yet, so they are offered more as usual.
+    freed = await matcher.finish_and_offer(tenant, first_chat.interaction_id, me.user_id, NOW + 20, wrap_up=True)
+    assert not freed.held_nothing
+    assert freed.offer is not None and freed.offer.interaction_id == waiting_chat.interaction_id
+    freed = await matcher.finish_and_offer(tenant, second_chat.interaction_id, me.user_id, NOW + 25, wrap_up=True)
+    assert not freed.held_nothing and freed.offer is None  # nothing waiting
+    call = item(queue, enq=NOW + 3)
+    await matcher.enqueue(tenant, call)
+    freed = await matcher.finish_and_offer(tenant, waiting_chat.interaction_id, me.user_id, NOW + 30, wrap_up=True)
+    # The last one ends: they hold nothing and go to wrap-up, so the waiting call is not offered to them and
+    # nobody else may offer them work until the engine makes them available again.
+    assert freed.held_nothing and freed.offer is None
+    assert not await redis.sismember(Matcher.prefix(tenant) + "avail", str(me.user_id))
+    assert await matcher.offer_agent(tenant, me.user_id, NOW + 40) is None
+    assert await matcher.waiting(tenant, queue) == [call.interaction_id]
+
+
+async def test_finish_and_offer_offers_nothing_to_an_unavailable_agent(matcher):
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    me = agent()
+    await matcher.set_agent(tenant, me)
+    call = item(queue)
+    await matcher.enqueue(tenant, call)
+    assert await offer(matcher, tenant, call, NOW) == (me.user_id,)
+    await matcher.set_agent(tenant, AgentRouting(me.user_id, False, me.capacity, me.skills, me.idle_since_ms))
+    await matcher.enqueue(tenant, item(queue, enq=NOW + 1))
+    freed = await matcher.finish_and_offer(tenant, call.interaction_id, me.user_id, NOW + 10)
+    assert freed.was_with == me.user_id and freed.held_nothing and freed.offer is None
+    assert await matcher.load(tenant, me.user_id) == {"voice": 0}

@@ -1,7 +1,8 @@
 """Stress: several processes drive the matcher at random over 100,000 operations; the invariants hold throughout.
 
 Four processes, each with its own Redis connection, enqueue, offer (on arrival and when an agent frees up),
-accept, reject, expire offers, finish, and change agents' availability across three tenants whose queues use
+accept, reject, expire offers, finish (alone, or with the freed agent's next offer in the same step, as the
+engine does when an agent ends an interaction), and change agents' availability across three tenants whose queues use
 every strategy, ring-all included. They share one clock kept in Redis, so "first in" means the same thing
 to all of them.
 
@@ -28,6 +29,7 @@ import pytest
 from backend.lib.redis_client import make_redis
 from backend.routing.matcher import (
     _COMMON,
+    _FINISH_AND_OFFER,
     _OFFER_AGENT,
     _OFFER_INTERACTION,
     AgentRouting,
@@ -125,15 +127,28 @@ async def _drive(url: str, seed: int, worker: int, operations: int) -> dict[str,
     matcher = Matcher(redis, scan_depth=SCAN_DEPTH)
     offer_interaction_script = redis.register_script(_OFFER_INTERACTION)
     offer_agent_script = redis.register_script(_OFFER_AGENT)
+    finish_and_offer_script = redis.register_script(_FINISH_AND_OFFER)
     audit_script = redis.register_script(_AUDIT)
     world = _world(seed)
     rng = random.Random(seed * 100 + worker)
     tenants = list(world["tenants"])
     mine: dict[str, tuple[str, list[str]]] = {}  # interaction -> (tenant, agents) for offers this process made
     connected: dict[str, str] = {}  # interaction -> tenant, for those this process's agents accepted
+    taker_of: dict[str, str] = {}  # interaction -> the agent who accepted it
     details: dict[str, dict[str, Any]] = {}  # interaction -> queue, channel, priority, enqueued
     counts = dict.fromkeys(
-        ("enqueued", "offers", "ring_offers", "accepted", "rejected", "expired", "finished", "fifo_checks"), 0
+        (
+            "enqueued",
+            "offers",
+            "ring_offers",
+            "accepted",
+            "rejected",
+            "expired",
+            "finished",
+            "freed_and_offered",
+            "fifo_checks",
+        ),
+        0,
     )
 
     async def check_offer(tenant: str, iid: str, agents: list[str], now: int, audit: list[Any]) -> None:
@@ -233,6 +248,7 @@ async def _drive(url: str, seed: int, worker: int, operations: int) -> dict[str,
                 if not {str(a) for a in acceptance.withdrawn} <= set(spec_of(owner_tenant)["agents"]) - {taker}:
                     raise Violation(f"seed {seed}: accepting {iid} withdrew it from the taker or another tenant")
                 connected[iid] = owner_tenant
+                taker_of[iid] = taker
         elif action < 0.68 and mine:
             iid = rng.choice(list(mine))
             owner_tenant, agents = mine.pop(iid)
@@ -250,7 +266,33 @@ async def _drive(url: str, seed: int, worker: int, operations: int) -> dict[str,
         elif action < 0.90:
             talking = [i for i, t in connected.items() if t == tenant]
             ringing = [i for i, (t, _) in mine.items() if t == tenant]
-            if talking and rng.random() < 0.7:
+            if talking and rng.random() < 0.4:
+                # The agent ends it and comes free: their next offer is made in the same step.
+                iid = rng.choice(talking)
+                agent = taker_of.pop(iid)
+                connected.pop(iid)
+                wrap_up = rng.random() < 0.3
+                flat, audit = await offer_and_audit(
+                    tenant, finish_and_offer_script, [iid, agent, now, SCAN_DEPTH, 1 if wrap_up else 0]
+                )
+                # ('' when another process, acting on a stale record of a ringing offer, ended it already.)
+                if flat[0] not in (agent, ""):
+                    raise Violation(f"seed {seed}: ending {iid} freed {flat[0]!r}, not {agent} who had it")
+                made = _offers(flat[2:])
+                if wrap_up and flat[1] == 1 and made:
+                    raise Violation(f"seed {seed}: {agent} was offered work on the way to wrap-up")
+                for offer in made:
+                    offered, agents = str(offer.interaction_id), [str(a) for a in offer.agents]
+                    if agent not in agents:
+                        raise Violation(f"seed {seed}: the agent who came free was not offered {offered}")
+                    await check_offer(tenant, offered, agents, now, audit)
+                    mine[offered] = (tenant, agents)
+                    counts["offers"] += 1
+                    counts["ring_offers"] += len(agents) > 1
+                counts["finished"] += 1
+                counts["freed_and_offered"] += 1
+                continue
+            if talking and rng.random() < 0.5:
                 iid = rng.choice(talking)  # the agent ends it
             elif ringing and rng.random() < 0.2:
                 iid = rng.choice(ringing)  # the caller hangs up while it rings
@@ -262,6 +304,7 @@ async def _drive(url: str, seed: int, worker: int, operations: int) -> dict[str,
                 iid = rng.choice(members)  # a waiting customer leaves
             mine.pop(iid, None)
             connected.pop(iid, None)
+            taker_of.pop(iid, None)
             await matcher.finish(uuid.UUID(tenant), uuid.UUID(iid))
             counts["finished"] += 1
         else:
@@ -313,6 +356,7 @@ async def test_many_processes_many_operations_keep_every_invariant(redis):
     assert totals["ring_offers"] > 0, totals
     assert totals["accepted"] > 0 and totals["rejected"] > 0 and totals["expired"] > 0, totals
     assert totals["fifo_checks"] >= totals["offers"] // 2, totals
+    assert totals["freed_and_offered"] > 0, totals
 
     # The whole state, tenant by tenant: every interaction in exactly one place, every load exact.
     matcher = Matcher(redis)
