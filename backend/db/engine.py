@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -37,3 +38,22 @@ async def tenant_transaction(
         if tenant_id is not None:
             await set_tenant(session, tenant_id)
         yield session
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg connection, outside any transaction: each statement commits on its own.
+
+    For the hottest reads, made by one call of a SQL function that sets the tenant itself before it reads
+    (`customer_screen_pop`): this skips the BEGIN, `set_config` and COMMIT round trips and the ORM's per-request
+    cost. A plain SELECT of tenant rows here sees nothing, since no tenant is set outside such a function.
+    """
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        try:
+            yield raw.driver_connection
+        except BaseException:
+            # After an error or a cancellation in the middle of a statement, the connection's state is not worth
+            # trusting: the pool gets a fresh one instead.
+            await connection.invalidate()
+            raise
