@@ -19,6 +19,7 @@ import codecs
 import csv
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ _AUTO = {
 YIELD_EVERY_ROWS = 10
 """While parsing, hand the event loop to the batch being written this often. Each of its statements waits for
 this to be sent on: at every 100 rows (about 8 ms of parsing) the database sat idle a good part of each batch."""
+_CONTROL = re.compile(r"[\x00-\x1f]")
+"""A control character (below 32): refused in names and external ids. A pattern, not a loop over the characters,
+which cost more than the rest of a name's checks."""
 _OVERSIZE = "\ue000oversize\ue000"
 """Stands in for a physical line that was cut off at the row limit (a private-use character no export writes)."""
 
@@ -500,7 +504,7 @@ class RowReader:
             if not value:
                 continue
             if target == "name":
-                if len(value) > 200 or any(ord(c) < 32 for c in value):
+                if len(value) > 200 or _CONTROL.search(value):
                     parsed.errors.append((header, "must be at most 200 printable characters"))
                 else:
                     parsed.name = value
@@ -522,7 +526,7 @@ class RowReader:
                     else:
                         parsed.contacts.append(("wechat", raw, raw, True))
             elif target == "external_id":
-                if len(value) > 120 or any(ord(c) < 32 for c in value):
+                if len(value) > 120 or _CONTROL.search(value):
                     parsed.errors.append((header, "must be at most 120 printable characters"))
                 else:
                     parsed.contacts.append(("external", value, value, True))
