@@ -157,3 +157,26 @@ async def test_screen_pop_route_keeps_masking_units_and_tenants(client, factory)
     stranger = await client.get(f"{BASE}/screen-pop", params={"phone": "13512345678"}, headers=other.headers)
     assert stranger.status_code == 200 and stranger.json()["known"] is False
     assert (await client.get(f"{BASE}/screen-pop", params={"phone": "13512345678"})).status_code == 401
+
+
+async def test_the_function_plans_generically_so_lookups_use_the_btree(engine, factory):
+    """With custom plans the planner answered `value = ANY(...)` from the partial trigram GiST, which it costs
+    below the (tenant, kind, value) B-tree but which reads thousands of pages on a large store."""
+    ctx = await factory.tenant(time_zone="Asia/Shanghai")
+    async with driver_connection(engine) as connection:
+        config = await connection.fetchval(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'customer_screen_pop' AND NOT prosecdef"
+        )
+        assert "plan_cache_mode=force_generic_plan" in config
+        async with connection.transaction():
+            await connection.execute("SELECT set_config('app.tenant_id', $1, true)", str(ctx.tenant_id))
+            await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await connection.execute(
+                "PREPARE pop_lookup(text, text[]) AS SELECT i.customer_id FROM customer_identities i "
+                "WHERE i.kind = $1 AND i.value = ANY($2)"
+            )
+            plan = "\n".join(
+                r[0] for r in await connection.fetch("EXPLAIN EXECUTE pop_lookup('phone', ARRAY['+8613800138000'])")
+            )
+            await connection.execute("DEALLOCATE pop_lookup")
+    assert "ix_customer_identities_value_trgm" not in plan, plan
