@@ -242,9 +242,29 @@ def check_screen_pop(base: str, token: str, big: int) -> dict[str, int]:
     return found
 
 
-def write_csv(path: Path, rows: int) -> int:
-    """New customers: numbers of a block no earlier run used (runs reuse the seeded store)."""
-    block = int(time.time()) % 90 * 1_000_000
+async def free_block(tenant_id: str, rows: int) -> int:
+    """The start of `rows` numbers (+86135...) that no earlier run imported: runs reuse the seeded store, and a
+    block taken by the clock came round again (then "new rows" were all matches, not creations)."""
+    picker = random.Random(os.urandom(8))  # not the module's generator, which the screen pop seeds
+    connection = await asyncpg.connect(owner_dsn())
+    try:
+        while True:
+            block = picker.randrange(0, 10**8 - rows)
+            async with connection.transaction():
+                await connection.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
+                taken = await connection.fetchval(
+                    "SELECT count(*) FROM customer_identities WHERE kind = 'phone' AND value BETWEEN $1 AND $2",
+                    f"+86135{block:08d}",
+                    f"+86135{block + rows - 1:08d}",
+                )
+            if not taken:
+                return block
+    finally:
+        await connection.close()
+
+
+def write_csv(path: Path, rows: int, block: int) -> int:
+    """New customers: numbers of a block no earlier run used (see `free_block`)."""
     with path.open("w", encoding="utf-8") as out:
         out.write("name,phone,email,tags,external_id\n")
         for index in range(block, block + rows):
@@ -368,7 +388,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "customers.csv"
-            size = write_csv(path, args.import_rows)
+            size = write_csv(path, args.import_rows, asyncio.run(free_block(tenants[0]["id"], args.import_rows)))
             upload_started = time.perf_counter()
             token = login(base, tenants[0])  # the screen-pop run may have outlived the first access token
             import_id = upload(base, token, path)

@@ -73,12 +73,14 @@ class Viewer:
         return {"tenant_id": self.tenant_id, "actor_type": self.actor_type, "actor_id": self.actor_id}
 
 
-async def viewer_of(session: AsyncSession, principal: Principal) -> Viewer:
-    """The viewer for a signed-in user or an API key (whose units are its creator's)."""
+def unit_member(principal: Principal) -> uuid.UUID | None:
+    """Whose business units scope this caller: the user (an API key's creator), or None when units do not matter."""
+    return principal.user_id if ALL_UNITS not in principal.permissions else None
+
+
+def viewer_for(principal: Principal, teams: Iterable[uuid.UUID]) -> Viewer:
+    """The viewer for a caller whose teams (those of `unit_member`) are known."""
     assert principal.tenant_id is not None
-    teams: Iterable[uuid.UUID] = ()
-    if principal.user_id is not None and ALL_UNITS not in principal.permissions:
-        teams = await tenants_service.user_team_ids(session, principal.user_id)
     return Viewer(
         tenant_id=principal.tenant_id,
         user_id=principal.user_id,
@@ -87,6 +89,13 @@ async def viewer_of(session: AsyncSession, principal: Principal) -> Viewer:
         permissions=principal.permissions,
         team_ids=frozenset(teams),
     )
+
+
+async def viewer_of(session: AsyncSession, principal: Principal) -> Viewer:
+    """The viewer for a signed-in user or an API key (whose units are its creator's)."""
+    member = unit_member(principal)
+    teams: Iterable[uuid.UUID] = () if member is None else await tenants_service.user_team_ids(session, member)
+    return viewer_for(principal, teams)
 
 
 def etag(version: int) -> str:

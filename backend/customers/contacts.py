@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 
 from backend.config import get_settings
 from backend.lib.masking import mask_email, mask_phone
@@ -39,6 +40,9 @@ def normalise_phone(raw: str, region: str | None) -> Phone:
     candidate = unicodedata.normalize("NFKC", text).removeprefix("tel:").strip()
     if candidate.startswith("00") and not candidate.startswith("000"):
         candidate = "+" + candidate[2:]  # the international prefix most of the world dials
+    e164 = _valid_e164(candidate)
+    if e164 is not None:
+        return Phone(e164, text, True)
     try:
         parsed = phonenumbers.parse(candidate, region)
         if phonenumbers.is_valid_number(parsed):
@@ -47,6 +51,41 @@ def normalise_phone(raw: str, region: str | None) -> Phone:
         pass
     dialled = _NOT_DIALLED.sub("", candidate)
     return Phone(dialled or text, text, False)
+
+
+_PLUS_DIGITS = re.compile(r"\+([1-9][0-9]{6,17})")
+
+
+def _valid_e164(candidate: str) -> str | None:
+    """The number if `candidate` is `+` and the digits of a valid number that `phonenumbers.parse` would keep as
+    they are; None whenever parsing could change it (then the caller parses it in full).
+
+    Most numbers arrive this way (caller ids, CRM exports). `parse` spends most of its time on what such a number
+    does not have (extensions, punctuation, a national prefix, the region); the validity check is the same one.
+    """
+    match = _PLUS_DIGITS.fullmatch(candidate)
+    if match is None:
+        return None
+    digits = match.group(1)
+    for length in (1, 2, 3):  # as phonenumbers finds the country calling code: the shortest one that exists
+        code = int(digits[:length])
+        if code in COUNTRY_CODE_TO_REGION_CODE:
+            break
+    else:
+        return None
+    national = digits[length:]
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(
+        code, phonenumbers.region_code_for_country_code(code)
+    )
+    if metadata is None or national.startswith("0"):  # leading zeros are kept in a way this does not copy
+        return None
+    prefix = metadata.national_prefix_for_parsing
+    if prefix and re.match(prefix, national):  # parse might strip a national prefix or carrier code here
+        return None
+    number = phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return "+" + digits
 
 
 def phone_lookup_values(raw: str, region: str | None) -> list[str]:

@@ -14,8 +14,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -36,12 +37,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
 from backend.config import get_settings
 from backend.customers import tickets
-from backend.customers.access import Viewer, check_version, expected_version
+from backend.customers.access import Viewer, check_version, expected_version, unit_member, viewer_for
 from backend.customers.contacts import digits, mask_identity, normalise_email, normalise_phone, phone_lookup_values
 from backend.customers.erasure import ErasureRequest, register_erasure_hook, run_erasure_hooks
 from backend.customers.fields import FieldRule, check_values, missing_required
@@ -63,7 +64,7 @@ from backend.customers.schemas import (
     ScreenPopOut,
 )
 from backend.db.base import utcnow
-from backend.db.engine import tenant_transaction
+from backend.db.engine import driver_connection, tenant_transaction
 from backend.lib.masking import mask_address, mask_phone, mask_text
 from backend.lib.pagination import PageRequest, paginate, paginate_rows
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
@@ -120,12 +121,18 @@ def forget_config(tenant_id: uuid.UUID) -> None:
     _CONFIG.pop(tenant_id, None)
 
 
+def cached_store_config(tenant_id: uuid.UUID) -> StoreConfig | None:
+    """The tenant's configuration if this process read it in the last few seconds."""
+    cached = _CONFIG.get(tenant_id)
+    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+
 async def store_config(session: AsyncSession, tenant_id: uuid.UUID) -> StoreConfig:
     """The tenant's phone region and active custom fields (cached for a few seconds per process)."""
-    cached = _CONFIG.get(tenant_id)
+    cached = cached_store_config(tenant_id)
+    if cached is not None:
+        return cached
     now = time.monotonic()
-    if cached is not None and cached[0] > now:
-        return cached[1]
     chosen = await session.scalar(
         select(CustomerSettings.default_region).where(CustomerSettings.tenant_id == tenant_id)
     )
@@ -223,13 +230,51 @@ async def identities_of(
     return found
 
 
-def refs_of(customer: Customer, identities: Sequence[CustomerIdentity]) -> list[str]:
+class CustomerLike(Protocol):
+    """What reading a record needs of it: a `Customer`, or the screen pop's lighter copy."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def team_id(self) -> uuid.UUID | None: ...
+    @property
+    def tags(self) -> list[str]: ...
+    @property
+    def custom(self) -> dict[str, Any]: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    @property
+    def merged_into_id(self) -> uuid.UUID | None: ...
+    @property
+    def erased_at(self) -> datetime | None: ...
+
+
+class IdentityLike(Protocol):
+    """What reading a contact point needs of it."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def value(self) -> str: ...
+    @property
+    def raw(self) -> str: ...
+    @property
+    def valid(self) -> bool: ...
+
+
+def refs_of(customer: CustomerLike, identities: Sequence[IdentityLike]) -> list[str]:
     """How interactions may point at this customer: its id, or any of its addresses."""
     return [str(customer.id), *dict.fromkeys(i.value for i in identities)]
 
 
 def customer_out(
-    customer: Customer, identities: Sequence[CustomerIdentity], config: StoreConfig, viewer: Viewer
+    customer: CustomerLike, identities: Sequence[IdentityLike], config: StoreConfig, viewer: Viewer
 ) -> CustomerOut:
     """The record as this viewer may see it: contact points and sensitive custom fields masked without the right."""
     show = viewer.sensitive
@@ -282,7 +327,7 @@ def snapshot(customer: Customer, identities: Sequence[CustomerIdentity]) -> dict
 
 
 async def _visible(
-    session: AsyncSession, viewer: Viewer, customer: Customer, identities: Sequence[CustomerIdentity]
+    session: AsyncSession, viewer: Viewer, customer: CustomerLike, identities: Sequence[IdentityLike]
 ) -> bool:
     if viewer.owns_unit(customer.team_id):
         return True
@@ -730,20 +775,70 @@ async def history(
 # --- screen pop -------------------------------------------------------------------------------------
 
 
-def _summary(interaction: InteractionOut, viewer: Viewer) -> InteractionSummary:
-    ref = interaction.customer_ref
+@dataclass(slots=True)
+class _Popped:
+    """A record as the screen pop reads it: the attributes `customer_out` needs, without an ORM instance."""
+
+    id: uuid.UUID
+    name: str
+    team_id: uuid.UUID | None
+    tags: list[str]
+    custom: dict[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    merged_into_id: uuid.UUID | None = None
+    erased_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _PoppedIdentity:
+    kind: str
+    value: str
+    raw: str
+    valid: bool
+
+
+def _utc(value: str) -> datetime:
+    # JSON renders timestamps in the session's time zone; the ORM hands them out in UTC, and so must we.
+    return datetime.fromisoformat(value).astimezone(UTC)
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    return uuid.UUID(value) if value else None
+
+
+def _interaction_summary(
+    viewer: Viewer,
+    interaction_id: uuid.UUID,
+    channel: str,
+    state: str,
+    outcome: str | None,
+    ref: str | None,
+    agent_id: uuid.UUID | None,
+    queue_id: uuid.UUID | None,
+    created_at: datetime,
+    ended_at: datetime | None,
+) -> InteractionSummary:
     if ref and not viewer.sensitive:
         ref = mask_address(ref)
     return InteractionSummary(
-        id=interaction.id,
-        channel=interaction.channel,
-        state=interaction.state,
-        outcome=interaction.outcome,
+        id=interaction_id,
+        channel=channel,
+        state=state,
+        outcome=outcome,
         customer_ref=ref,
-        agent_id=interaction.agent_id,
-        queue_id=interaction.queue_id,
-        created_at=interaction.created_at,
-        ended_at=interaction.ended_at,
+        agent_id=agent_id,
+        queue_id=queue_id,
+        created_at=created_at,
+        ended_at=ended_at,
+    )
+
+
+def _summary(interaction: InteractionOut, viewer: Viewer) -> InteractionSummary:
+    i = interaction
+    return _interaction_summary(
+        viewer, i.id, i.channel, i.state, i.outcome, i.customer_ref, i.agent_id, i.queue_id, i.created_at, i.ended_at
     )
 
 
@@ -768,6 +863,40 @@ _POP_BY_ADDRESS = text(
 _POP_BY_ID = text(_POP_SQL.format(match="c.id = :id"))
 
 
+def _answer(
+    viewer: Viewer,
+    config: StoreConfig,
+    *,
+    lookup: str,
+    kind: str | None,
+    values: Sequence[str],
+    customers: Sequence[_Popped],
+    identities: dict[uuid.UUID, list[_PoppedIdentity]],
+    ticket_rows: dict[uuid.UUID, list[Any]],
+    interactions: list[InteractionSummary],
+) -> ScreenPopOut:
+    """The screen pop of the records the viewer may see, whichever way they were read."""
+    shown = values[0] if values else ""
+    if kind == "phone" and not viewer.sensitive:
+        shown = mask_phone(shown)
+    elif kind == "email" and not viewer.sensitive:
+        shown = mask_identity("email", shown)
+    open_tickets = tickets.summaries([t for c in customers for t in ticket_rows[c.id]])
+    prefill: dict[str, Any] = {}
+    if not customers and kind in ("phone", "email", "wechat") and values:
+        field = {"phone": "phones", "email": "emails", "wechat": "wechat_openids"}[kind]
+        prefill = {"name": "", field: [values[0] if viewer.sensitive else shown]}
+    return ScreenPopOut(
+        lookup=lookup,
+        value=shown,
+        known=bool(customers),
+        customers=[customer_out(c, identities[c.id], config, viewer) for c in customers],
+        interactions=interactions,
+        open_tickets=open_tickets,
+        new_customer=prefill,
+    )
+
+
 async def _pop(
     session: AsyncSession,
     viewer: Viewer,
@@ -780,61 +909,58 @@ async def _pop(
 ) -> ScreenPopOut:
     settings = get_settings()
     config = await store_config(session, viewer.tenant_id)
-    # The screen pop is the hottest read of the store: the matching records, their contact points and their
-    # open tickets come back in one statement whose text never changes (prepared once per connection).
+    # The matching records, their contact points and their open tickets come back in one statement whose text
+    # never changes (prepared once per connection).
     if by_id is not None:
         result = await session.execute(_POP_BY_ID, {"id": by_id, "max": settings.screen_pop_max_customers})
     else:
         result = await session.execute(
             _POP_BY_ADDRESS, {"kind": kind, "values": list(values), "max": settings.screen_pop_max_customers}
         )
-    found: list[Customer] = []
-    identities: dict[uuid.UUID, list[CustomerIdentity]] = {}
+    found: list[_Popped] = []
+    identities: dict[uuid.UUID, list[_PoppedIdentity]] = {}
     ticket_rows: dict[uuid.UUID, list[Any]] = {}
     for row in result.all():
-        customer = Customer(
-            tenant_id=viewer.tenant_id,
-            id=row.id,
-            name=row.name,
-            team_id=row.team_id,
-            tags=list(row.tags),
-            custom=row.custom,
-            version=row.version,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            merged_into_id=None,
-            erased_at=None,
+        customer = _Popped(
+            row.id, row.name, row.team_id, list(row.tags), row.custom, row.version, row.created_at, row.updated_at
         )
         found.append(customer)
-        identities[customer.id] = [
-            CustomerIdentity(customer_id=customer.id, kind=k, value=v, raw=r, valid=ok)
-            for k, v, r, ok in row.identities
-        ]
+        identities[customer.id] = [_PoppedIdentity(k, v, r, ok) for k, v, r, ok in row.identities]
         ticket_rows[customer.id] = list(row.tickets)
     customers = [c for c in found if handling or await _visible(session, viewer, c, identities[c.id])]
     refs: list[str] = []
     for customer in customers:
         refs += refs_of(customer, identities[customer.id])
-    shown = values[0] if values else ""
-    if kind == "phone" and not viewer.sensitive:
-        shown = mask_phone(shown)
-    elif kind == "email" and not viewer.sensitive:
-        shown = mask_identity("email", shown)
     recent = await routing_service.recent_customer_interactions(session, refs, settings.screen_pop_interactions)
-    open_tickets = tickets.summaries([t for c in customers for t in ticket_rows[c.id]])
-    prefill: dict[str, Any] = {}
-    if not customers and kind in ("phone", "email", "wechat") and values:
-        field = {"phone": "phones", "email": "emails", "wechat": "wechat_openids"}[kind]
-        prefill = {"name": "", field: [values[0] if viewer.sensitive else shown]}
-    return ScreenPopOut(
+    return _answer(
+        viewer,
+        config,
         lookup=lookup,
-        value=shown,
-        known=bool(customers),
-        customers=[customer_out(c, identities[c.id], config, viewer) for c in customers],
+        kind=kind,
+        values=values,
+        customers=customers,
+        identities=identities,
+        ticket_rows=ticket_rows,
         interactions=[_summary(i, viewer) for i in recent],
-        open_tickets=open_tickets,
-        new_customer=prefill,
     )
+
+
+def _address(phone: str | None, email: str | None, wechat_openid: str | None) -> tuple[str, str]:
+    given = [(k, v) for k, v in (("phone", phone), ("email", email), ("wechat", wechat_openid)) if v and v.strip()]
+    if len(given) != 1:
+        raise InvalidInput(
+            "Give exactly one of phone, email or wechat_openid",
+            errors=[{"field": "phone", "message": "give exactly one of phone, email, wechat_openid"}],
+        )
+    return given[0]
+
+
+def _lookup_values(kind: str, value: str, region: str | None) -> list[str]:
+    if kind == "phone":
+        return phone_lookup_values(value, region)
+    if kind == "email":
+        return [normalise_email(value) or value.strip().lower()]
+    return [value.strip()]
 
 
 async def screen_pop(
@@ -846,20 +972,91 @@ async def screen_pop(
     wechat_openid: str | None = None,
 ) -> ScreenPopOut:
     """Who is this caller? By a number in any common format, an e-mail or a WeChat OpenID."""
-    given = [(k, v) for k, v in (("phone", phone), ("email", email), ("wechat", wechat_openid)) if v and v.strip()]
-    if len(given) != 1:
-        raise InvalidInput(
-            "Give exactly one of phone, email or wechat_openid",
-            errors=[{"field": "phone", "message": "give exactly one of phone, email, wechat_openid"}],
+    kind, value = _address(phone, email, wechat_openid)
+    region = (await store_config(session, viewer.tenant_id)).region if kind == "phone" else None
+    return await _pop(session, viewer, lookup=kind, kind=kind, values=_lookup_values(kind, value, region))
+
+
+# As text: decoded by msgspec here, several times faster than the json codec the ORM installs on connections.
+_POP_FUNCTION = "SELECT customer_screen_pop($1, $2, $3, $4, $5, $6)::text"
+
+
+async def screen_pop_for_caller(
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    principal: Principal,
+    *,
+    phone: str | None = None,
+    email: str | None = None,
+    wechat_openid: str | None = None,
+) -> ScreenPopOut:
+    """`screen_pop` for the request path, in one statement: the same answer, a fraction of the cost.
+
+    The caller's teams, the records, their contact points, open tickets and latest interactions are read by
+    `customer_screen_pop`, one call that sets the tenant and reads under row-level security in its own
+    implicit transaction; no ORM session. A record outside the caller's units (which only an agent handling
+    one of its interactions may see) sends the lookup down the general path, which decides that.
+    """
+    kind, value = _address(phone, email, wechat_openid)
+    tenant_id = principal.tenant_id
+    assert tenant_id is not None
+    config = cached_store_config(tenant_id)
+    if config is None:
+        async with tenant_transaction(sessionmaker, tenant_id) as session:
+            config = await store_config(session, tenant_id)
+    values = _lookup_values(kind, value, config.region)
+    settings = get_settings()
+    async with driver_connection(engine) as connection:
+        raw = await connection.fetchval(
+            _POP_FUNCTION,
+            tenant_id,
+            kind,
+            values,
+            settings.screen_pop_max_customers,
+            settings.screen_pop_interactions,
+            unit_member(principal),
         )
-    kind, value = given[0]
-    if kind == "phone":
-        values = phone_lookup_values(value, (await store_config(session, viewer.tenant_id)).region)
-    elif kind == "email":
-        values = [normalise_email(value) or value.strip().lower()]
-    else:
-        values = [value.strip()]
-    return await _pop(session, viewer, lookup=kind, kind=kind, values=values)
+    rows, interaction_rows, teams = msgspec.json.decode(raw)
+    viewer = viewer_for(principal, [uuid.UUID(t) for t in teams or ()])
+    customers: list[_Popped] = []
+    identities: dict[uuid.UUID, list[_PoppedIdentity]] = {}
+    ticket_rows: dict[uuid.UUID, list[Any]] = {}
+    for row_id, name, team_id, tags, custom, version, created_at, updated_at, contacts, open_tickets in rows:
+        customer = _Popped(
+            uuid.UUID(row_id), name, _uuid(team_id), tags, custom, version, _utc(created_at), _utc(updated_at)
+        )
+        if not viewer.owns_unit(customer.team_id):
+            async with tenant_transaction(sessionmaker, tenant_id) as session:
+                return await _pop(session, viewer, lookup=kind, kind=kind, values=values)
+        customers.append(customer)
+        identities[customer.id] = [_PoppedIdentity(k, v, r, ok) for k, v, r, ok in contacts]
+        ticket_rows[customer.id] = open_tickets
+    interactions = [
+        _interaction_summary(
+            viewer,
+            uuid.UUID(i),
+            channel,
+            state,
+            outcome,
+            ref,
+            _uuid(agent),
+            _uuid(queue),
+            _utc(created),
+            _utc(ended) if ended else None,
+        )
+        for i, channel, state, outcome, ref, agent, queue, created, ended in interaction_rows
+    ]
+    return _answer(
+        viewer,
+        config,
+        lookup=kind,
+        kind=kind,
+        values=values,
+        customers=customers,
+        identities=identities,
+        ticket_rows=ticket_rows,
+        interactions=interactions,
+    )
 
 
 def _address_kind(channel: str, ref: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -28,17 +29,6 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-def make_lookup_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions without a transaction: each statement commits alone, so a lookup is one round trip.
-
-    Only for reads that need no atomicity across statements (the switch's directory, asked on every
-    REGISTER); the pool is the engine's, the isolation level is put back when a connection returns.
-    """
-    return async_sessionmaker(
-        engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
-    )
-
-
 @asynccontextmanager
 async def tenant_transaction(
     sessionmaker: async_sessionmaker[AsyncSession], tenant_id: uuid.UUID | None
@@ -48,3 +38,23 @@ async def tenant_transaction(
         if tenant_id is not None:
             await set_tenant(session, tenant_id)
         yield session
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg connection, outside any transaction: each statement commits on its own.
+
+    For the hottest reads and writes, made by one call of a SQL function that sets the tenant itself
+    (`customer_screen_pop`, `seat_by_sip_address`, `record_offers`): this skips the BEGIN, `set_config` and
+    COMMIT round trips and the ORM's per-request cost. A plain SELECT of tenant rows here sees nothing, since
+    no tenant is set outside such a function.
+    """
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        try:
+            yield raw.driver_connection
+        except BaseException:
+            # After an error or a cancellation in the middle of a statement, the connection's state is not worth
+            # trusting: the pool gets a fresh one instead.
+            await connection.invalidate()
+            raise

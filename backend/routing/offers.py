@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.db.base import utcnow
+from backend.db.engine import driver_connection
 from backend.routing.schemas import InteractionOut
 
 log = structlog.get_logger("routing.offers")
@@ -112,9 +113,7 @@ class OfferRecorder:
                 timeouts.append(offer.timeout_ms)
         # One statement is its own transaction: no BEGIN and COMMIT round trips around it. The driver's own
         # connection skips SQLAlchemy's per-statement work, which cost more than the statement at saturation.
-        async with self._sessionmaker() as session:
-            connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            driver: Any = (await connection.get_raw_connection()).driver_connection
+        async with driver_connection(self._sessionmaker.kw["bind"]) as driver:
             rows = await driver.fetch(_RECORD_OFFERS, tenants, ids, agents, ks, ns, holders, timeouts, utcnow())
         return {(row["tenant_id"], row["id"]): _out(row) for row in rows}
 

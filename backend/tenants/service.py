@@ -892,9 +892,7 @@ class SipAddressSeat:
         return cls(tenant_id, status, sip_domain, seat)
 
 
-SEAT_BY_SIP_ADDRESS = "seat_by_sip_address(:domain, :username)"
-"""The set-returning function behind `seat_by_sip_address`, for a statement that joins more to its row."""
-_SEAT_BY_SIP_ADDRESS = text(f"SELECT * FROM {SEAT_BY_SIP_ADDRESS}")
+_SEAT_BY_SIP_ADDRESS = text("SELECT * FROM seat_by_sip_address(:domain, :username)")
 
 
 async def seat_by_sip_address(session: AsyncSession, domain: str, sip_username: str) -> SipAddressSeat | None:

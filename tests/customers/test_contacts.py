@@ -140,3 +140,71 @@ def test_an_unclosed_quote_costs_at_most_the_row_limit():
 )
 def test_formula_cells_are_neutralised(cell, shown):
     assert neutralise(cell) == shown
+
+
+def _parsed_in_full(candidate: str) -> str | None:
+    """What `phonenumbers` makes of a number, the long way: E.164 if valid, else None."""
+    import phonenumbers
+
+    try:
+        parsed = phonenumbers.parse(candidate, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def test_the_e164_shortcut_answers_as_phonenumbers_does_or_not_at_all():
+    """Every region's example numbers of every type, and numbers one digit off, longer or shorter: the shortcut
+    either gives what a full parse gives, or stands aside (None) and lets the full parse decide."""
+    import random
+
+    import phonenumbers
+    from phonenumbers import PhoneNumberType
+
+    from backend.customers.contacts import _valid_e164
+
+    rng = random.Random(7)
+    candidates: set[str] = set()
+    regions = [*sorted(phonenumbers.SUPPORTED_REGIONS), "001"]
+    for region in regions:
+        for kind in vars(PhoneNumberType).values():
+            if not isinstance(kind, int):
+                continue
+            example = (
+                phonenumbers.example_number_for_non_geo_entity(800)
+                if region == "001"
+                else phonenumbers.example_number_for_type(region, kind)
+            )
+            if example is None:
+                continue
+            e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+            candidates.add(e164)
+            digits = e164[1:]
+            for _ in range(6):
+                at = rng.randrange(1, len(digits))
+                candidates.add("+" + digits[:at] + str(rng.randrange(10)) + digits[at + 1 :])  # one digit changed
+                candidates.add("+" + digits[:at] + digits[at + 1 :])  # one digit less
+                candidates.add("+" + digits[:at] + str(rng.randrange(10)) + digits[at:])  # one digit more
+            code = str(example.country_code)
+            candidates.add("+" + code + "0" + digits[len(code) :])  # a national prefix written after the code
+    candidates |= {
+        f"+86{rng.choice(['13', '15', '17', '179', '18', '10', '21'])}{rng.randrange(10**9):09d}" for _ in range(500)
+    }
+    taken = 0
+    for candidate in sorted(candidates):
+        quick = _valid_e164(candidate)
+        if quick is not None:
+            taken += 1
+            assert quick == _parsed_in_full(candidate), candidate
+    assert taken > len(candidates) / 4  # and it is taken for a good part of them (valid ones, mostly)
+
+
+def test_numbers_in_e164_keep_what_normalising_gave_before():
+    assert normalise_phone("+8613800138000", "FR").value == "+8613800138000"
+    assert normalise_phone("+390612345678", None).value == "+390612345678"  # Italy keeps its leading zero
+    assert normalise_phone("+44020 7946 0000", None).value == "+442079460000"  # a national 0 after the code goes
+    assert normalise_phone("+860101234567", "CN").valid == normalise_phone("+86 0 10 1234567", "CN").valid
+    bad = normalise_phone("+999123456789", None)
+    assert bad.valid is False and bad.value == "+999123456789"

@@ -293,3 +293,25 @@ async def test_service_refuses_a_mapping_to_unknown_columns_without_http(factory
         "Mobile": "phone",
         "Full Name": "name",
     }
+
+
+async def test_imported_records_and_contact_points_get_time_ordered_ids(client, factory, sessionmaker):
+    """Version-7 ids: a bulk import appends to its indexes' right-hand pages instead of one random page a row."""
+    from backend.customers.models import CustomerIdentity
+
+    ctx = await factory.tenant(time_zone="Asia/Shanghai")
+    existing = await factory.customer(ctx, name="Had A Phone", phones=["+8613800000101"])
+    content = b"name,phone,email\nHad A Phone,13800000101,had@example.com\nNew One,13800000102,new@example.com\n"
+    done = await _import(client, sessionmaker, ctx, content, match_on=["phone"])
+    assert (done["created"], done["updated"]) == (1, 1)
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        created = (await session.scalars(select(Customer.id).where(Customer.name == "New One"))).all()
+        contacts = (
+            await session.execute(select(CustomerIdentity.customer_id, CustomerIdentity.value, CustomerIdentity.id))
+        ).all()
+    assert [c.version for c in created] == [7]
+    ids = {value: identity for _, value, identity in contacts}
+    assert ids["new@example.com"].version == ids["+8613800000102"].version == 7
+    assert ids["had@example.com"].version == 7  # added to the existing record by the import
+    assert ids["+8613800000101"].version == 4  # written by the API, as before
+    assert {str(c) for c, _, _ in contacts} == {existing["id"], str(created[0])}

@@ -7,7 +7,8 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from backend.db.engine import make_lookup_sessionmaker
+from backend.channels.voice import numbers
+from backend.db.engine import driver_connection
 from backend.db.tenancy import set_tenant
 from backend.tenants import service as tenants
 from tests.factories import Factory
@@ -15,13 +16,14 @@ from tests.factories import Factory
 _CURRENT_TENANT = text("SELECT current_setting('app.tenant_id', true)")
 
 
-async def test_a_seat_is_found_by_its_address_in_its_own_tenant_only(factory: Factory, engine: AsyncEngine):
+async def test_a_seat_is_found_by_its_address_in_its_own_tenant_only(
+    factory: Factory, sessionmaker: async_sessionmaker[AsyncSession]
+):
     a = await factory.tenant()
     b = await factory.tenant()
     seat_a = await factory.sip_seat(a)
     seat_b = await factory.sip_seat(b)
-    lookups = make_lookup_sessionmaker(engine)
-    async with lookups() as session:
+    async with sessionmaker() as session:
         found = await tenants.seat_by_sip_address(session, f"  {seat_a['domain'].upper()} ", seat_a["username"])
         assert found is not None and found.seat is not None
         assert (found.tenant_id, found.sip_domain, found.tenant_status) == (a.tenant_id, seat_a["domain"], "trial")
@@ -36,8 +38,18 @@ async def test_a_seat_is_found_by_its_address_in_its_own_tenant_only(factory: Fa
             assert crossed is not None and crossed.seat is None
         assert await tenants.seat_by_sip_address(session, "nobody.example.com", seat_a["username"]) is None
 
-        # Outside a transaction the tenant setting it made lasted one statement: the pooled connection has none.
-        assert not await session.scalar(_CURRENT_TENANT)
+
+async def test_the_directory_lookup_leaves_no_tenant_on_the_pooled_connection(factory: Factory, engine: AsyncEngine):
+    """Outside a transaction (the switch's directory) the tenant the function set lasted its one statement."""
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    number = await factory.number(ctx)
+    async with driver_connection(engine) as connection:
+        found = await numbers.seat_with_first_number(connection, seat["domain"], seat["username"])
+        assert found is not None
+        assert found[0].tenant_id == ctx.tenant_id and found[0].seat is not None and found[1] == number["number"]
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
+        assert await connection.fetchval("SELECT count(*) FROM seats") == 0  # row-level security: no tenant
 
 
 async def test_inside_a_transaction_the_callers_tenant_is_put_back(

@@ -8,12 +8,12 @@ explicitly; row-level security does not do it for us on this table.
 from __future__ import annotations
 
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import phonenumbers
 import structlog
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth.principal import Principal
@@ -304,24 +304,24 @@ async def first_number(session: AsyncSession, tenant_id: uuid.UUID) -> str | Non
     )
 
 
-_SEAT_WITH_FIRST_NUMBER = text(
-    f"SELECT seat.*, (SELECT n.e164 FROM phone_numbers n WHERE n.tenant_id = seat.tenant_id ORDER BY n.e164 LIMIT 1)"
-    f" FROM {tenants.SEAT_BY_SIP_ADDRESS} AS seat"
+_SEAT_WITH_FIRST_NUMBER = (
+    "SELECT seat.*, (SELECT n.e164 FROM phone_numbers n WHERE n.tenant_id = seat.tenant_id ORDER BY n.e164 LIMIT 1)"
+    " FROM seat_by_sip_address($1, $2) AS seat"
 )
 
 
 async def seat_with_first_number(
-    session: AsyncSession, domain: str, sip_username: str
+    connection: Any, domain: str, sip_username: str
 ) -> tuple[tenants.SipAddressSeat, str | None] | None:
-    """`tenants.seat_by_sip_address` and the tenant's `first_number`, in one statement (no transaction needed).
+    """`tenants.seat_by_sip_address` and the tenant's `first_number`, in one statement on a driver connection.
 
-    The switch's directory asks this on every REGISTER; the number pool is a global table, so the join
-    needs no tenant context of its own.
+    The switch's directory asks this on every REGISTER (`db.engine.driver_connection`: no transaction, one
+    round trip); the number pool is a global table, so the join needs no tenant context of its own.
     """
-    row = (await session.execute(_SEAT_WITH_FIRST_NUMBER, {"domain": domain, "username": sip_username})).first()
+    row = await connection.fetchrow(_SEAT_WITH_FIRST_NUMBER, domain, sip_username)
     if row is None:
         return None
-    return tenants.SipAddressSeat.from_row(row), row[-1]
+    return tenants.SipAddressSeat.from_row(tuple(row)), row[-1]
 
 
 async def numbers_routed_to_flow(session: AsyncSession, tenant_id: uuid.UUID, flow_id: uuid.UUID) -> list[str]:

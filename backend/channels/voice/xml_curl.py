@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from backend.channels.voice import numbers
 from backend.channels.voice.admission import CallAdmission, CallAttempt
@@ -42,6 +42,7 @@ from backend.channels.voice.legs import (
 )
 from backend.channels.voice.nodes import KnownNode, NodeAddressBook, NodeHealth
 from backend.channels.voice.xml_documents import NOT_FOUND, dialplan, directory_user, switch_text
+from backend.db.engine import driver_connection
 from backend.db.tenancy import set_tenant
 from backend.lib.problems import InvalidInput, NotFound
 from backend.routing import service as routing
@@ -117,7 +118,7 @@ class XmlCurl:
         health: NodeHealth,
         admission: CallAdmission,
         call_control_address: str,
-        lookups: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
     ) -> None:
         if not _ADDRESS.fullmatch(call_control_address):
             raise ValueError(f"the call-control address must be host:port, not {call_control_address!r}")
@@ -125,7 +126,7 @@ class XmlCurl:
         self.health = health
         self.admission = admission
         self.call_control = call_control_address
-        self.lookups = lookups
+        self.engine = engine
 
     # --- directory ----------------------------------------------------------------------------
 
@@ -149,8 +150,8 @@ class XmlCurl:
         if not _SIP_USER.fullmatch(user):
             log.info("directory_bad_user", node=node.name, user=user[:80])
             return NOT_FOUND
-        async with self.lookups() as session:
-            lookup = await numbers.seat_with_first_number(session, domain, user)
+        async with driver_connection(self.engine) as connection:
+            lookup = await numbers.seat_with_first_number(connection, domain, user)
         if lookup is None:
             log.info("directory_unknown_domain", node=node.name, domain=domain[:255], user=user)
             return NOT_FOUND

@@ -429,9 +429,7 @@ async def test_the_admission_check_can_refuse_a_call(factory: Factory, app, sess
     ctx = await factory.tenant()
     number = await factory.number(ctx, queue_id=await factory.queue(ctx))
     admission = RefuseEverything()
-    xml_curl = XmlCurl(
-        app.state.switch_sources, app.state.voice.health, admission, "127.0.0.1:8084", app.state.xml_curl.lookups
-    )
+    xml_curl = XmlCurl(app.state.switch_sources, app.state.voice.health, admission, "127.0.0.1:8084", app.state.engine)
     form = parse_form(dialplan_request(number["number"]))
     async with sessionmaker() as session, session.begin():
         document = await xml_curl.dialplan(session, form, "127.0.0.1")
