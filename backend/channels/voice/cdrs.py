@@ -304,6 +304,9 @@ class CdrRecorder:
                     leg = _with_did(leg)
                 by_tenant.setdefault(tenant_id, []).append((index, leg, node_id))
             for tenant_id, legs in by_tenant.items():
+                # Every writer (the holders from hang-up events, the API from mod_json_cdr) inserts and merges a
+                # batch's legs in leg-UUID order: two batches sharing legs then wait on each other, never deadlock.
+                legs.sort(key=lambda entry: entry[1].leg_uuid)
                 await set_tenant(session, tenant_id)
                 inserted = await session.execute(
                     _INSERT_LEG,

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, text
 
-from backend.channels.voice.cdrs import import_cdr_directory
+from backend.channels.voice.cdrs import CdrRecorder, import_cdr_directory
 from backend.channels.voice.legs import leg_from_event
 from backend.channels.voice.models import CallLeg, UnattributedLeg
 from backend.db.engine import tenant_transaction
@@ -374,3 +374,27 @@ async def test_legs_reported_together_share_commits_and_a_bad_one_fails_alone(
     # A repeated report of a stored leg, in a batch with new ones, merges into its row.
     again = await asyncio.gather(recorder.record_event(events[0], switch_node["id"]), recorder.record_event(events[1]))
     assert {r.outcome for r in again} == {"duplicate"}
+
+
+async def test_two_writers_reporting_the_same_legs_in_opposite_orders_do_not_deadlock(
+    factory: Factory, app, sessionmaker, switch_node
+):
+    """A holder (hang-up events) and an API worker (mod_json_cdr) often report the same legs at once; each batch
+    takes its rows' locks in leg order, so neither waits for the other in a cycle (a deadlock would fail a batch
+    and make the recorder write it again in halves)."""
+    ctx = await factory.tenant()
+    events = []
+    for _ in range(60):
+        leg = str(uuid.uuid4())
+        event = {k: (v.replace(A_LEG, leg) if isinstance(v, str) else v) for k, v in hangup_event(A_LEG).items()}
+        events.append({**event, "variable_cc_tenant_id": str(ctx.tenant_id)})
+    holder, api = CdrRecorder(sessionmaker), CdrRecorder(sessionmaker)
+    for attempt in range(5):
+        batch = [dict(e, **{"Unique-ID": str(uuid.uuid4())}) for e in events] if attempt else events
+        results = await asyncio.gather(
+            *(holder.record_event(event, switch_node["id"]) for event in batch),
+            *(api.record_event(event, switch_node["id"]) for event in reversed(batch)),
+        )
+        assert {r.outcome for r in results} <= {"created", "duplicate", "merged"}, {r.outcome for r in results}
+    # One commit per writer per round: no batch was refused and split.
+    assert holder.batches_written == api.batches_written == 5
