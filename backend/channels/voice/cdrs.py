@@ -303,9 +303,9 @@ class CdrRecorder:
                 if leg.did is None and how == "number":
                     leg = _with_did(leg)
                 by_tenant.setdefault(tenant_id, []).append((index, leg, node_id))
-            for tenant_id, legs in by_tenant.items():
-                # Every writer (the holders from hang-up events, the API from mod_json_cdr) inserts and merges a
-                # batch's legs in leg-UUID order: two batches sharing legs then wait on each other, never deadlock.
+            # Every writer (the holders from hang-up events, the API from mod_json_cdr) takes a batch's tenants and
+            # legs in the same order, so two batches sharing legs wait on each other and never deadlock.
+            for tenant_id, legs in sorted(by_tenant.items()):
                 legs.sort(key=lambda entry: entry[1].leg_uuid)
                 await set_tenant(session, tenant_id)
                 inserted = await session.execute(

@@ -382,12 +382,12 @@ async def test_two_writers_reporting_the_same_legs_in_opposite_orders_do_not_dea
     """A holder (hang-up events) and an API worker (mod_json_cdr) often report the same legs at once; each batch
     takes its rows' locks in leg order, so neither waits for the other in a cycle (a deadlock would fail a batch
     and make the recorder write it again in halves)."""
-    ctx = await factory.tenant()
+    tenants = [await factory.tenant() for _ in range(3)]
     events = []
-    for _ in range(60):
+    for index in range(60):
         leg = str(uuid.uuid4())
         event = {k: (v.replace(A_LEG, leg) if isinstance(v, str) else v) for k, v in hangup_event(A_LEG).items()}
-        events.append({**event, "variable_cc_tenant_id": str(ctx.tenant_id)})
+        events.append({**event, "variable_cc_tenant_id": str(tenants[index % 3].tenant_id)})
     holder, api = CdrRecorder(sessionmaker), CdrRecorder(sessionmaker)
     for attempt in range(5):
         batch = [dict(e, **{"Unique-ID": str(uuid.uuid4())}) for e in events] if attempt else events
