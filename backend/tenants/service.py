@@ -863,18 +863,6 @@ class SeatIdentity:
     user_status: str
 
 
-async def seat_identity(session: AsyncSession, sip_username: str) -> SeatIdentity | None:
-    """The seat with that SIP user name in the current tenant, with its user (one query)."""
-    row = (
-        await session.execute(
-            select(Seat.id, Seat.user_id, Seat.sip_username, Seat.sip_a1_hash, User.name, User.status)
-            .join(User, (User.tenant_id == Seat.tenant_id) & (User.id == Seat.user_id))
-            .where(Seat.sip_username == sip_username)
-        )
-    ).first()
-    return SeatIdentity(*row) if row is not None else None
-
-
 @dataclass(frozen=True, slots=True)
 class SipAddressSeat:
     """The tenant of a SIP domain and, when the user part names one of its seats, that seat."""

@@ -297,13 +297,6 @@ async def number_for_did(session: AsyncSession, e164: str) -> PhoneNumber | None
     return await session.scalar(select(PhoneNumber).where(PhoneNumber.e164 == e164))
 
 
-async def first_number(session: AsyncSession, tenant_id: uuid.UUID) -> str | None:
-    """The tenant's lowest number: what its seats present when they call out, unless told otherwise."""
-    return await session.scalar(
-        select(PhoneNumber.e164).where(PhoneNumber.tenant_id == tenant_id).order_by(PhoneNumber.e164).limit(1)
-    )
-
-
 _SEAT_WITH_FIRST_NUMBER = (
     "SELECT seat.*, (SELECT n.e164 FROM phone_numbers n WHERE n.tenant_id = seat.tenant_id ORDER BY n.e164 LIMIT 1)"
     " FROM seat_by_sip_address($1, $2) AS seat"
@@ -313,7 +306,8 @@ _SEAT_WITH_FIRST_NUMBER = (
 async def seat_with_first_number(
     connection: Any, domain: str, sip_username: str
 ) -> tuple[tenants.SipAddressSeat, str | None] | None:
-    """`tenants.seat_by_sip_address` and the tenant's `first_number`, in one statement on a driver connection.
+    """`tenants.seat_by_sip_address` and the tenant's lowest number (what its seats present when they call out), in
+    one statement on a driver connection.
 
     The switch's directory asks this on every REGISTER (`db.engine.driver_connection`: no transaction, one
     round trip); the number pool is a global table, so the join needs no tenant context of its own.
