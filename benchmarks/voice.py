@@ -313,8 +313,8 @@ def holder(pattern: str, index: int, applied: Any, dropped: Any, results: Any, s
         lags: list[float] = []
 
         class Measured(VoiceSwitchboard):
-            async def handle_event(self, node_id: uuid.UUID, event: Any) -> None:
-                await super().handle_event(node_id, event)
+            async def handle_event(self, node_id: uuid.UUID, event: Any, **when: Any) -> None:
+                await super().handle_event(node_id, event, **when)
                 lags.append(time.time() - int(event.get("Event-Date-Timestamp")) / 1_000_000)
                 with applied.get_lock():
                     applied.value += 1

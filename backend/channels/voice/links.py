@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import math
 import os
 import random
@@ -39,6 +40,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -72,6 +74,7 @@ from backend.channels.voice.nodes import EslTarget
 from backend.channels.voice.registrations import REGISTRATION_EVENTS
 from backend.channels.voice.service import SUBSCRIBED_EVENTS, VoiceSwitchboard
 from backend.config import Settings
+from backend.db.base import utcnow
 from backend.lib.redis_keys import global_key
 from backend.lib.tasks import cancel_and_wait
 
@@ -255,6 +258,7 @@ class NodeLink:
             on_connect=self._on_connect,
             on_disconnect=self._on_disconnect,
             on_events_lost=self._events_lost,
+            on_event=self._received,
             name=f"switch {target.name}",
             events=SUBSCRIBED_EVENTS,
         )
@@ -273,6 +277,8 @@ class NodeLink:
         self._last_snapshot_at = 0.0
         self._reported_error: str | None = None
         self._stopping = False
+        self._heartbeat: tuple[datetime, Event] | None = None
+        self._heartbeat_writer: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -323,6 +329,7 @@ class NodeLink:
                 await self._cancel(consumer)
         for lane_task in lanes:
             await self._cancel(lane_task)
+        await self._cancel(self._heartbeat_writer)
         await self._cancel(keeper)
         for task in list(self._commands):
             await self._cancel(task)
@@ -340,7 +347,7 @@ class NodeLink:
         self._stopping = True
         log.warning("switch_link_lost", node=self.name, node_id=str(self.node_id), reason=reason)
         current = asyncio.current_task()
-        for task in [*self._tasks, self._resync_task, *self._commands]:
+        for task in [*self._tasks, self._resync_task, self._heartbeat_writer, *self._commands]:
             if task is not None and task is not current:
                 task.cancel()
         await self.client.close()
@@ -425,6 +432,25 @@ class NodeLink:
         self.connected_at = None
         log.warning("switch_link_disconnected", node=self.name, reason=str(reason))
         await self._publish_status()
+
+    def _received(self, event: Event) -> None:
+        """A node's liveness is when its HEARTBEAT arrived, not when a busy consumer got to it: with a backlog in
+        the lanes, a heartbeat applied in turn would arrive late and the watchdog would fail a live node over."""
+        if event.name != "HEARTBEAT" or not self.valid():
+            return
+        self._heartbeat = (utcnow(), event)
+        if self._heartbeat_writer is None or self._heartbeat_writer.done():
+            self._heartbeat_writer = asyncio.create_task(self._write_heartbeats(), name=f"esl-heartbeat-{self.name}")
+
+    async def _write_heartbeats(self) -> None:
+        # Heartbeats that arrive while one is written are folded into the next write (the latest wins).
+        while self._heartbeat is not None and self.valid():
+            received_at, event = self._heartbeat
+            self._heartbeat = None
+            await self._with_retries(event.name, functools.partial(self._heartbeat_at, received_at, event), event)
+
+    async def _heartbeat_at(self, received_at: datetime, event: Event) -> None:
+        await self.switchboard.handle_event(self.node_id, event.headers.by_name, received_at=received_at)
 
     def _events_lost(self, dropped: int) -> None:
         if dropped == 1 or dropped % 1000 == 0:
@@ -521,6 +547,8 @@ class NodeLink:
 
     async def _dispatch(self, event: Event) -> None:
         name = event.name
+        if name == "HEARTBEAT":
+            return  # written as it arrived (`_received`)
         if name not in _USED_EVENTS and not (name == "CUSTOM" and event.subclass in REGISTRATION_EVENTS):
             self.stats.ignored += 1
             if name == "BACKGROUND_JOB":

@@ -337,10 +337,12 @@ class NodeHealth:
         self.sessionmaker = sessionmaker
         self.settings = settings
 
-    async def heartbeat(self, node_id: uuid.UUID, event: Event | None = None) -> bool:
-        """The node is alive (a HEARTBEAT, or any sign of life from its event socket); returns whether it came up.
+    async def heartbeat(self, node_id: uuid.UUID, event: Event | None = None, *, at: datetime | None = None) -> bool:
+        """The node is alive (a HEARTBEAT, or any sign of life from its event socket) as of `at` (when it was
+        received; now by default); returns whether it came up.
 
-        A node that was down comes back up; its earlier failover, done or not, stays done.
+        A node that was down comes back up; its earlier failover, done or not, stays done. A sign of life older
+        than the one recorded does not move the record back.
         """
         stats: dict[str, Any] = {}
         core_uuid = None
@@ -350,7 +352,7 @@ class NodeHealth:
                 if value is not None:
                     stats[key] = value[:120]
             core_uuid = header(event, "Core-UUID")
-        now = utcnow()
+        now = at or utcnow()
         async with self.sessionmaker() as session, session.begin():
             node = await session.scalar(select(SwitchNode).where(SwitchNode.id == node_id).with_for_update())
             if node is None:
@@ -360,7 +362,8 @@ class NodeHealth:
             if node.core_uuid and core_uuid and core_uuid != node.core_uuid:
                 log.warning("switch_node_restarted", node=node.name, core_uuid=core_uuid)
             node.health = "up"
-            node.last_heartbeat_at = now
+            if node.last_heartbeat_at is None or now > node.last_heartbeat_at:
+                node.last_heartbeat_at = now
             if stats:
                 node.stats = stats
             if core_uuid:

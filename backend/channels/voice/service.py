@@ -99,12 +99,13 @@ class VoiceSwitchboard:
 
     # --- events from a node's inbound event socket ----------------------------------------------
 
-    async def handle_event(self, node_id: uuid.UUID, event: Event) -> None:
-        """Any event of the node; unknown ones are ignored. Never raises for a bad event (it is logged)."""
+    async def handle_event(self, node_id: uuid.UUID, event: Event, *, received_at: datetime | None = None) -> None:
+        """Any event of the node (received at `received_at`, if not now); unknown ones are ignored. Never raises
+        for a bad event (it is logged)."""
         name = header(event, "Event-Name")
         try:
             if name == "HEARTBEAT":
-                await self.heartbeat(node_id, event)
+                await self.heartbeat(node_id, event, at=received_at)
             elif name == "CHANNEL_HANGUP_COMPLETE":
                 await self.hangup_complete(node_id, event)
             elif name in TRACKED_EVENTS:
@@ -114,9 +115,10 @@ class VoiceSwitchboard:
         except LegError as exc:
             log.warning("switch_event_unusable", node_id=str(node_id), event_name=name, error=str(exc))
 
-    async def heartbeat(self, node_id: uuid.UUID, event: Event | None = None) -> bool:
-        """A HEARTBEAT (or the connection's first sign of life): the node is up. Returns whether it just came up."""
-        return await self.health.heartbeat(node_id, event)
+    async def heartbeat(self, node_id: uuid.UUID, event: Event | None = None, *, at: datetime | None = None) -> bool:
+        """A HEARTBEAT (or the connection's first sign of life) received `at`: the node is up. Returns whether it
+        just came up."""
+        return await self.health.heartbeat(node_id, event, at=at)
 
     async def channel_event(self, node_id: uuid.UUID, event: Event) -> bool:
         """CHANNEL_CREATE, PROGRESS, PROGRESS_MEDIA, ANSWER, BRIDGE, UNBRIDGE or HANGUP: the live legs follow."""

@@ -44,8 +44,10 @@ class InboundClient:
     then `on_connect` runs (re-read the switch's state there: events may have been lost).
     Events are read from `events()`, which spans reconnects. The reader never waits for
     the consumer: when the buffer is full, events are dropped, counted and reported to
-    `on_events_lost`. `events` is a subscription made on every connection from the first
-    one on (what a long-lived holder wants); `subscribe()` adds to it once connected.
+    `on_events_lost`. `on_event` sees each event as it is read, before the buffer (the place for
+    what must not wait behind a backlog, such as a node's liveness). `events` is a subscription
+    made on every connection from the first one on (what a long-lived holder wants);
+    `subscribe()` adds to it once connected.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class InboundClient:
         on_disconnect: Callable[[BaseException | None], Awaitable[None]] | None = None,
         on_events_lost: Callable[[int], None] | None = None,
         on_log: Callable[[LogLine], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
         name: str | None = None,
         rng: random.Random | None = None,
         events: Sequence[str] = (),
@@ -71,6 +74,7 @@ class InboundClient:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._on_log = on_log
+        self._on_event = on_event
         self._rng = rng
         self._events = EventBuffer(self.config.event_queue_size, on_events_lost or self._log_overflow)
         self._connection: Connection | None = None
@@ -94,9 +98,7 @@ class InboundClient:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except (TimeoutError, OSError) as error:
             raise ConnectError(f"{self.name}: cannot connect: {error or 'timed out'}") from None
-        connection = Connection(
-            reader, writer, self.config, sink=self._events.push, on_log=self._on_log, name=self.name
-        )
+        connection = Connection(reader, writer, self.config, sink=self._received, on_log=self._on_log, name=self.name)
         try:
             greeting = await connection.greeting(self.config.connect_timeout)
             if not isinstance(greeting, AuthRequest):
@@ -195,6 +197,11 @@ class InboundClient:
         if connection is None or connection.closed:
             raise NotConnected(f"{self.name}: not connected ({self.last_error})")
         return connection
+
+    def _received(self, event: Event) -> bool:
+        if self._on_event is not None:
+            self._on_event(event)
+        return self._events.push(event)
 
     def _log_overflow(self, dropped: int) -> None:
         if dropped == 1 or dropped % 1000 == 0:
