@@ -204,7 +204,9 @@ async def test_a_ring_all_queue_rings_every_agent_at_once_and_the_first_to_answe
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
 
 
-async def test_the_agent_hanging_up_ends_the_call_and_the_agent_wraps_up(rig: CallRig, factory: Factory):
+async def test_the_agent_hanging_up_ends_the_call_and_the_agent_wraps_up(rig: CallRig, factory: Factory, caplog):
+    """The bridge ends, the switch hangs the caller up and closes the call's socket (possibly as call control
+    sends its own hangup): an ordinary end, not a failure in the logs."""
     ctx = await factory.tenant()
     queue = await factory.queue(ctx, wrap_up_seconds=60)
     agent = await rig.agent(ctx)
@@ -219,6 +221,13 @@ async def test_the_agent_hanging_up_ends_the_call_and_the_agent_wraps_up(rig: Ca
     assert ended["outcome"] == "handled"
     await eventually(lambda: _gone_and_reported(rig, ctx, leg))  # hangup_after_bridge ended the caller's leg
     await eventually(lambda: _in_state(rig, agent, "wrap_up"))
+    store = rig.control.services.store
+
+    async def forgotten() -> bool:  # call control is done with the call
+        return await store.for_interaction(ctx.tenant_id, uuid.UUID(iid)) is None
+
+    await eventually(forgotten)
+    assert "call_control_failed" not in caplog.text and "never retrieved" not in caplog.text
 
 
 async def _connected_call(rig: CallRig, factory: Factory, ctx, queue: uuid.UUID, agent) -> tuple[str, str]:
@@ -480,3 +489,24 @@ async def test_a_queue_that_overflows_to_voicemail_takes_a_message_from_its_wait
 
     [message] = await eventually(stored)
     assert message["caller_number"] == "+33612345678" and message["interaction_id"]
+
+
+@pytest.mark.unit
+async def test_hanging_up_a_call_whose_socket_the_switch_reset_is_not_an_error():
+    """After `hangup_after_bridge` the switch closes the call's socket, with a reset at times, while call control
+    sends its own `hangup`: the call is simply over."""
+    from backend.channels.voice.call_control.switch import CallChannel
+    from backend.channels.voice.esl import ConnectionLost
+
+    class ResetSession:
+        uuid = "0b8d2c55-5a47-4c0e-9a43-7f3b1c2d4e5f"
+        channel_down = False
+        closed = False
+
+        async def execute(self, application: str, argument: str | None = None) -> None:
+            raise ConnectionLost("connection error: [Errno 104] Connection reset by peer")
+
+        async def hangup(self, cause: str) -> None:  # as OutboundSession.hangup: only ChannelGone is quiet
+            await self.execute("hangup", cause)
+
+    await CallChannel(ResetSession()).hangup()  # type: ignore[arg-type]

@@ -241,3 +241,39 @@ async def test_outbound_execute_fails_with_channel_gone_when_the_node_dies():
     await until(lambda: "error" in outcome)
     await server.close()
     await backend.close()
+
+
+async def test_an_execute_the_peer_resets_fails_once_and_leaves_no_unretrieved_error():
+    """After `hangup_after_bridge` the switch may reset the call's socket as we send our next command: the
+    command fails with ConnectionLost (call control treats it as the caller gone), and the execution's own
+    future, failed by the closing connection, is not left for asyncio to report at garbage collection."""
+    import gc
+    import socket
+    import struct
+
+    from backend.channels.voice.esl._connection import Connection
+
+    async def reset_on_first_command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset_on_first_command, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connection = Connection(reader, writer, FAST, name="reset-peer")
+        with pytest.raises((ConnectionLost, ChannelGone)):
+            await connection.execute("hangup", "NORMAL_CLEARING", uuid="3a5e5bd4-3f1c-4f8a-9d5e-2f1b6c7d8e9f")
+        await connection.close()
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous_handler)
+        server.close()
+    assert not [c for c in reported if "never retrieved" in str(c.get("message", ""))], reported

@@ -11,6 +11,7 @@ alone, through the process that holds its node's inbound socket
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Sequence
@@ -152,9 +153,10 @@ class CallChannel:
         await self.api(f"uuid_break {self.uuid}")
 
     async def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
-        """End the call."""
-        if not self.down:
-            await self.session.hangup(cause)
+        """End the call. A call already gone is not an error: after `hangup_after_bridge` the switch closes the
+        socket (or resets it) while we may still be sending this."""
+        with contextlib.suppress(CallerGone):
+            await self.execute("hangup", cause)
 
 
 class SocketLine:

@@ -400,6 +400,11 @@ class Connection:
             await self.sendmsg("execute", headers, uuid=uuid, body=body)
         except BaseException:
             self._executions.pop(app_uuid, None)
+            if future is not None:
+                # The connection may have failed it already (ChannelGone): the caller gets the send's error.
+                if future.done() and not future.cancelled():
+                    future.exception()
+                future.cancel()
             raise
         if future is None:
             return None
