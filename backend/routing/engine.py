@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
 from backend.db.base import utcnow
-from backend.db.engine import tenant_transaction
+from backend.db.engine import driver_connection, tenant_transaction
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
@@ -494,16 +494,17 @@ class RoutingEngine:
     ) -> bool:
         """Append one of the channel's own events (`ivr_step`, `held`, `resumed`) to the timeline, durably.
 
-        Nothing moves in routing. Returns False (and records nothing) once the interaction has ended.
+        Nothing moves in routing. Returns False (and records nothing) once the interaction has ended, or when the
+        tenant has no such interaction. One statement (`record_channel_event`, migration 0013).
         """
         if name not in CHANNEL_EVENTS:
             raise ValueError(f"{name!r} is not an event a channel records itself")
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            interaction = await interactions.lock(session, interaction_id)
-            if interaction.state in ("ended", "wrap_up"):
-                return False
-            await interactions.record(session, interaction, name, agent_id=agent_id, **data)
-            return True
+        payload = msgspec.json.encode({k: str(v) if isinstance(v, uuid.UUID) else v for k, v in data.items()})
+        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+            recorded = await driver.fetchval(
+                _RECORD_CHANNEL_EVENT, tenant_id, interaction_id, name, agent_id, utcnow(), payload.decode()
+            )
+        return bool(recorded)
 
     async def enqueue(
         self,
@@ -1148,6 +1149,7 @@ class RoutingEngine:
 
 
 CHANNEL_EVENTS = frozenset({"ivr_step", "held", "resumed"})
+_RECORD_CHANNEL_EVENT = "SELECT record_channel_event($1, $2, $3, $4, $5, $6::jsonb)"
 """Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
 
 NO_QUEUE = uuid.UUID(int=0)

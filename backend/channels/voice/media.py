@@ -363,11 +363,17 @@ class PromptPlayer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def file_strings(self, session: AsyncSession, tenant_id: uuid.UUID, speech: Sequence[Speech]) -> list[str]:
-        """One file string per prompt, in order; a prompt deleted since the flow was published is skipped."""
+    async def file_strings(
+        self, session: AsyncSession | None, tenant_id: uuid.UUID, speech: Sequence[Speech]
+    ) -> list[str]:
+        """One file string per prompt, in order; a prompt deleted since the flow was published is skipped.
+
+        Speech alone needs no database (`session` may then be None)."""
         wanted = {s.prompt.prompt_id for s in speech if isinstance(s.prompt, FilePrompt)}
         found: dict[uuid.UUID, Prompt] = {}
         if wanted:
+            if session is None:
+                raise ValueError("uploaded prompts are read from the database: a session is needed")
             rows = (await session.scalars(select(Prompt).where(Prompt.id.in_(wanted)))).all()
             found = {p.id: p for p in rows}
         played: list[str] = []

@@ -25,11 +25,15 @@ from backend.lib.problems import NotFound
 from backend.routing import ivr_service
 from backend.routing import service as routing_service
 from backend.routing.engine import RoutingEngine
+from backend.routing.ivr import FilePrompt
 from backend.routing.ivr_interpreter import Speech
 from backend.routing.schemas import QueueOut
 from backend.tenants import service as tenants
 
 log = structlog.get_logger("voice.call_control")
+
+SIP_DOMAINS_KEPT = 10_000
+"""Tenants whose SIP domain a process keeps at most (then it starts afresh)."""
 
 
 @dataclass
@@ -46,6 +50,7 @@ class CallServices:
     store: CallStore
     spawn: Callable[[Coroutine[Any, Any, Any]], object] = field(default=asyncio.ensure_future)
     """Runs work that outlives a call (upload checks) in the process's own task set."""
+    _sip_domains: dict[uuid.UUID, str] = field(default_factory=dict, init=False, repr=False)
 
     async def ensure_uploaded(
         self,
@@ -77,8 +82,8 @@ class CallServices:
 
     async def files(self, tenant_id: uuid.UUID, speech: tuple[Speech, ...] | list[Speech]) -> list[str]:
         """FreeSWITCH file strings for prompts and TTS (a prompt deleted since publishing is skipped, logged)."""
-        if not speech:
-            return []
+        if not any(isinstance(item.prompt, FilePrompt) for item in speech):
+            return await self.player.file_strings(None, tenant_id, list(speech))  # speech only: no database
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             return await self.player.file_strings(session, tenant_id, list(speech))
 
@@ -123,11 +128,18 @@ class CallServices:
         return attributes
 
     async def sip_domain(self, tenant_id: uuid.UUID) -> str:
-        """The tenant's SIP domain (seats are `user/<seat>@<domain>`)."""
+        """The tenant's SIP domain (seats are `user/<seat>@<domain>`); it never changes once the tenant exists, so
+        each process reads it once per tenant."""
+        known = self._sip_domains.get(tenant_id)
+        if known is not None:
+            return known
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             tenant = await tenants.find_tenant(session, tenant_id)
         if tenant is None:
             raise NotFound("No such tenant")
+        if len(self._sip_domains) >= SIP_DOMAINS_KEPT:
+            self._sip_domains.clear()
+        self._sip_domains[tenant_id] = tenant.sip_domain
         return tenant.sip_domain
 
     async def pinned_flow(self, tenant_id: uuid.UUID, flow_id: uuid.UUID, version: int | None) -> Any:
