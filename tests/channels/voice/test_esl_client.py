@@ -277,3 +277,46 @@ async def test_an_execute_the_peer_resets_fails_once_and_leaves_no_unretrieved_e
         loop.set_exception_handler(previous_handler)
         server.close()
     assert not [c for c in reported if "never retrieved" in str(c.get("message", ""))], reported
+
+
+async def test_music_on_hold_from_a_local_stream_plays_until_it_is_broken():
+    """mod_local_stream never ends a stream by itself: a `playback` of `local_stream://moh` lasts until
+    `uuid_break` (or the hang-up), where a file of the same call ends on its own (2 s here, scaled)."""
+    import time
+
+    outcome: dict[str, object] = {}
+    playing = asyncio.Event()
+
+    async def handler(session: OutboundSession) -> None:
+        await session.answer()
+        outcome["uuid"] = session.uuid
+        started = time.monotonic()
+        await session.execute("playback", "silence_stream://500")
+        outcome["file_seconds"] = time.monotonic() - started
+        playing.set()
+        started = time.monotonic()
+        done = await session.execute("playback", "local_stream://moh")
+        outcome["music_seconds"] = time.monotonic() - started
+        outcome["response"] = done.get("Application-Response")
+
+    server = OutboundServer(handler, "127.0.0.1", 0, config=FAST)
+    await server.start()
+    backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, "7402")))
+    await backend.start()
+    simulator = SwitchSimulator(simulator_config(time_scale=0.5, xml_curl_url=f"{backend.url}/fsapi"))
+    await simulator.start()
+    try:
+        await simulator.switch.place_call("7402")
+        async with asyncio.timeout(5):
+            await playing.wait()
+        await asyncio.sleep(2.0)  # four times the 0.5 s file, twice the simulator's default file length
+        assert "music_seconds" not in outcome
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
+            (await client.api(f"uuid_break {outcome['uuid']}")).raise_for_error()
+        await until(lambda: "music_seconds" in outcome)
+    finally:
+        await simulator.stop()
+        await server.close()
+        await backend.close()
+    assert float(str(outcome["file_seconds"])) < 1.0
+    assert float(str(outcome["music_seconds"])) >= 2.0 and outcome["response"] == "FILE PLAYED"

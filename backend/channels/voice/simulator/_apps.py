@@ -193,10 +193,15 @@ def playback_terminators(leg: CallLeg) -> str:
     return value
 
 
-def media_seconds(switch: Switch, path: str) -> float:
-    """How long a file or stream plays: tone_stream cadences and silence_stream lengths are honoured."""
+def media_seconds(switch: Switch, path: str) -> float | None:
+    """How long a file or stream plays: tone_stream cadences and silence_stream lengths are honoured; a
+    `local_stream://` (mod_local_stream: music on hold) never ends by itself (None), as a `silence_stream://-1`."""
+    if path.startswith("local_stream://"):
+        return None
     if path.startswith("silence_stream://"):
         millis = path[len("silence_stream://") :].split(",", maxsplit=1)[0]
+        if millis.startswith("-") and millis[1:].isdigit():
+            return None  # a negative length: silence until interrupted
         return switch.scaled(int(millis) / 1000 if millis.isdigit() else 1.0)
     if path.startswith("tone_stream://"):
         total = 0
@@ -251,7 +256,8 @@ async def play(
                     channel.variables.set("playback_terminator_used", digit)
                     status = "break"
                     break
-                remaining = max(0.0, media_seconds(switch, path) - (time.monotonic() - started))
+                length = media_seconds(switch, path)
+                remaining = None if length is None else max(0.0, length - (time.monotonic() - started))
     finally:
         elapsed = time.monotonic() - started
         samples = int(elapsed * 8000)
