@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -372,6 +373,9 @@ class Rig:
     sims: list[subprocess.Popen[bytes]] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
     call_control: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    control_cpu: float = 0.0
+    """With --control-cpu: the cores each call-control process may use (a CPU quota of its own)."""
+    cgroups: list[Path] = field(default_factory=list)
 
     def common_env(self) -> dict[str, str]:
         return _env(
@@ -415,9 +419,10 @@ class Rig:
 
     def start_call_control(self, count: int) -> None:
         for index in range(len(self.call_control), count):
-            self.call_control.append(
-                start_process(f"call-control-{index}", ["call-control"], self.common_env(), self.logs, '"ready"')
-            )
+            process = start_process(f"call-control-{index}", ["call-control"], self.common_env(), self.logs, '"ready"')
+            self.call_control.append(process)
+            if self.control_cpu > 0:
+                self.cgroups.append(limit_cpu(process.pid, self.control_cpu, f"call-control-{index}"))
 
     def stop_call_control(self) -> None:
         for process in self.call_control:
@@ -425,6 +430,10 @@ class Rig:
         for process in self.call_control:
             stop_process(process)
         self.call_control = []
+        for group in self.cgroups:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.cgroups = []
 
     def stop(self) -> None:
         self.stop_call_control()
@@ -433,6 +442,50 @@ class Rig:
                 stop_process(process)
         if self.api is not None:
             stop_server(self.api)
+
+
+def limit_cpu(pid: int, cores: float, name: str) -> Path:
+    """Give a process a CPU quota of its own (`cores` of a core), as if each call-control process had a
+    machine of that size: with everything on two shared cores, this is how a second process's added capacity
+    can be seen at all. cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`); needs root."""
+    period = 100_000
+    quota = max(1_000, int(cores * period))
+    unified = Path("/sys/fs/cgroup")
+    if (unified / "cgroup.controllers").exists():
+        group = unified / f"cc-bench-{name}-{pid}"
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota} {period}")
+    else:
+        group = unified / "cpu" / f"cc-bench-{name}-{pid}"
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
+
+
+NOTABLE_EVENTS = (
+    "call_adopted",
+    "call_control_failed",
+    "call_control_left_live_call",
+    "call_message_failed",
+    "switch_node_down",
+    "switch_events_dropped",
+    "Future exception was never retrieved",
+)
+"""Log lines counted per run: any of them in a healthy run is worth a look."""
+
+
+def notable_events(logs: Path) -> dict[str, int]:
+    """How many of each notable line the call-control processes and the worker have logged so far."""
+    counts = dict.fromkeys(NOTABLE_EVENTS, 0)
+    for path in [*logs.glob("call-control-*.log"), logs / "worker.log"]:
+        with contextlib.suppress(OSError), path.open("rb") as handle:
+            for line in handle:
+                for name in NOTABLE_EVENTS:
+                    if name.encode() in line:
+                        counts[name] += 1
+    return counts
 
 
 # --- the callers -------------------------------------------------------------------------------------
@@ -651,6 +704,7 @@ async def one_run(
         for i, node in enumerate(world.nodes)
     ]
     await asyncio.sleep(1.0)
+    logged_before = notable_events(rig.logs)
     cpu: dict[str, float] = {}
     stop_cpu = asyncio.Event()
     sampler = asyncio.create_task(sample_cpu(rig, stop_cpu, cpu))
@@ -722,6 +776,7 @@ async def one_run(
         "load_during": load_during,
         "cpu": {k: round(v, 1) for k, v in cpu.items()},
         "events": seen.events,
+        "logged": {k: v - logged_before[k] for k, v in notable_events(rig.logs).items() if v > logged_before[k]},
     }
     return result
 
@@ -768,7 +823,8 @@ def show(result: dict[str, Any]) -> None:
         f"key to agent p50 {r['press_to_agent_p50']:.2f} s p99 {r['press_to_agent_p99']:.2f} s; "
         f"lost: {r['not_placed']} not placed, {r['lost_before_agent']} ended before an agent, {r['stuck']} stuck, "
         f"{r['presses_failed']} key presses refused {r['lost_causes'] or ''}; CDRs {r['cdr_stored']}/{r['cdr_expected']}; "
-        f"interactions {r['interactions']}; {r['events']} events watched; load {r['load_before']} -> {r['load_during']}; CPU s {r['cpu']}",
+        f"interactions {r['interactions']}; {r['events']} events watched; load {r['load_before']} -> {r['load_during']}; CPU s {r['cpu']}; "
+        f"logged {r['logged'] or 'nothing notable'}",
         flush=True,
     )
 
@@ -850,12 +906,18 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument("--time-scale", type=float, default=1.0, help="the simulator's clock (1: real time)")
     parser.add_argument("--json", default="", help="write the results to this file too")
+    parser.add_argument(
+        "--control-cpu",
+        type=float,
+        default=0.0,
+        help="cores each call-control process may use (a cgroup CPU quota; 0: no limit)",
+    )
     args = parser.parse_args()
     logs = Path(os.environ.get("CC_BENCH_LOGS", "/var/tmp/contactcenter/bench-call-control-logs"))
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     api_port = free_port()
-    rig = Rig(api_port=api_port, cc_port=free_port(), logs=logs)
+    rig = Rig(api_port=api_port, cc_port=free_port(), logs=logs, control_cpu=args.control_cpu)
     print(f"machine: {os.cpu_count()} CPUs, load {load()}; logs in {logs}", flush=True)
     rig.api = start_server(api_port, args.api_workers, rig.common_env())
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the call-control benchmark end to end on private PostgreSQL and Redis instances (55562, 56509).
 # Usage: bash benchmarks/run_call_control.sh [--mode steady|ramp|both] [--rate 30] [--seconds 90] [--talk 28]
-#        [--controls 1 2] [--ramp 10 20 30 45 60 80 100] [--ramp-seconds 30] [--nodes 2] [--tenants 4] [--agents 250]
+#        [--controls 1 2] [--control-cpu 0.3] [--ramp 10 20 30 45 60 80 100] [--ramp-seconds 30] [--nodes 2] [--tenants 4] [--agents 250]
 # Quick check: bash benchmarks/run_call_control.sh --mode steady --seconds 20 --talk 10 --controls 1
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
