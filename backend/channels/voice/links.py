@@ -487,10 +487,15 @@ class NodeLink:
 
     async def _take_snapshot(self, client: InboundClient) -> None:
         self._last_snapshot_at = time.monotonic()
-        channels = _rows((await client.api("show channels as json")).json())
+        channels_answer = await client.api("show channels as json")
+        channels = _rows(channels_answer.json())
         registrations = _rows((await client.api("show registrations as json")).json())
-        # Events received before this point happened before the snapshot: they are applied first.
-        position = self._dispatched + self._in_hand + client.pending_events
+        # The events the node sent before it answered the first command happened before the snapshot: they are
+        # applied first, the rest after it (re-applying a registration the later list already has is harmless).
+        # Counted when the answer was read: events of the same read that follow it happened after.
+        position = channels_answer.events_before
+        if position is None:
+            position = self._dispatched + self._in_hand + client.pending_events
         self._pending = Snapshot(position, [str(row.get("uuid", "")) for row in channels], registrations)
         async with self._apply_lock:
             if self._pending is not None and self._dispatched >= self._pending.position:

@@ -590,6 +590,45 @@ async def test_garbage_unknown_events_unusable_events_and_unknown_calls_are_logg
     assert stored is not None and stored.sources == ["event"]
 
 
+async def test_a_registration_sent_right_behind_the_snapshot_is_applied_after_it(factory: Factory, app, sessionmaker):
+    """The node answers `show registrations` (none) and, in the same write, sends the REGISTER of a phone that
+    registered just after the list was made. That event belongs after the snapshot: applied before it, the
+    reconcile against the (older, empty) list would drop the registration again, and the agent would stay
+    unreachable until the phone's next refresh."""
+    from backend.channels.voice.models import Registration
+    from backend.db.engine import tenant_transaction
+
+    ctx = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    register = {
+        "Event-Name": "CUSTOM",
+        "Event-Subclass": "sofia::register",
+        "username": seat["username"],
+        "realm": seat["domain"],
+        "contact": f'"" <sip:{seat["username"]}@127.0.0.1:5090>',
+        "call-id": "race-1@127.0.0.1",
+        "expires": "300",
+        "status": "Registered(UDP)",
+        "network-ip": "127.0.0.1",
+        "network-port": "5090",
+        "cc_test_mark": "after-snapshot",
+    }
+    peer = FakeSwitch([[register]])
+    await peer.start()
+    board = SlowSwitchboard(app, delay=0)
+    try:
+        node = await factory.switch_node(name=unique("fs-race-"), esl_port=peer.port)
+        async with holding(app, node["name"], switchboard=board) as links:
+            await eventually(lambda: _connected(links, node["id"]))
+            await eventually(lambda: _equal("after-snapshot" in board.applied, True))
+            await asyncio.sleep(0.2)  # whatever the link does next (a snapshot applied late would come now)
+            async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+                rows = (await session.scalars(select(Registration).where(Registration.node_id == node["id"]))).all()
+    finally:
+        await peer.close()
+    assert [row.sip_username for row in rows] == [seat["username"]]
+
+
 class FakeSwitch:
     """A peer that speaks just enough ESL to be held, then sends what each connection's script says."""
 

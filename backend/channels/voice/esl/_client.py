@@ -75,6 +75,8 @@ class InboundClient:
         self._on_disconnect = on_disconnect
         self._on_log = on_log
         self._on_event = on_event
+        self._buffered = 0
+        """Events put in the buffer since the client was made (all connections): answers are stamped with it."""
         self._rng = rng
         self._events = EventBuffer(self.config.event_queue_size, on_events_lost or self._log_overflow)
         self._connection: Connection | None = None
@@ -98,7 +100,15 @@ class InboundClient:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
         except (TimeoutError, OSError) as error:
             raise ConnectError(f"{self.name}: cannot connect: {error or 'timed out'}") from None
-        connection = Connection(reader, writer, self.config, sink=self._received, on_log=self._on_log, name=self.name)
+        connection = Connection(
+            reader,
+            writer,
+            self.config,
+            sink=self._received,
+            on_log=self._on_log,
+            name=self.name,
+            reply_stamp=self._buffered_count,
+        )
         try:
             greeting = await connection.greeting(self.config.connect_timeout)
             if not isinstance(greeting, AuthRequest):
@@ -201,7 +211,13 @@ class InboundClient:
     def _received(self, event: Event) -> bool:
         if self._on_event is not None:
             self._on_event(event)
-        return self._events.push(event)
+        pushed = self._events.push(event)
+        if pushed:
+            self._buffered += 1
+        return pushed
+
+    def _buffered_count(self) -> int:
+        return self._buffered
 
     def _log_overflow(self, dropped: int) -> None:
         if dropped == 1 or dropped % 1000 == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import uuid as _uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -126,6 +127,7 @@ class Connection:
         sink: EventSink | None = None,
         on_log: Callable[[LogLine], None] | None = None,
         name: str = "esl",
+        reply_stamp: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -140,6 +142,7 @@ class Connection:
         self._closed = asyncio.Event()
         self._sink = sink
         self._on_log = on_log
+        self._reply_stamp = reply_stamp
         self.close_reason: BaseException | None = None
         self.disconnect_notice: DisconnectNotice | None = None
         self.channel_down = asyncio.Event()
@@ -179,6 +182,9 @@ class Connection:
         if isinstance(message, Event):
             self._on_event(message)
         elif isinstance(message, (CommandReply, ApiResponse)):
+            if isinstance(message, ApiResponse) and self._reply_stamp is not None:
+                # Now, not when the waiting command resumes: by then more of this read's events are buffered.
+                message = dataclasses.replace(message, events_before=self._reply_stamp())
             if self._pending:
                 _command, future = self._pending.popleft()
                 if not future.done():
@@ -323,7 +329,7 @@ class Connection:
             return ApiResponse(reply.text + "\n", command)
         if not isinstance(reply, ApiResponse):
             raise ProtocolError(f"expected an api/response to {command!r}")
-        return ApiResponse(reply.body, command)
+        return ApiResponse(reply.body, command, reply.events_before)
 
     async def bgapi(self, command: str, *, job_uuid: str | None = None, timeout: float | None = None) -> BackgroundJob:
         """`bgapi <command>` with our own Job-UUID, registered before sending so the result cannot be missed."""

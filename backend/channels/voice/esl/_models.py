@@ -215,6 +215,10 @@ class ApiResponse:
 
     body: str
     command: str = ""
+    events_before: int | None = None
+    """Events an inbound client had buffered when this answer was read (set by `InboundClient`). Answers and
+    events share one ordered stream: exactly those events happened before the switch answered, which is where
+    a snapshot read by this command belongs among them."""
 
     @property
     def ok(self) -> bool:
