@@ -474,9 +474,7 @@ class RoutingEngine:
             await interactions.record(
                 session, interaction, "created", agent_id=agent_id, channel="voice", direction="outbound"
             )
-            state = await service.get_agent_state(session, tenant_id, agent_id)
-            if state.state in ("available", "away"):
-                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            await service.mark_busy(session, tenant_id, agent_id)
             result = interactions.out(interaction)
             waiting = _unqueued(interaction)
         await self.matcher.restore_connected(tenant_id, waiting, agent_id)
@@ -517,7 +515,8 @@ class RoutingEngine:
     ) -> InteractionOut:
         """Queue a contact the channel held so far (state new), exactly as `create` queues a new one.
 
-        The queue's closed and no-agent actions apply: the result is then ended with their outcome.
+        The queue's closed and no-agent actions apply: the result is then ended with their outcome. Otherwise it
+        is the interaction as it was queued, without its place in line (`place` tells that, when it is wanted).
         """
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
@@ -528,13 +527,12 @@ class RoutingEngine:
             if attributes:
                 interaction.attributes = {**interaction.attributes, **attributes}
             waiting = await self._admit(session, interaction, rules, utcnow())
+            queued = interactions.out(interaction)
             if waiting is None:
-                return interactions.out(interaction)
+                return queued
         await self._queued(tenant_id, waiting, rules)
         await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            found, _ = await interactions.get(session, interaction_id)
-            return await self.describe(session, tenant_id, found)
+        return queued
 
     async def place(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> InteractionOut:
         """The interaction with its place in line and estimated wait (what a waiting caller is told)."""
@@ -580,9 +578,7 @@ class RoutingEngine:
             interaction.connected_at = interaction.connected_at or utcnow()
             await interactions.record(session, interaction, "offer_accepted", agent_id=agent_id, forced=forced)
             await interactions.record(session, interaction, "connected", agent_id=agent_id)
-            state = await service.get_agent_state(session, tenant_id, agent_id)
-            if state.state in ("available", "away"):
-                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            await service.mark_busy(session, tenant_id, agent_id)
             result = interactions.out(interaction)
         for other in withdrawn:
             await self.hub.publish(

@@ -823,6 +823,16 @@ async def set_system_state(
     )
 
 
+async def mark_busy(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """An agent who takes a contact while available (or away) is busy from now on; any other state stays.
+    Audited as the system, as `set_system_state`; the agent is one routing or the channel already knows."""
+    row = await _agent_state(session, tenant_id, user_id, lock=True)
+    if row.state in ("available", "away"):
+        await _transition(
+            session, row, "busy", None, {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
+        )
+
+
 async def free_agent_for_consultation(
     session: AsyncSession, queue_id: uuid.UUID, *, excluding: Collection[uuid.UUID] = ()
 ) -> uuid.UUID | None:

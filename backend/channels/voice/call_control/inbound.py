@@ -583,7 +583,7 @@ class InboundCall:
             return
         self.record.phase = "queued"
         await self.s.store.save(self.record)
-        self.log.info("call_queued", queue_id=str(queue_id), position=result.position)
+        self.log.info("call_queued", queue_id=str(queue_id))
         await self._wait()
 
     async def _queue_refused(self, queue_id: uuid.UUID, result: InteractionOut, hops: int) -> None:
