@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
+
+import msgspec
 
 GOODBYE = "Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
 """The body of FreeSWITCH's `text/disconnect-notice` (67 bytes)."""
@@ -13,6 +14,8 @@ RUDE_REJECTION_TEXT = "Access Denied, go away.\n"
 _UNSAFE = frozenset(b'\r\n #%&+:;<=>?@[\\]^`{|}"')
 _HEX = b"0123456789ABCDEF"
 _HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
+
+_JSON = msgspec.json.Encoder()
 
 
 def url_encode(value: str) -> str:
@@ -64,17 +67,15 @@ def serialize_plain(headers: Sequence[tuple[str, str]], body: str | None = None)
 def serialize_json(headers: Sequence[tuple[str, str]], body: str | None = None) -> bytes:
     """switch_event_serialize_json: one flat object (repeated names kept, as cJSON writes them), the body last."""
 
-    def dump(value: object) -> str:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
+    encode = _JSON.encode  # compact, UTF-8 as is: what json.dumps(ensure_ascii=False, separators=(",", ":")) writes
     members = []
     for name, value in headers:
         item: object = value[7:].split("|:") if value.startswith("ARRAY::") else value
-        members.append(f"{dump(name)}:{dump(item)}")
+        members.append(encode(name) + b":" + encode(item))
     if body is not None:
-        members.append(f'"Content-Length":"{len(body.encode("utf-8"))}"')
-        members.append(f'"_body":{dump(body)}')
-    return ("{" + ",".join(members) + "}").encode("utf-8")
+        members.append(b'"Content-Length":"%d"' % len(body.encode("utf-8")))
+        members.append(b'"_body":' + encode(body))
+    return b"{" + b",".join(members) + b"}"
 
 
 def event_frame(event_format: str, headers: Sequence[tuple[str, str]], body: str | None = None) -> bytes:
