@@ -396,13 +396,19 @@ class PinnedFlow:
         return FlowInterpreter(self.flow_id, self.version, self.graph, max_steps=settings.ivr_max_steps)
 
 
+async def published_version(session: AsyncSession, flow_id: uuid.UUID) -> int:
+    """The number of the version a new call starts on (404 when the flow is archived or was never published)."""
+    version = await session.scalar(
+        select(IvrFlow.published_version).where(IvrFlow.id == flow_id, IvrFlow.archived_at.is_(None))
+    )
+    if version is None:
+        raise NotFound("No published IVR flow by that id")
+    return version
+
+
 async def current_version(session: AsyncSession, flow_id: uuid.UUID) -> PinnedFlow:
     """The version a new call starts on (404 when the flow is archived or was never published)."""
-    flow = await session.scalar(select(IvrFlow).where(IvrFlow.id == flow_id, IvrFlow.archived_at.is_(None)))
-    if flow is None or flow.published_version is None:
-        raise NotFound("No published IVR flow by that id")
-    row = await _version_row(session, flow_id, flow.published_version)
-    return PinnedFlow(flow_id, row.version, _graph(row.graph))
+    return await pinned_version(session, flow_id, await published_version(session, flow_id))
 
 
 async def pinned_version(session: AsyncSession, flow_id: uuid.UUID, version: int) -> PinnedFlow:

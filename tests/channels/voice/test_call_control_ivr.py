@@ -370,6 +370,15 @@ async def test_publishing_a_new_version_does_not_change_a_call_in_the_old_one(ri
     assert {s["version"] for s in steps} == {1}
     await rig.switch.caller_hangup(leg)
     await eventually(lambda: rig.state_is(ctx, iid, "ended"))
+    # The next call, in the same call-control process (which keeps decoded versions), starts on version 2.
+    second = await rig.call(await rig.number(ctx, flow_id=flow))
+    await eventually(lambda: collecting(rig, second, 1))
+    assert rig.switch.press(second, "1")
+    second_iid = (await rig.interaction_of(ctx, second))["id"]
+    queued = await eventually(lambda: rig.state_is(ctx, second_iid, "queued"))
+    assert queued["queue_id"] == str(new_queue)
+    assert {e["data"]["version"] for e in queued["timeline"] if e["name"] == "ivr_step"} == {2}
+    await rig.switch.caller_hangup(second)
 
 
 def step_flow(queue_id: uuid.UUID) -> dict[str, Any]:

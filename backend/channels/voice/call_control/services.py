@@ -34,6 +34,8 @@ log = structlog.get_logger("voice.call_control")
 
 SIP_DOMAINS_KEPT = 10_000
 """Tenants whose SIP domain a process keeps at most (then it starts afresh)."""
+FLOW_VERSIONS_KEPT = 2_000
+"""Decoded IVR flow versions a process keeps at most (then it starts afresh)."""
 
 
 @dataclass
@@ -51,6 +53,7 @@ class CallServices:
     spawn: Callable[[Coroutine[Any, Any, Any]], object] = field(default=asyncio.ensure_future)
     """Runs work that outlives a call (upload checks) in the process's own task set."""
     _sip_domains: dict[uuid.UUID, str] = field(default_factory=dict, init=False, repr=False)
+    _flows: dict[tuple[uuid.UUID, uuid.UUID, int], Any] = field(default_factory=dict, init=False, repr=False)
 
     async def ensure_uploaded(
         self,
@@ -143,11 +146,19 @@ class CallServices:
         return tenant.sip_domain
 
     async def pinned_flow(self, tenant_id: uuid.UUID, flow_id: uuid.UUID, version: int | None) -> Any:
-        """The flow version a new call starts on, or the one a resumed call is pinned to."""
+        """The flow version a new call starts on, or the one a resumed call is pinned to. A published version
+        never changes, so each process reads and decodes it once; which version is current is read every time."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             if version is None:
-                return await ivr_service.current_version(session, flow_id)
-            return await ivr_service.pinned_version(session, flow_id, version)
+                version = await ivr_service.published_version(session, flow_id)
+            key = (tenant_id, flow_id, version)
+            pinned = self._flows.get(key)
+            if pinned is None:
+                pinned = await ivr_service.pinned_version(session, flow_id, version)
+                if len(self._flows) >= FLOW_VERSIONS_KEPT:
+                    self._flows.clear()
+                self._flows[key] = pinned
+        return pinned
 
 
 def _flat(value: Any) -> str:
