@@ -661,10 +661,22 @@ async def sample_cpu(rig: Rig, stop: asyncio.Event, out: dict[str, float]) -> No
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def server_pid(variable: str) -> int | None:
+        """PostgreSQL's postmaster (its backends are its children) or Redis, from their pid files."""
+        path = os.environ.get(variable)
+        try:
+            return int(Path(path).read_text().split()[0]) if path else None
+        except (OSError, ValueError, IndexError):
+            return None
+
     def snapshot() -> dict[str, float]:
         shot = {"api": ticks(rig.api.pid) if rig.api else 0.0, "worker": ticks(rig.worker.pid) if rig.worker else 0.0}
         shot["call-control"] = sum(ticks(p.pid) for p in rig.call_control)
         shot["simulator"] = sum(ticks(p.pid) for p in rig.sims)
+        for name, variable in (("postgres", "CC_BENCH_PG_PIDFILE"), ("redis", "CC_BENCH_REDIS_PIDFILE")):
+            pid = server_pid(variable)
+            if pid is not None:
+                shot[name] = ticks(pid)
         shot["bench"] = own(os.getpid())
         return shot
 

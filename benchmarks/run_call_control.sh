@@ -27,5 +27,8 @@ export CC_LOG_LEVEL="${CC_LOG_LEVEL:-WARNING}"
 # CDRs and interactions are counted as the superuser (across the benchmark's tenants).
 export CC_BENCH_SUPERUSER_DSN="postgresql://postgres@/contactcenter_bench?host=$STATE/run&port=$PG_PORT"
 export CC_BENCH_LOGS="$STATE/logs"
+# Their CPU is counted too (the database's backends are the postmaster's children).
+export CC_BENCH_PG_PIDFILE="$STATE/pgdata/postmaster.pid"
+export CC_BENCH_REDIS_PIDFILE="$STATE/redis/redis.pid"
 contactcenter migrate >/dev/null
 python benchmarks/call_control.py "$@"
