@@ -328,7 +328,9 @@ def start_process(
     name: str, args: list[str], env: dict[str, str], logs: Path, ready: str | None
 ) -> subprocess.Popen[bytes]:
     """A `contactcenter` process; waits for its JSON `ready` line when it prints one."""
-    log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
+    # Appended: the next run's process of the same name must not wipe what this one logged (the folder is
+    # emptied once, when the benchmark starts).
+    log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
     process = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", *args],
         env=env,
@@ -418,8 +420,10 @@ class Rig:
         return control
 
     def start_call_control(self, count: int) -> None:
+        env = self.common_env()
+        env["CC_LOG_LEVEL"] = os.environ.get("CC_BENCH_CONTROL_LOG_LEVEL", env["CC_LOG_LEVEL"])
         for index in range(len(self.call_control), count):
-            process = start_process(f"call-control-{index}", ["call-control"], self.common_env(), self.logs, '"ready"')
+            process = start_process(f"call-control-{index}", ["call-control"], env, self.logs, '"ready"')
             self.call_control.append(process)
             if self.control_cpu > 0:
                 self.cgroups.append(limit_cpu(process.pid, self.control_cpu, f"call-control-{index}"))
@@ -474,6 +478,16 @@ NOTABLE_EVENTS = (
     "Future exception was never retrieved",
 )
 """Log lines counted per run: any of them in a healthy run is worth a look."""
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections refused because a listening socket's queue was full (any process)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = [
+            line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")
+        ]
+        return int(dict(zip(lines[0], lines[1], strict=False)).get("ListenOverflows", "0"))
+    return 0
 
 
 def notable_events(logs: Path) -> dict[str, int]:
@@ -687,6 +701,22 @@ async def sample_cpu(rig: Rig, stop: asyncio.Event, out: dict[str, float]) -> No
         out[key] = after[key] - before[key]
 
 
+async def describe_channels(controls: list[str], uuids: set[str]) -> dict[str, int]:
+    """Where the calls still up are, as the nodes' `show channels` rows say (state and application), counted."""
+    if not uuids:
+        return {}
+    found: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=30) as http:
+        for control in controls:
+            channels = (await http.get(f"{control}/state")).json()["channels"]
+            rows = channels.get("rows", []) if isinstance(channels, dict) else channels
+            for row in rows:
+                if isinstance(row, dict) and row.get("uuid") in uuids:
+                    key = f"{row.get('state')}/{row.get('application')}"
+                    found[key] = found.get(key, 0) + 1
+    return found
+
+
 async def nodes_empty(controls: list[str], wait_seconds: float = 300.0) -> int:
     """Wait until no node has a channel up (the previous run's calls all ended); returns the channels left."""
     deadline = time.monotonic() + wait_seconds
@@ -717,6 +747,7 @@ async def one_run(
     ]
     await asyncio.sleep(1.0)
     logged_before = notable_events(rig.logs)
+    overflows_before = listen_overflows()
     cpu: dict[str, float] = {}
     stop_cpu = asyncio.Event()
     sampler = asyncio.create_task(sample_cpu(rig, stop_cpu, cpu))
@@ -738,6 +769,7 @@ async def one_run(
     await asyncio.gather(*watchers, return_exceptions=True)
     calls: list[Call] = seen.__dict__["placed"]
     placed = [c for c in calls if c.uuid]
+    stuck_channels = await describe_channels(rig.controls, {c.uuid for c in placed if c.ended is None and c.uuid})
     bridged = [c for c in placed if c.bridged]
     not_placed = len(calls) - len(placed)
     lost_before_agent = sum(1 for c in placed if c.ended and not c.bridged)
@@ -779,6 +811,8 @@ async def one_run(
         "not_placed": not_placed,
         "lost_before_agent": lost_before_agent,
         "stuck": stuck,
+        "stuck_examples": [c.uuid for c in placed if c.ended is None][:5],
+        "stuck_channels": stuck_channels,
         "presses_failed": seen.presses_failed,
         "lost_causes": causes,
         "cdr_expected": expected,
@@ -789,6 +823,7 @@ async def one_run(
         "cpu": {k: round(v, 1) for k, v in cpu.items()},
         "events": seen.events,
         "logged": {k: v - logged_before[k] for k, v in notable_events(rig.logs).items() if v > logged_before[k]},
+        "listen_overflows": listen_overflows() - overflows_before,
     }
     return result
 
@@ -836,7 +871,12 @@ def show(result: dict[str, Any]) -> None:
         f"lost: {r['not_placed']} not placed, {r['lost_before_agent']} ended before an agent, {r['stuck']} stuck, "
         f"{r['presses_failed']} key presses refused {r['lost_causes'] or ''}; CDRs {r['cdr_stored']}/{r['cdr_expected']}; "
         f"interactions {r['interactions']}; {r['events']} events watched; load {r['load_before']} -> {r['load_during']}; CPU s {r['cpu']}; "
-        f"logged {r['logged'] or 'nothing notable'}",
+        f"logged {r['logged'] or 'nothing notable'}; listen queue overflows {r['listen_overflows']}"
+        + (
+            f"; stuck calls {r['stuck_channels']}, for example {', '.join(r['stuck_examples'])}"
+            if r["stuck_examples"]
+            else ""
+        ),
         flush=True,
     )
 
@@ -866,7 +906,9 @@ async def main_async(args: argparse.Namespace, rig: Rig) -> list[dict[str, Any]]
     world = await prepare(f"http://127.0.0.1:{rig.api_port}", node_ports, args.tenants, args.agents)
     for node in world.nodes:
         rig.start_sim(node, args.time_scale)
-    rig.worker = start_process("worker", ["worker"], rig.common_env(), rig.logs, None)
+    worker_env = rig.common_env()
+    worker_env["CC_LOG_LEVEL"] = os.environ.get("CC_BENCH_WORKER_LOG_LEVEL", worker_env["CC_LOG_LEVEL"])
+    rig.worker = start_process("worker", ["worker"], worker_env, rig.logs, None)
     await register_phones(world, rig.controls, args.ring, args.talk)
     ready = await agents_ready(world)
     print(f"  {ready} agents voice-ready in {time.monotonic() - started:.0f} s", flush=True)

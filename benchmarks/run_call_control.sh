@@ -19,7 +19,8 @@ psql_super "$STATE/run" "$PG_PORT" postgres -c "DROP DATABASE IF EXISTS contactc
 ensure_database "$STATE/run" "$PG_PORT" contactcenter_bench
 start_redis "$STATE/redis" "$REDIS_PORT"
 trap 'stop_redis "$REDIS_PORT"; stop_postgres "$STATE"' EXIT
-redis-cli -h 127.0.0.1 -p "$REDIS_PORT" flushall >/dev/null
+# Nothing of an earlier run (call records and their leases, routing state) may be adopted by this one.
+[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" flushall)" = "OK" ] || { log "Redis was not emptied"; exit 1; }
 export DATABASE_URL="postgresql+asyncpg://cc_app:cc_app@127.0.0.1:$PG_PORT/contactcenter_bench"
 export DATABASE_OWNER_URL="postgresql+asyncpg://cc_owner:cc_owner@127.0.0.1:$PG_PORT/contactcenter_bench"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"

@@ -122,13 +122,16 @@ stop_postgres() {
 start_redis() {
   local dir="$1" port="$2"
   mkdir -p "$dir"
-  if redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then return 0; fi
-  log "starting Redis on 127.0.0.1:$port"
-  redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --daemonize yes \
-    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --appendonly yes \
-    --save "" --protected-mode yes >/dev/null
-  for _ in $(seq 1 50); do
-    redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && return 0
+  if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then
+    log "starting Redis on 127.0.0.1:$port"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --daemonize yes \
+      --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --appendonly yes \
+      --save "" --protected-mode yes >/dev/null
+  fi
+  # Ready means PONG: while the append-only file is read, PING answers LOADING (and redis-cli exits 0 for that),
+  # and a command sent then fails without redis-cli's exit status saying so (a FLUSHALL flushed nothing).
+  for _ in $(seq 1 600); do
+    [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = "PONG" ] && return 0
     sleep 0.1
   done
   log "Redis did not start; see $dir/redis.log"; return 1

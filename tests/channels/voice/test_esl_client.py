@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -228,19 +230,31 @@ async def test_outbound_execute_fails_with_channel_gone_when_the_node_dies():
         except ChannelGone as error:
             outcome["error"] = error
 
+    async with outbound_rig(handler, "7401", time_scale=1.0) as simulator:
+        await simulator.switch.place_call("7401")
+        await until(lambda: any(r.get("command") == "sendmsg" for r in simulator.switch.requests if r["kind"] == "esl"))
+        await asyncio.sleep(0.1)
+        await simulator.stop()
+        await until(lambda: "error" in outcome)
+
+
+@contextlib.asynccontextmanager
+async def outbound_rig(
+    handler: Callable[[OutboundSession], Awaitable[None]], number: str, *, time_scale: float
+) -> AsyncIterator[SwitchSimulator]:
+    """Our outbound server running `handler`, a simulator whose dialplan sends `number` to it over `socket`."""
     server = OutboundServer(handler, "127.0.0.1", 0, config=FAST)
     await server.start()
-    backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, "7401")))
+    backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, number)))
     await backend.start()
-    simulator = SwitchSimulator(simulator_config(time_scale=1.0, xml_curl_url=f"{backend.url}/fsapi"))
+    simulator = SwitchSimulator(simulator_config(time_scale=time_scale, xml_curl_url=f"{backend.url}/fsapi"))
     await simulator.start()
-    await simulator.switch.place_call("7401")
-    await until(lambda: any(r.get("command") == "sendmsg" for r in simulator.switch.requests if r["kind"] == "esl"))
-    await asyncio.sleep(0.1)
-    await simulator.stop()
-    await until(lambda: "error" in outcome)
-    await server.close()
-    await backend.close()
+    try:
+        yield simulator
+    finally:
+        await simulator.stop()
+        await server.close()
+        await backend.close()
 
 
 async def test_an_execute_the_peer_resets_fails_once_and_leaves_no_unretrieved_error():
@@ -299,13 +313,7 @@ async def test_music_on_hold_from_a_local_stream_plays_until_it_is_broken():
         outcome["music_seconds"] = time.monotonic() - started
         outcome["response"] = done.get("Application-Response")
 
-    server = OutboundServer(handler, "127.0.0.1", 0, config=FAST)
-    await server.start()
-    backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, "7402")))
-    await backend.start()
-    simulator = SwitchSimulator(simulator_config(time_scale=0.5, xml_curl_url=f"{backend.url}/fsapi"))
-    await simulator.start()
-    try:
+    async with outbound_rig(handler, "7402", time_scale=0.5) as simulator:
         await simulator.switch.place_call("7402")
         async with asyncio.timeout(5):
             await playing.wait()
@@ -314,9 +322,5 @@ async def test_music_on_hold_from_a_local_stream_plays_until_it_is_broken():
         async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon", config=FAST) as client:
             (await client.api(f"uuid_break {outcome['uuid']}")).raise_for_error()
         await until(lambda: "music_seconds" in outcome)
-    finally:
-        await simulator.stop()
-        await server.close()
-        await backend.close()
     assert float(str(outcome["file_seconds"])) < 1.0
     assert float(str(outcome["music_seconds"])) >= 2.0 and outcome["response"] == "FILE PLAYED"

@@ -15,6 +15,11 @@ from backend.lib.tasks import cancel_and_wait
 
 logger = logging.getLogger("backend.channels.voice.esl")
 
+ACCEPT_BACKLOG = 1024
+"""Connections the kernel queues for us while the process is busy (asyncio's default is 100). Past the queue
+the kernel drops the switch's SYNs and its `socket` application's connect is retried for seconds to minutes:
+under a burst of calls, callers sat in silence that long before reaching call control."""
+
 
 class OutboundSession:
     """One call handed to us by the dialplan `socket` application.
@@ -206,7 +211,7 @@ class OutboundServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, reuse_port=self.reuse_port or None
+            self._accept, self.host, self.port, reuse_port=self.reuse_port or None, backlog=ACCEPT_BACKLOG
         )
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
