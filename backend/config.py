@@ -183,6 +183,10 @@ class Settings:
         default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_SWEEP", "3"))
     )
     """How often a call-control process looks for calls whose controller died (and adopts them)."""
+    call_control_music_seconds: int = field(default_factory=lambda: _env_int("CC_CALL_CONTROL_MUSIC_SECONDS", 20))
+    """A stretch of music on hold lasts at most this long (`playback_timeout_sec`), then the next one starts (a
+    `local_stream://` joins the stream where it is: nothing audible). `local_stream://` never ends by itself, and
+    a caller whose controlling process died only reaches the dialplan's second `socket` once it does."""
     call_control_offer_poll_seconds: float = field(
         default_factory=lambda: float(os.environ.get("CC_CALL_CONTROL_OFFER_POLL", "2"))
     )
@@ -365,6 +369,8 @@ class Settings:
             raise RuntimeError("CC_ACCESS_TOKEN_TTL may not exceed 15 minutes")
         if self.esl_lease_renew_seconds * 2 > self.esl_lease_ttl_seconds:
             raise RuntimeError("CC_ESL_LEASE_RENEW must be at most half of CC_ESL_LEASE_TTL (renewed well inside it)")
+        if self.call_control_music_seconds < 2:
+            raise RuntimeError("CC_CALL_CONTROL_MUSIC_SECONDS must be at least 2 (FreeSWITCH ignores a shorter bound)")
 
 
 @lru_cache(maxsize=1)

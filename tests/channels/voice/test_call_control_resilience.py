@@ -203,11 +203,14 @@ async def test_a_waiting_call_is_resumed_by_another_process_through_the_dialplan
         leg = await rig.call(did)
         iid = (await rig.interaction_of(ctx, leg))["id"]
         await eventually(lambda: rig.state_is(ctx, iid, "queued"))
-        # Killed once its record says it waits (routing queues the call a moment before the record is saved).
+        # Killed once its record says it waits (routing queues the call a moment before the record is saved),
+        # while the caller hears the default music: `local_stream://`, which never ends by itself.
         await eventually(lambda: _waiting_with(rig, ctx, iid, doomed.owner))
+        await eventually(lambda: _equal(rig.app_log(leg)[-1], ("playback", "local_stream://moh")))
         await survivor.start()  # shares the address, as several call-control processes do
         await doomed.kill()
-        # The music playing when the socket dropped ends; the dialplan's next `socket` reaches the survivor.
+        # The stretch of music playing when the socket dropped ends (`playback_timeout_sec`); the dialplan's next
+        # `socket` reaches the survivor.
         resumed = await eventually(lambda: _recorded_by(rig, ctx, iid, survivor.services.store.owner), timeout=15)
         assert resumed.phase == "queued"
         await rig.set_state(agent, "available")
@@ -257,3 +260,7 @@ async def _forgotten(rig: CallRig, ctx: Any, iid: str) -> bool:
 
 async def _in_state(rig: CallRig, agent: Any, state: str) -> bool:
     return await rig.agent_state(agent) == state
+
+
+async def _equal(value: object, expected: object) -> bool:
+    return value == expected

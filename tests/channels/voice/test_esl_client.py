@@ -324,3 +324,28 @@ async def test_music_on_hold_from_a_local_stream_plays_until_it_is_broken():
         await until(lambda: "music_seconds" in outcome)
     assert float(str(outcome["file_seconds"])) < 1.0
     assert float(str(outcome["music_seconds"])) >= 2.0 and outcome["response"] == "FILE PLAYED"
+
+
+async def test_playback_timeout_sec_bounds_a_stream_as_freeswitch_does():
+    """switch_ivr_play_file counts `playback_timeout_sec` (whole seconds, above 1) of media: a stream that never
+    ends stops there, FILE PLAYED with `playback_timeout_as_success`, PLAYBACK ERROR (a timeout) without."""
+    import time
+
+    outcome: dict[str, object] = {}
+
+    async def handler(session: OutboundSession) -> None:
+        await session.answer()
+        await session.execute("multiset", "^^|playback_timeout_sec=4|playback_timeout_as_success=true")
+        started = time.monotonic()
+        done = await session.execute("playback", "local_stream://moh")
+        outcome["seconds"] = time.monotonic() - started
+        outcome["as_success"] = done.get("Application-Response")
+        await session.execute("set", "playback_timeout_as_success=false")
+        done = await session.execute("playback", "local_stream://moh")
+        outcome["plain"] = done.get("Application-Response")
+
+    async with outbound_rig(handler, "7403", time_scale=0.25) as simulator:
+        await simulator.switch.place_call("7403")
+        await until(lambda: "plain" in outcome)
+    assert 0.9 <= float(str(outcome["seconds"])) < 3.0  # 4 s of media at a quarter of real time
+    assert outcome["as_success"] == "FILE PLAYED" and outcome["plain"] == "PLAYBACK ERROR"

@@ -18,8 +18,9 @@ caller hangs up the agent's leg goes with it. Either way the CDR (with
 `cc_interaction_id` and `cc_agent_id`) ends the interaction and sends the agent to
 wrap-up, and another process adopts the record to close the recording (see
 `adoption.py`). A call that was waiting when its process died finishes the
-current prompt, leaves the `socket` application and meets the dialplan's second
-`socket`: another call-control process resumes it from its record.
+current prompt (music plays in stretches of `call_control_music_seconds`, since a
+`local_stream://` never ends), leaves the `socket` application and meets the
+dialplan's second `socket`: another call-control process resumes it from its record.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ CALLBACK_FAILED = "We are sorry, we cannot call you back on this number."
 VOICEMAIL_THANKS = "Thank you for your message. Goodbye."
 BEEP = "tone_stream://%(500,0,800)"
 HANDLED_EVENTS = frozenset({"CHANNEL_BRIDGE", "CHANNEL_UNBRIDGE", "CHANNEL_HANGUP"})
+MUSIC_TIMEOUT_IS_SUCCESS = {"playback_timeout_as_success": "true"}
+"""A stretch of music that reaches `playback_timeout_sec` is FILE PLAYED, not PLAYBACK ERROR."""
 MAX_QUEUE_HOPS = 3
 """A queue whose closed or no-agent action sends the call to another queue may chain this many times."""
 
@@ -645,6 +648,11 @@ class InboundCall:
                     await self._queue_callback()
                     return
                 continue
+            # Bounded: if this process dies meanwhile, the stretch still ends and the dialplan's second `socket`
+            # takes the caller to another process (FreeSWITCH does not break media when the socket drops).
+            await self.channel.set_many(
+                {"playback_timeout_sec": str(self.s.settings.call_control_music_seconds), **MUSIC_TIMEOUT_IS_SUCCESS}
+            )
             self.in_music = True
             waker = asyncio.create_task(self._waker(next_announcement))
             try:
@@ -654,6 +662,7 @@ class InboundCall:
             finally:
                 self.in_music = False
                 waker.cancel()
+            await self.channel.set_many({"playback_timeout_sec": "0"})  # prompts and announcements play whole
             if digit and done.variable("playback_terminator_used") == digit:
                 await self._queue_callback()
                 return

@@ -237,13 +237,18 @@ async def play(
     )
     started = time.monotonic()
     status = "done"
+    length = media_seconds(switch, path)
+    limit = playback_timeout(switch, leg)
+    timed_out = limit is not None and (length is None or limit < length)
+    if timed_out:
+        length = limit
     try:
         if terminators is None:
-            woke = await wait(leg, media_seconds(switch, path), dtmf=interruptible, breakable=True)
+            woke = await wait(leg, length, dtmf=interruptible, breakable=True)
             if woke in ("dtmf", "break"):
                 status = "break"
         else:
-            remaining = media_seconds(switch, path)
+            remaining = length
             while True:
                 woke = await wait(leg, remaining, dtmf=True, breakable=True)
                 if woke == "break":
@@ -256,7 +261,6 @@ async def play(
                     channel.variables.set("playback_terminator_used", digit)
                     status = "break"
                     break
-                length = media_seconds(switch, path)
                 remaining = None if length is None else max(0.0, length - (time.monotonic() - started))
     finally:
         elapsed = time.monotonic() - started
@@ -274,8 +278,18 @@ async def play(
             calling=("switch_ivr_play_say.c", "switch_ivr_play_file", 2020),
             post=[*file_headers, ("Playback-Status", status)],
         )
+    if timed_out and status == "done" and not truthy(channel.variables.get("playback_timeout_as_success")):
+        channel.variables.set("current_application_response", "PLAYBACK ERROR")  # SWITCH_STATUS_TIMEOUT
+        return "timeout"
     channel.variables.set("current_application_response", "FILE PLAYED")
     return status
+
+
+def playback_timeout(switch: Switch, leg: CallLeg) -> float | None:
+    """`playback_timeout_sec` as switch_ivr_play_file reads it: whole seconds, honoured above 1."""
+    value = leg.channel.variables.get("playback_timeout_sec") or ""
+    seconds = int(value) if value.strip().isdigit() else 0
+    return switch.scaled(seconds) if seconds > 1 else None
 
 
 # ----- applications -----
