@@ -268,8 +268,11 @@ async def test_a_busy_customer_ends_the_call_with_a_clear_outcome(rig: CallRig, 
     assert ended["outcome"] == "customer_busy"
     assert ended["timeline"][-1]["data"]["cause"] == "USER_BUSY"
     assert told["detail"] == "The customer's line is busy"
-    spoken = [data for app, data in rig.app_log(agent_leg) if app == "playback"]
-    assert spoken and "busy" in spoken[0]
+
+    async def spoken() -> list[str]:  # the agent is told first, then hears it
+        return [data for app, data in rig.app_log(agent_leg) if app == "playback"]
+
+    assert "busy" in (await eventually(spoken))[0]
     await eventually(lambda: _state(rig, agent, "available"))
     legs = await eventually(lambda: _two_legs(rig, ctx, iid))
     assert {leg.disposition for leg in legs} == {"answered", "busy"}
