@@ -13,6 +13,7 @@ from joserfc.jwk import OctKey
 
 from backend.auth.crypto import derive_key
 from backend.config import Settings
+from backend.lib.bounded import BoundedDict
 
 ISSUER = "contactcenter"
 _ALGORITHMS = ["HS256"]
@@ -52,7 +53,7 @@ class TokenSigner:
         )
         # A token is the same bytes on every request of its session; what its signature proved does not change,
         # only whether it has expired. Checking the HMAC and the claims again cost a tenth of a cheap request.
-        self._verified: dict[str, AccessClaims] = {}
+        self._verified: BoundedDict[str, AccessClaims] = BoundedDict(_VERIFIED_MAX)
 
     @property
     def ttl(self) -> int:
@@ -98,10 +99,7 @@ class TokenSigner:
                 raise InvalidToken("exp")
             return known
         claims = self._verify(token)
-        if len(self._verified) >= _VERIFIED_MAX:
-            del self._verified[next(iter(self._verified))]  # the oldest
-        self._verified[token] = claims
-        return claims
+        return self._verified.keep(token, claims)
 
     def _verify(self, token: str) -> AccessClaims:
         try:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-import phonenumbers
+from backend.lib.phones import as_e164, valid_international
 
 Event = Mapping[str, Any]
 """A parsed FreeSWITCH event: header name to value (a string, or a list for array variables)."""
@@ -131,13 +131,8 @@ def e164(raw: str | None) -> str | None:
         candidate = "+" + candidate
     if not re.fullmatch(r"\+[0-9]{7,15}", candidate):
         return None
-    try:
-        parsed = phonenumbers.parse(candidate, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
-        return None
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    parsed = valid_international(candidate)
+    return as_e164(parsed) if parsed is not None else None
 
 
 @dataclass(frozen=True, slots=True)

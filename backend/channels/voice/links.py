@@ -264,7 +264,6 @@ class NodeLink:
         )
         self._apply_lock = asyncio.Lock()
         self._dispatched = 0
-        self._in_hand = 0
         lanes = max(1, settings.switch_event_lanes)
         self._lanes: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(lanes)]
         self._room = asyncio.Semaphore(lanes * LANE_DEPTH)
@@ -494,8 +493,8 @@ class NodeLink:
         # applied first, the rest after it (re-applying a registration the later list already has is harmless).
         # Counted when the answer was read: events of the same read that follow it happened after.
         position = channels_answer.events_before
-        if position is None:
-            position = self._dispatched + self._in_hand + client.pending_events
+        if position is None:  # answered by a command/reply: the switch refused the command
+            raise ValueError(f"show channels refused: {channels_answer.text[:120]}")
         self._pending = Snapshot(position, [str(row.get("uuid", "")) for row in channels], registrations)
         async with self._apply_lock:
             if self._pending is not None and self._dispatched >= self._pending.position:
@@ -538,12 +537,10 @@ class NodeLink:
         async for event in self.client.events():
             if not self.valid():
                 return  # the lease is going: the keeper closes the link
-            self._in_hand = 1
             async with self._apply_lock:
                 try:
                     await self._dispatch(event)
                 finally:
-                    self._in_hand = 0
                     self._dispatched += 1
                 if self._pending is not None and self._dispatched >= self._pending.position:
                     await self._drain_lanes()

@@ -47,6 +47,7 @@ from backend.config import Settings
 from backend.db.base import utcnow
 from backend.db.engine import tenant_transaction
 from backend.db.tenancy import set_tenant
+from backend.lib.phones import as_e164, valid_international
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.lib.redis_keys import tenant_key
 from backend.tenants import audit
@@ -181,18 +182,11 @@ def classify(destination: str) -> tuple[str, str, int] | None:
     candidate = destination.strip().replace(" ", "").replace("-", "")
     if not candidate.startswith("+"):
         return None
-    try:
-        parsed = phonenumbers.parse(candidate, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_valid_number(parsed):
+    parsed = valid_international(candidate)
+    if parsed is None:
         return None
     region = phonenumbers.region_code_for_number(parsed) or NON_GEOGRAPHIC_REGION
-    return (
-        phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164),
-        region,
-        phonenumbers.number_type(parsed),
-    )
+    return as_e164(parsed), region, phonenumbers.number_type(parsed)
 
 
 def _region_of(e164: str) -> str | None:

@@ -21,6 +21,7 @@ from backend.config import Settings
 from backend.customers import service as customers
 from backend.customers.access import ALL_UNITS, SENSITIVE, Viewer
 from backend.db.engine import tenant_transaction
+from backend.lib.bounded import BoundedDict
 from backend.lib.problems import NotFound
 from backend.routing import ivr_service
 from backend.routing import service as routing_service
@@ -33,9 +34,9 @@ from backend.tenants import service as tenants
 log = structlog.get_logger("voice.call_control")
 
 SIP_DOMAINS_KEPT = 10_000
-"""Tenants whose SIP domain a process keeps at most (then it starts afresh)."""
+"""Tenants whose SIP domain a process keeps at most (then the oldest goes)."""
 FLOW_VERSIONS_KEPT = 2_000
-"""Decoded IVR flow versions a process keeps at most (then it starts afresh)."""
+"""Decoded IVR flow versions a process keeps at most (then the oldest goes)."""
 
 
 @dataclass
@@ -52,8 +53,12 @@ class CallServices:
     store: CallStore
     spawn: Callable[[Coroutine[Any, Any, Any]], object] = field(default=asyncio.ensure_future)
     """Runs work that outlives a call (upload checks) in the process's own task set."""
-    _sip_domains: dict[uuid.UUID, str] = field(default_factory=dict, init=False, repr=False)
-    _flows: dict[tuple[uuid.UUID, uuid.UUID, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _sip_domains: BoundedDict[uuid.UUID, str] = field(
+        default_factory=lambda: BoundedDict(SIP_DOMAINS_KEPT), init=False, repr=False
+    )
+    _flows: BoundedDict[tuple[uuid.UUID, uuid.UUID, int], Any] = field(
+        default_factory=lambda: BoundedDict(FLOW_VERSIONS_KEPT), init=False, repr=False
+    )
 
     async def ensure_uploaded(
         self,
@@ -140,10 +145,7 @@ class CallServices:
             tenant = await tenants.find_tenant(session, tenant_id)
         if tenant is None:
             raise NotFound("No such tenant")
-        if len(self._sip_domains) >= SIP_DOMAINS_KEPT:
-            self._sip_domains.clear()
-        self._sip_domains[tenant_id] = tenant.sip_domain
-        return tenant.sip_domain
+        return self._sip_domains.keep(tenant_id, tenant.sip_domain)
 
     async def pinned_flow(self, tenant_id: uuid.UUID, flow_id: uuid.UUID, version: int | None) -> Any:
         """The flow version a new call starts on, or the one a resumed call is pinned to. A published version
@@ -154,10 +156,7 @@ class CallServices:
             key = (tenant_id, flow_id, version)
             pinned = self._flows.get(key)
             if pinned is None:
-                pinned = await ivr_service.pinned_version(session, flow_id, version)
-                if len(self._flows) >= FLOW_VERSIONS_KEPT:
-                    self._flows.clear()
-                self._flows[key] = pinned
+                pinned = self._flows.keep(key, await ivr_service.pinned_version(session, flow_id, version))
         return pinned
 
 
