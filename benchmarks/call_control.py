@@ -829,14 +829,19 @@ async def one_run(
 
 
 def profile(rig: Rig, label: str, seconds: float) -> list[subprocess.Popen[bytes]]:
-    """With CC_BENCH_PYSPY (a py-spy binary), record the first call-control process and the first node while
-    calls are placed: collapsed stacks (flamegraph.pl input) in the logs folder."""
+    """With CC_BENCH_PYSPY (a py-spy binary), record the first call-control process, the first node, the API and
+    the worker while calls are placed: collapsed stacks (flamegraph.pl input) in the logs folder."""
     pyspy = os.environ.get("CC_BENCH_PYSPY")
     if not pyspy:
         return []
     slug = label.replace(" ", "-")
     started = []
-    for name, process in (("call-control", rig.call_control[0]), ("simulator", rig.sims[0]), ("api", rig.api)):
+    for name, process in (
+        ("call-control", rig.call_control[0]),
+        ("simulator", rig.sims[0]),
+        ("api", rig.api),
+        ("worker", rig.worker),
+    ):
         if process is None:
             continue
         out = rig.logs / f"profile-{slug}-{name}.txt"
