@@ -14,8 +14,12 @@ def run_forever(coroutine: Any) -> Any:
     """Run a long-lived server process's main coroutine on uvloop (as uvicorn runs the API), else asyncio's loop.
 
     A call-control process spends much of its time in socket I/O (a socket per call, PostgreSQL, Redis);
-    uvloop's transports cost less per read and write.
+    uvloop's transports cost less per read and write. What start-up imported is left out of garbage collection
+    (`settle_heap`), as the API does once it has started.
     """
+    from backend.lib.runtime import settle_heap
+
+    settle_heap()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
