@@ -240,10 +240,14 @@ async def test_outbound_execute_fails_with_channel_gone_when_the_node_dies():
 
 @contextlib.asynccontextmanager
 async def outbound_rig(
-    handler: Callable[[OutboundSession], Awaitable[None]], number: str, *, time_scale: float
+    handler: Callable[[OutboundSession], Awaitable[None]],
+    number: str,
+    *,
+    time_scale: float,
+    events: frozenset[str] | None = None,
 ) -> AsyncIterator[SwitchSimulator]:
     """Our outbound server running `handler`, a simulator whose dialplan sends `number` to it over `socket`."""
-    server = OutboundServer(handler, "127.0.0.1", 0, config=FAST)
+    server = OutboundServer(handler, "127.0.0.1", 0, config=FAST, events=events)
     await server.start()
     backend = BackendStandIn(fixture_responder(socket_dialplan(server.port, number)))
     await backend.start()
@@ -349,3 +353,38 @@ async def test_playback_timeout_sec_bounds_a_stream_as_freeswitch_does():
         await until(lambda: "plain" in outcome)
     assert 0.9 <= float(str(outcome["seconds"])) < 3.0  # 4 s of media at a quarter of real time
     assert outcome["as_success"] == "FILE PLAYED" and outcome["plain"] == "PLAYBACK ERROR"
+
+
+async def test_a_session_keeps_only_the_events_its_handler_reads_and_execute_still_completes():
+    """`events` nixes the rest of myevents' list after subscribing (one command, sent with linger and myevents
+    before any answer): the handler's own applications still complete, no other event type arrives, and the
+    hang-up still does."""
+    wanted = frozenset({"CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP"})
+    seen: list[str] = []
+    outcome: dict[str, object] = {}
+
+    async def handler(session: OutboundSession) -> None:
+        async def watch() -> None:
+            async for event in session.events():
+                seen.append(event.name)
+
+        watcher = asyncio.create_task(watch())
+        await session.answer()
+        done = await session.execute("playback", "silence_stream://200")
+        outcome["played"] = done.get("Application-Response")
+        await session.hangup("NORMAL_CLEARING")
+        await session.wait_for_hangup(timeout=5)
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+        outcome["done"] = True
+
+    async with outbound_rig(handler, "7404", time_scale=0.25, events=wanted) as simulator:
+        await simulator.switch.place_call("7404")
+        await until(lambda: "done" in outcome)
+        commands = [r["command"] for r in simulator.switch.requests if r["kind"] == "esl"]
+    assert outcome["played"] == "FILE PLAYED"
+    assert set(seen) == wanted, seen
+    nixed = next(command for command in commands if command.startswith("nixevent"))
+    assert "CHANNEL_EXECUTE " in nixed + " " and "CHANNEL_STATE" in nixed and "CHANNEL_HANGUP " not in nixed + " "
+    subscribed = next(i for i, command in enumerate(commands) if command.startswith("myevents"))
+    assert commands.index(nixed) == subscribed + 1

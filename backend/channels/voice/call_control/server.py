@@ -32,6 +32,13 @@ from backend.channels.voice.legs import VAR_DIRECTION
 from backend.lib.tasks import cancel_and_wait
 from backend.routing.signals import RoutingSignal, SignalListener
 
+CONTROLLED_EVENTS = frozenset(
+    {"CHANNEL_EXECUTE_COMPLETE", "CHANNEL_BRIDGE", "CHANNEL_UNBRIDGE", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE"}
+)
+"""What call control reads of a call's events: its applications' results, bridges and the hang-up. The rest of
+`myevents` (each application's start, every state change, DTMF also reported by `play_and_get_digits`...) is
+`nixevent`ed: every event carries all the channel's variables, a few kilobytes each."""
+
 log = structlog.get_logger("voice.call_control")
 
 DirectionHandler = Callable[[OutboundSession, CallServices], Awaitable[None]]
@@ -53,7 +60,9 @@ class CallControlServer:
         reuse_port: bool = False,
     ) -> None:
         self.services = services
-        self.server = OutboundServer(self._accept, host, port, config=config, reuse_port=reuse_port)
+        self.server = OutboundServer(
+            self._accept, host, port, config=config, events=CONTROLLED_EVENTS, reuse_port=reuse_port
+        )
         self.handlers: dict[str, DirectionHandler] = {}
         """Handlers for calls of other directions, by `cc_direction` (inbound calls are ours)."""
         self.calls: dict[tuple[uuid.UUID, uuid.UUID], Controlled] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 
 from backend.channels.voice.esl._config import ClientConfig
 from backend.channels.voice.esl._connection import BackgroundJob, Connection, EventBuffer
@@ -19,6 +19,35 @@ ACCEPT_BACKLOG = 1024
 """Connections the kernel queues for us while the process is busy (asyncio's default is 100). Past the queue
 the kernel drops the switch's SYNs and its `socket` application's connect is retried for seconds to minutes:
 under a burst of calls, callers sat in silence that long before reaching call control."""
+
+MYEVENTS = frozenset(
+    {
+        "CHANNEL_ANSWER",
+        "CHANNEL_APPLICATION",
+        "CHANNEL_BRIDGE",
+        "CHANNEL_CREATE",
+        "CHANNEL_DATA",
+        "CHANNEL_DESTROY",
+        "CHANNEL_EXECUTE",
+        "CHANNEL_EXECUTE_COMPLETE",
+        "CHANNEL_HANGUP",
+        "CHANNEL_HANGUP_COMPLETE",
+        "CHANNEL_ORIGINATE",
+        "CHANNEL_UUID",
+        "CHANNEL_OUTGOING",
+        "CHANNEL_PARK",
+        "CHANNEL_PROGRESS",
+        "CHANNEL_PROGRESS_MEDIA",
+        "CHANNEL_STATE",
+        "CHANNEL_UNBRIDGE",
+        "CHANNEL_UNPARK",
+        "DETECTED_SPEECH",
+        "DTMF",
+        "NOTALK",
+        "TALK",
+    }
+)
+"""The events `myevents` subscribes to (mod_event_socket.c, parse_command)."""
 
 
 class OutboundSession:
@@ -106,6 +135,11 @@ class OutboundSession:
     async def add_filter(self, header: str, value: str) -> CommandReply:
         return await self._connection.checked(f"filter {header} {value}")
 
+    async def nixevent(self, *names: str) -> CommandReply:
+        """Stop receiving these events (the subscription's other events, and `myevents`' filter on this call,
+        stay)."""
+        return await self._connection.checked(f"nixevent {' '.join(names)}")
+
     async def linger(self, seconds: int | None = None) -> CommandReply:
         """Keep the socket after hangup so the last events (HANGUP_COMPLETE) still arrive."""
         return await self._connection.checked("linger" if seconds is None else f"linger {seconds}")
@@ -181,8 +215,10 @@ class OutboundServer:
     """Accepts `socket` connections and hands each call, connected, to `handler(session)`.
 
     With `myevents` (the default) the session receives its channel's events, which
-    `execute()` needs; with `linger` the socket stays after hangup until the switch
-    closes it, so CHANNEL_HANGUP_COMPLETE still arrives. Several worker processes may
+    `execute()` needs (`events` keeps only those of them the handler reads: each
+    event carries every channel variable, and a call has dozens); with `linger` the
+    socket stays after hangup until the switch closes it, so CHANNEL_HANGUP_COMPLETE
+    still arrives. Several worker processes may
     each run a server; FreeSWITCH spreads nothing by itself, so a balancer or several
     `socket` targets do.
     """
@@ -195,6 +231,7 @@ class OutboundServer:
         *,
         config: ClientConfig | None = None,
         myevents: bool = True,
+        events: Collection[str] | None = None,
         linger: bool = True,
         reuse_port: bool = False,
     ) -> None:
@@ -203,6 +240,8 @@ class OutboundServer:
         self.port = port
         self.config = config or ClientConfig()
         self.myevents = myevents
+        self.unwanted = sorted(MYEVENTS - set(events)) if events is not None else []
+        """`myevents`' events the handler does not read, `nixevent`ed after it."""
         self.linger = linger
         self.reuse_port = reuse_port
         """SO_REUSEPORT: several processes listen on one address and the kernel spreads the calls."""
@@ -232,6 +271,19 @@ class OutboundServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _prepare(self, session: OutboundSession) -> None:
+        """linger, myevents, nixevent: sent back to back (the switch answers in order), one wait instead of three."""
+        steps: list[Awaitable[CommandReply]] = []
+        if self.linger:
+            steps.append(session.linger())
+        if self.myevents:
+            steps.append(session.myevents())
+            if self.unwanted:
+                steps.append(session.nixevent(*self.unwanted))
+        for outcome in await asyncio.gather(*steps, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -239,10 +291,7 @@ class OutboundServer:
         session = OutboundSession(reader, writer, self.config)
         try:
             await session.connect()
-            if self.linger:
-                await session.linger()
-            if self.myevents:
-                await session.myevents()
+            await self._prepare(session)
             await self.handler(session)
         except ESLError as error:
             logger.warning("outbound call %s ended: %s", session.uuid or "?", error)
