@@ -19,7 +19,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -57,6 +57,13 @@ _CONTEXT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 
 
+def _unquote(raw: str) -> str:
+    """What `parse_qsl` makes of one name or value: `+` is a space, `%XX` a byte (UTF-8, invalid ones replaced)."""
+    if "%" not in raw and "+" not in raw:
+        return raw
+    return unquote(raw.replace("+", " "), errors="replace")
+
+
 @dataclass(frozen=True, slots=True)
 class XmlCurlForm:
     """The fields of one mod_xml_curl request; the first occurrence of a name wins.
@@ -65,17 +72,19 @@ class XmlCurlForm:
     value, so nothing a caller controls can stand in for them.
     """
 
-    fields: Mapping[str, str]
+    raw: Mapping[str, str]
+    """Each field's value as sent, still URL-encoded: a dialplan request carries some 300 channel variables and
+    the handlers read a dozen, so values are decoded when read (decoding them all was most of the request's CPU)."""
 
     def get(self, name: str) -> str | None:
         """A field's value, or None when absent or empty."""
-        value = self.fields.get(name)
-        return value if value else None
+        value = self.raw.get(name)
+        return _unquote(value) if value else None
 
     @property
     def section(self) -> str:
         """`directory`, `dialplan`, `configuration`, ..."""
-        return self.fields.get("section", "")
+        return self.get("section") or ""
 
     @property
     def hostname(self) -> str | None:
@@ -84,18 +93,19 @@ class XmlCurlForm:
 
 
 def parse_form(body: bytes) -> XmlCurlForm:
-    """Read the urlencoded body mod_xml_curl sends (`,` left unencoded, spaces as `%20`)."""
+    """Read the urlencoded body mod_xml_curl sends (`,` left unencoded, spaces as `%20`), as `parse_qsl` would with
+    blank values kept, decoding only the names."""
     try:
         decoded = body.decode("ascii")
     except UnicodeDecodeError as exc:
         raise InvalidInput.field("body", "is not an urlencoded form (mod_xml_curl encodes every byte)") from exc
-    try:
-        pairs = parse_qsl(decoded, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="replace")
-    except ValueError as exc:
-        raise InvalidInput.field("body", f"has more than {MAX_FIELDS} fields") from exc
+    if decoded.count("&") + 1 > MAX_FIELDS:
+        raise InvalidInput.field("body", f"has more than {MAX_FIELDS} fields")
     fields: dict[str, str] = {}
-    for name, value in pairs:
-        fields.setdefault(name, value)
+    for pair in decoded.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            fields.setdefault(_unquote(name), value)
     if "section" not in fields:
         raise InvalidInput.field("section", "is required (this is not a mod_xml_curl request)")
     return XmlCurlForm(fields)

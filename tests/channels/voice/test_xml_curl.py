@@ -14,6 +14,7 @@ import hashlib
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from backend.channels.voice.models import SwitchNode
 from backend.channels.voice.xml_curl import XmlCurl, dialplan_route, parse_form
 from backend.channels.voice.xml_documents import NOT_FOUND
 from backend.db.engine import driver_connection
+from backend.lib.problems import InvalidInput
 from tests.factories import Factory, TenantCtx
 from tests.support.freeswitch_captures import A_LEG, fixture, rewrite_form, xml_curl_body
 
@@ -289,6 +291,23 @@ async def test_garbage_is_a_problem_not_a_crash(body, client, node_up, switch_he
         assert response.status_code == 422, response.text
         problem = response.json()
         assert problem["errors"], problem
+
+
+@pytest.mark.parametrize(
+    "capture", sorted(p.name for p in fixture("xml_curl").glob("*.request.txt")), ids=lambda name: name[:3]
+)
+def test_fields_read_as_parse_qsl_reads_them(capture: str):
+    """Values are decoded when read, not when parsed; what a handler reads is what `parse_qsl` gives."""
+    edges = "&&a%3Db=1&a%3Db=2&plus=a+b%2Bc&bad=%ZZ%E9%FF&blank=&bare&%73ection=second&x=%C3%A9t%C3%A9"
+    for body in (xml_curl_body(capture), xml_curl_body(capture) + edges.encode()):
+        expected: dict[str, str] = {}
+        for name, value in parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="replace"):
+            expected.setdefault(name, value)
+        form = parse_form(body)
+        assert {name: form.get(name) or "" for name in expected} == expected
+        assert form.section == expected["section"] and form.hostname == (expected.get("hostname") or None)
+    with pytest.raises(InvalidInput):
+        parse_form(b"section=dialplan" + b"&x=" * 2000)
 
 
 async def test_a_dialplan_request_without_a_leg_is_refused_as_input(client, node_up, switch_headers):
