@@ -73,8 +73,9 @@ class XmlCurlForm:
     """
 
     raw: Mapping[str, str]
-    """Each field's value as sent, still URL-encoded: a dialplan request carries some 300 channel variables and
-    the handlers read a dozen, so values are decoded when read (decoding them all was most of the request's CPU)."""
+    """Each field's value as sent, still URL-encoded: a dialplan request carries some 160 fields (every channel
+    variable) and the handlers read a dozen, so values are decoded when read (decoding them all cost about 0.12 ms
+    of CPU a request)."""
 
     def get(self, name: str) -> str | None:
         """A field's value, or None when absent or empty."""
