@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     register_routing_messages(hub, sessionmaker, routing)
     switch_sources = NodeAddressBook(sessionmaker, settings.switch_source_cache_seconds)
     voice = VoiceSwitchboard(sessionmaker, redis, settings, routing)
-    xml_curl = XmlCurl(switch_sources, voice.health, AdmitEveryCall(), settings.call_control_address, engine)
+    xml_curl = XmlCurl(switch_sources, AdmitEveryCall(), settings.call_control_address, engine)
     storage = make_storage(settings)
     voicemail = VoicemailDesk(sessionmaker, storage, settings, routing, CustomerStoreTickets(sessionmaker))
     job_queue = make_job_queue(settings)

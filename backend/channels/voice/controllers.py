@@ -68,11 +68,11 @@ class SwitchController(Controller):
         return _xml(await xml_curl.directory(form, _source(request)))
 
     @post("/dialplan", operation_id="switch_dialplan", status_code=HTTP_200_OK)
-    async def dialplan(self, request: Request[Any, Any, Any], db_session: AsyncSession) -> Response[bytes]:
+    async def dialplan(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """mod_xml_curl `dialplan`: hand the call to call control, or refuse it with a hangup cause."""
         xml_curl: XmlCurl = request.app.state.xml_curl
         form = parse_form(await request.body())
-        return _xml(await xml_curl.dialplan(db_session, form, _source(request)))
+        return _xml(await xml_curl.dialplan(form, _source(request)))
 
     @post("/cdr", operation_id="switch_cdr", status_code=HTTP_200_OK)
     async def cdr(

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
+from backend.lib.bounded import BoundedDict
 from backend.lib.phones import as_e164, valid_international
 
 Event = Mapping[str, Any]
@@ -117,6 +118,12 @@ def from_micros(value: str | None) -> datetime | None:
     return datetime.fromtimestamp(micros / 1_000_000, UTC)
 
 
+_E164_LONGEST = 24
+_E164_SEEN: BoundedDict[str, str | None] = BoundedDict(4096)
+"""`e164`'s answers by raw text, per process: `phonenumbers` costs ~20 us a number and the same DIDs come back
+on every call (the dialplan, both legs' CDRs, call control), so each is worked out once; it is a pure function."""
+
+
 def e164(raw: str | None) -> str | None:
     """A dialled or presented number in E.164 (`+33142685300`), or None if it is not a valid public number.
 
@@ -124,15 +131,19 @@ def e164(raw: str | None) -> str | None:
     """
     if not raw:
         return None
+    if raw in _E164_SEEN:
+        return _E164_SEEN[raw]
     candidate = raw.strip()
     if candidate.startswith("00"):
         candidate = "+" + candidate[2:]
     if not candidate.startswith("+"):
         candidate = "+" + candidate
-    if not re.fullmatch(r"\+[0-9]{7,15}", candidate):
-        return None
-    parsed = valid_international(candidate)
-    return as_e164(parsed) if parsed is not None else None
+    found = None
+    if re.fullmatch(r"\+[0-9]{7,15}", candidate):
+        parsed = valid_international(candidate)
+        found = as_e164(parsed) if parsed is not None else None
+    # Only what could be a number is kept: a caller controls the text, and a long one is no number.
+    return _E164_SEEN.keep(raw, found) if len(raw) <= _E164_LONGEST else found
 
 
 @dataclass(frozen=True, slots=True)

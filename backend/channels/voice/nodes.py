@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.crypto import SecretBox
@@ -436,12 +436,3 @@ class NodeHealth:
 
         best = min(nodes, key=load)
         return NodeChoice(best.id, best.name, best.esl_host, best.esl_port, best.sip_address)
-
-    async def accepting(self, session: AsyncSession, node_id: uuid.UUID) -> bool:
-        """Whether the node takes new calls now (up and not draining), read fresh from the database."""
-        found = await session.scalar(
-            select(SwitchNode.id).where(
-                and_(SwitchNode.id == node_id, SwitchNode.health == "up", SwitchNode.draining.is_(False))
-            )
-        )
-        return found is not None

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from backend.channels.voice import legs
 from backend.channels.voice.legs import (
     LegError,
     e164,
@@ -150,6 +151,17 @@ def test_live_fields_rebuild_a_leg_without_its_hangup():
 )
 def test_dialled_numbers_in_e164(raw, expected):
     assert e164(raw) == expected
+    assert e164(raw) == expected  # the second answer is the kept one
+
+
+def test_e164_keeps_a_bounded_number_of_answers_and_no_long_text():
+    assert e164(" 0033142685301 ") == "+33142685301"
+    assert " 0033142685301 " in legs._E164_SEEN
+    long = "1" * 30 + "x"
+    assert e164(long) is None and long not in legs._E164_SEEN
+    for n in range(legs._E164_SEEN.limit + 10):
+        e164(f"+1415555{n:04d}")
+    assert len(legs._E164_SEEN) == legs._E164_SEEN.limit
 
 
 @pytest.mark.parametrize(

@@ -8,18 +8,26 @@ controls can add an element, an attribute or a FreeSWITCH variable expansion.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
+from asyncpg.connection import LoggedQuery
+from sqlalchemy import event, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.channels.voice.admission import Admission, CallAttempt
-from backend.channels.voice.xml_curl import XmlCurl, parse_form
+from backend.channels.voice.models import SwitchNode
+from backend.channels.voice.xml_curl import XmlCurl, dialplan_route, parse_form
 from backend.channels.voice.xml_documents import NOT_FOUND
+from backend.db.engine import driver_connection
+from backend.lib.problems import InvalidInput
 from tests.factories import Factory, TenantCtx
 from tests.support.freeswitch_captures import A_LEG, fixture, rewrite_form, xml_curl_body
 
@@ -285,6 +293,23 @@ async def test_garbage_is_a_problem_not_a_crash(body, client, node_up, switch_he
         assert problem["errors"], problem
 
 
+@pytest.mark.parametrize(
+    "capture", sorted(p.name for p in fixture("xml_curl").glob("*.request.txt")), ids=lambda name: name[:3]
+)
+def test_fields_read_as_parse_qsl_reads_them(capture: str):
+    """Values are decoded when read, not when parsed; what a handler reads is what `parse_qsl` gives."""
+    edges = "&&a%3Db=1&a%3Db=2&plus=a+b%2Bc&bad=%ZZ%E9%FF&blank=&bare&%73ection=second&x=%C3%A9t%C3%A9"
+    for body in (xml_curl_body(capture), xml_curl_body(capture) + edges.encode()):
+        expected: dict[str, str] = {}
+        for name, value in parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="replace"):
+            expected.setdefault(name, value)
+        form = parse_form(body)
+        assert {name: form.get(name) or "" for name in expected} == expected
+        assert form.section == expected["section"] and form.hostname == (expected.get("hostname") or None)
+    with pytest.raises(InvalidInput):
+        parse_form(b"section=dialplan" + b"&x=" * 2000)
+
+
 async def test_a_dialplan_request_without_a_leg_is_refused_as_input(client, node_up, switch_headers):
     body = rewrite_form(
         xml_curl_body("c08_dialplan_inbound_call_7400.request.txt"), {"Unique-ID": "x", "Caller-Unique-ID": "y"}
@@ -388,6 +413,72 @@ async def test_a_draining_or_silent_node_gets_no_new_calls(factory: Factory, cli
     assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == refused
     await client.post(f"/api/v1/ops/switch-nodes/{node['id']}/undrain", headers=ops)
     assert _actions(await _post(client, DIALPLAN, body, switch_headers))[-1][0] == "socket"
+    # Marked down (the watchdog's verdict on a silent node): the very next call is refused.
+    async with app.state.sessionmaker() as session, session.begin():
+        await session.execute(update(SwitchNode).where(SwitchNode.id == node["id"]).values(health="down"))
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers)) == refused
+
+
+async def test_a_new_call_is_routed_in_one_statement_without_a_transaction(
+    factory: Factory, client, engine: AsyncEngine, node_up, switch_headers
+):
+    """The dialplan is asked for every call: one statement (`dialplan_route`), no BEGIN, tenant setting or COMMIT."""
+    ctx = await factory.tenant()
+    number = await factory.number(ctx, queue_id=await _queue_named(factory, ctx, "Sales"))
+    body = dialplan_request(number["number"])
+    assert _actions(await _post(client, DIALPLAN, body, switch_headers))[-1][0] == "socket"  # warm: prepared
+    seen: list[str] = []
+    this_request = asyncio.current_task()  # the ASGI transport runs the app in the test's task; others are not ours
+
+    def log_query(record: LoggedQuery) -> None:
+        seen.append(record.query)
+
+    def on_checkout(dbapi_connection: Any, *_: Any) -> None:
+        if asyncio.current_task() is this_request:
+            dbapi_connection.driver_connection.add_query_logger(log_query)
+
+    def on_checkin(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.driver_connection.remove_query_logger(log_query)
+
+    def on_orm_statement(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if asyncio.current_task() is this_request:
+            seen.append(statement)
+
+    pool_events = [("checkout", on_checkout), ("checkin", on_checkin), ("before_cursor_execute", on_orm_statement)]
+    for name, listener in pool_events:
+        event.listen(engine.sync_engine, name, listener)
+    try:
+        assert _actions(await _post(client, DIALPLAN, body, switch_headers))[-1][0] == "socket"
+        await asyncio.sleep(0)  # asyncpg hands the log records over with call_soon
+    finally:
+        for name, listener in pool_events:
+            event.remove(engine.sync_engine, name, listener)
+    assert seen == ["SELECT * FROM dialplan_route($1, $2, $3)"]
+
+
+async def test_the_dialplan_lookup_reads_the_queue_as_its_tenant_and_leaves_no_tenant_behind(
+    factory: Factory, engine: AsyncEngine, node_up
+):
+    ctx = await factory.tenant()
+    other = await factory.tenant()
+    queue = await _queue_named(factory, ctx, "Sales")
+    number = await factory.number(ctx, queue_id=queue)
+    route = await dialplan_route(engine, node_up, number["number"], other.tenant_id)
+    assert route.node_accepting and route.tenant_id == ctx.tenant_id  # the number's tenant, not the one passed
+    assert (route.number_id, route.queue_id, route.queue_name) == (uuid.UUID(str(number["id"])), queue, "Sales")
+    seat_call = await dialplan_route(engine, node_up, None, other.tenant_id)
+    assert seat_call.tenant_id == other.tenant_id and seat_call.number_id is None and seat_call.queue_name is None
+    assert (await dialplan_route(engine, node_up, "+14155550199", None)).tenant_id is None
+    assert not (await dialplan_route(engine, uuid.uuid4(), number["number"], None)).node_accepting
+    async with driver_connection(engine) as connection:
+        async with connection.transaction():
+            await connection.execute("SELECT set_config('app.tenant_id', $1, true)", str(other.tenant_id))
+            row = await connection.fetchrow("SELECT * FROM dialplan_route($1, $2, NULL)", node_up, number["number"])
+            assert row["queue_name"] == "Sales"
+            assert await connection.fetchval("SELECT current_setting('app.tenant_id', true)") == str(other.tenant_id)
+        await connection.fetchrow("SELECT * FROM dialplan_route($1, $2, NULL)", node_up, number["number"])
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
+        assert await connection.fetchval("SELECT count(*) FROM queues") == 0  # row-level security: no tenant
 
 
 async def test_a_seat_places_a_call_through_call_control(
@@ -424,15 +515,13 @@ class RefuseEverything:
         return Admission(admitted=False, hangup_cause="OUTGOING_CALL_BARRED", reason="no balance")
 
 
-async def test_the_admission_check_can_refuse_a_call(factory: Factory, app, sessionmaker, node_up):
+async def test_the_admission_check_can_refuse_a_call(factory: Factory, app, node_up):
     """Billing plugs in behind one interface; a refusal becomes the hangup cause it names."""
     ctx = await factory.tenant()
     number = await factory.number(ctx, queue_id=await factory.queue(ctx))
     admission = RefuseEverything()
-    xml_curl = XmlCurl(app.state.switch_sources, app.state.voice.health, admission, "127.0.0.1:8084", app.state.engine)
-    form = parse_form(dialplan_request(number["number"]))
-    async with sessionmaker() as session, session.begin():
-        document = await xml_curl.dialplan(session, form, "127.0.0.1")
+    xml_curl = XmlCurl(app.state.switch_sources, admission, "127.0.0.1:8084", app.state.engine)
+    document = await xml_curl.dialplan(parse_form(dialplan_request(number["number"])), "127.0.0.1")
     actions = [(a.get("application"), a.get("data")) for a in ET.fromstring(document).iter("action")]
     assert actions == [
         ("set", f"cc_tenant_id={ctx.tenant_id}"),
@@ -444,4 +533,4 @@ async def test_the_admission_check_can_refuse_a_call(factory: Factory, app, sess
 
 def test_the_call_control_address_is_checked():
     with pytest.raises(ValueError, match="host:port"):
-        XmlCurl(None, None, None, "127.0.0.1 async full; bridge", None)  # type: ignore[arg-type]
+        XmlCurl(None, None, "127.0.0.1 async full; bridge", None)  # type: ignore[arg-type]
