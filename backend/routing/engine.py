@@ -373,6 +373,11 @@ class RoutingEngine:
         `outcome` when given (`node_failure`); its agent's capacity is freed. Idempotent: an interaction
         already ended (or unknown to this tenant) is left alone and None is returned.
         """
+        # The end is reported by call control and by both CDR paths: those that come second learn it in one read.
+        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+            state = await driver.fetchval(_INTERACTION_STATE, tenant_id, interaction_id)
+        if state in ("ended", "wrap_up"):
+            return None
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             try:
                 interaction = await interactions.lock(session, interaction_id)
@@ -1147,6 +1152,9 @@ class RoutingEngine:
 CHANNEL_EVENTS = frozenset({"ivr_step", "held", "resumed"})
 _RECORD_CHANNEL_EVENT = "SELECT record_channel_event($1, $2, $3, $4, $5, $6::jsonb)"
 """Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
+
+_INTERACTION_STATE = "SELECT interaction_state($1, $2)"
+"""An interaction's state without a transaction (migration 0015): None when the tenant has no such one."""
 
 NO_QUEUE = uuid.UUID(int=0)
 """The matcher's queue for a contact connected outside any queue (it never waits in a line)."""

@@ -59,3 +59,37 @@ async def test_a_note_never_reaches_another_tenants_interaction_nor_leaves_a_ten
     async with driver_connection(engine) as connection:
         assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
         assert await connection.fetchval("SELECT count(*) FROM interaction_events") == 0  # no tenant: nothing
+
+
+async def test_an_end_reported_again_is_answered_without_a_transaction_and_only_for_the_tenant(
+    app, factory: Factory, sessionmaker: async_sessionmaker[AsyncSession], engine: AsyncEngine
+):
+    """Call control and both CDR paths report each call's end: the first ends it; the repeats read its state in
+    one statement (`interaction_state`), which never sees another tenant's interaction or leaves a tenant set."""
+    from sqlalchemy import event
+
+    routing = app.state.routing
+    a = await factory.tenant()
+    b = await factory.tenant()
+    theirs = await routing.open(b.tenant_id, channel="voice")
+    ended = await routing.end_from_channel(b.tenant_id, theirs.id)
+    assert ended is not None and ended.outcome == "abandoned"
+    timeline = await _timeline(sessionmaker, b.tenant_id, theirs.id)
+
+    transactions: list[object] = []
+
+    def began(connection: object) -> None:
+        transactions.append(connection)
+
+    event.listen(engine.sync_engine, "begin", began)
+    try:
+        assert await routing.end_from_channel(b.tenant_id, theirs.id) is None
+    finally:
+        event.remove(engine.sync_engine, "begin", began)
+    assert transactions == []
+    assert await _timeline(sessionmaker, b.tenant_id, theirs.id) == timeline
+
+    async with driver_connection(engine) as connection:
+        assert await connection.fetchval("SELECT interaction_state($1, $2)", b.tenant_id, theirs.id) == "ended"
+        assert await connection.fetchval("SELECT interaction_state($1, $2)", a.tenant_id, theirs.id) is None
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
