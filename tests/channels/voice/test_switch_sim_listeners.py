@@ -8,7 +8,7 @@ from backend.channels.voice.esl import InboundClient
 from backend.channels.voice.esl._models import Event
 from backend.channels.voice.esl._wire import GOODBYE
 from backend.channels.voice.simulator import Endpoint, SwitchSimulator
-from backend.channels.voice.simulator._esl import Listener
+from backend.channels.voice.simulator._esl import MAX_MISSED, Listener
 from backend.channels.voice.simulator._switch import Switch
 from tests.channels.voice.support import until
 from tests.channels.voice.test_conformance_inbound import simulator_config
@@ -118,3 +118,19 @@ async def test_frames_of_one_loop_iteration_go_out_in_one_write_in_order_and_bef
         ("close", b""),
     ]
     assert listener not in switch.listeners
+
+
+async def test_a_listener_that_does_not_keep_up_loses_events_and_is_killed_past_max_missed():
+    """Frames queued and not yet written count as FreeSWITCH's event queue, as the socket's own buffer does."""
+    switch = Switch(simulator_config(event_queue_size=1))
+    writer = _Writer()
+    listener = Listener(switch, asyncio.StreamReader(), writer)  # type: ignore[arg-type]
+    switch.listeners.add(listener)
+    listener.subscribe(["plain", "HEARTBEAT"])
+    for _ in range(MAX_MISSED + 10):
+        switch.fire_heartbeat()
+    assert listener.lost == MAX_MISSED + 1 and listener.closed.is_set()
+    assert listener not in switch.listeners
+    [(kind, data), closing] = writer.calls
+    assert kind == "write" and data.count(b"Event-Name: HEARTBEAT\n") >= 1
+    assert closing == ("close", b"")

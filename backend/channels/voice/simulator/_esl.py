@@ -130,6 +130,8 @@ class Listeners:
     An event is offered only to the listeners that can want it: a `myevents` listener bound to a channel
     takes nothing but events whose Unique-ID is that channel's, so those are kept by that uuid. With an
     outbound socket per call, offering every event to every listener cost as many checks as calls up.
+    (Since 1.10.10 FreeSWITCH also passes a myevents listener the BACKGROUND_JOB of a bgapi it sent, by
+    Job-Owner-UUID; the simulator adds no such header, so it is not looked up here either.)
     """
 
     __slots__ = ("_all", "_bound", "_unbound")
