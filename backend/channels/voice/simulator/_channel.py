@@ -231,24 +231,25 @@ def _profile_names(prefix: str) -> _ProfileNames:
 class Variables:
     """Channel variables with FreeSWITCH's order: setting one moves it to the end, an empty value deletes it."""
 
-    __slots__ = ("_event_pairs", "_items")
+    __slots__ = ("_headers", "_items")
 
     def __init__(self) -> None:
         self._items: dict[str, str] = {}
-        self._event_pairs: tuple[tuple[str, str], ...] | None = None
+        # The same, named as event headers (`variable_<name>`), kept in step: channels set variables far
+        # less often than they fire events carrying them all.
+        self._headers: dict[str, str] = {}
 
     def set(self, name: str, value: str | None) -> None:
-        self._event_pairs = None
+        header = "variable_" + name
         self._items.pop(name, None)
+        self._headers.pop(header, None)
         if value:
             self._items[name] = value
+            self._headers[header] = value
 
-    def event_pairs(self) -> tuple[tuple[str, str], ...]:
-        """`variable_<name>` headers in order, kept until a variable changes: several events fire between two
-        changes, each carrying them all."""
-        if self._event_pairs is None:
-            self._event_pairs = tuple((f"variable_{name}", value) for name, value in self._items.items())
-        return self._event_pairs
+    def event_pairs(self) -> list[tuple[str, str]]:
+        """`variable_<name>` headers, in the variables' order."""
+        return list(self._headers.items())
 
     def set_if_absent(self, name: str, value: str) -> None:
         if name not in self._items:
@@ -348,7 +349,7 @@ class Channel:
         return pairs
 
     def extended_data(self) -> Pairs:
-        return list(self.variables.event_pairs())
+        return self.variables.event_pairs()
 
     def event_data(self, event_name: str, *, skip_hangup_cause: bool = False) -> Pairs:
         """switch_channel_event_set_data: basic data, plus variables for the events that carry them."""

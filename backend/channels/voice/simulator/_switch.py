@@ -288,9 +288,11 @@ class Switch:
         pairs: Pairs = list(leading) + self.base_headers(name, calling, subclass) + list(pre)
         unique_id: str | None = None
         if channel is not None:
-            # The event's Unique-ID is the first such header: one in `leading` or `pre`, else the channel's,
-            # which its data carries before any other (the base headers have none). Saves a scan of them all.
-            unique_id = find_unique_id(pairs)
+            # The event's Unique-ID is the first such header: one in `leading` or `pre` (the base headers have
+            # none), else the channel's, which its data carries before any other. Saves a scan of them all.
+            unique_id = find_unique_id(leading)
+            if unique_id is None:
+                unique_id = find_unique_id(pre)
             if unique_id is None:
                 unique_id = channel.uuid
             if extended is False:
