@@ -115,9 +115,26 @@ class CallerProfile:
     bridged: int = 0
     last_hold: int = 0
     hold_accum: int = 0
+    _headers: dict[tuple[str, bool], Pairs] | None = field(default=None, init=False, repr=False, compare=False)
+    """headers() by (prefix, with_index), until a field changes: every event carries the profile."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_headers":
+            object.__setattr__(self, "_headers", None)
 
     def headers(self, prefix: str, *, with_index: bool = True) -> Pairs:
         """switch_caller_profile_event_set_data: empty fields are left out; the other leg's copy has no index."""
+        cache = self._headers
+        if cache is None:
+            cache = self._headers = {}
+        pairs = cache.get((prefix, with_index))
+        if pairs is None:
+            pairs = cache[(prefix, with_index)] = self._build_headers(prefix, with_index)
+        # A copy: callers extend what they get.
+        return list(pairs)
+
+    def _build_headers(self, prefix: str, with_index: bool) -> Pairs:
         names = _profile_names(prefix)
         orig_name = self.caller_id_name if self.orig_caller_id_name is None else self.orig_caller_id_name
         orig_number = self.caller_id_number if self.orig_caller_id_number is None else self.orig_caller_id_number
