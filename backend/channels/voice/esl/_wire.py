@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import msgspec
 
@@ -12,6 +14,9 @@ RUDE_REJECTION_TEXT = "Access Denied, go away.\n"
 
 # SWITCH_URL_UNSAFE from switch_utils.h, plus every byte outside printable ASCII.
 _UNSAFE = frozenset(b'\r\n #%&+:;<=>?@[\\]^`{|}"')
+# The same bytes as characters (anything outside printable ASCII encodes to bytes outside it): one C scan
+# tells whether a value needs escaping, and most do not.
+_UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]|[" + re.escape(bytes(sorted(_UNSAFE)).decode("ascii")) + "]")
 _HEX = b"0123456789ABCDEF"
 _HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 
@@ -20,9 +25,9 @@ _JSON = msgspec.json.Encoder()
 
 def url_encode(value: str) -> str:
     """switch_url_encode: escape unsafe bytes as %XX, but leave an existing `%XX` escape alone."""
-    data = value.encode("utf-8")
-    if all(0x20 <= byte <= 0x7E and byte not in _UNSAFE for byte in data):
+    if _UNSAFE_TEXT.search(value) is None:
         return value
+    data = value.encode("utf-8")
     out = bytearray()
     size = len(data)
     for index, byte in enumerate(data):
@@ -66,7 +71,22 @@ def serialize_plain(headers: Sequence[tuple[str, str]], body: str | None = None)
 
 def serialize_json(headers: Sequence[tuple[str, str]], body: str | None = None) -> bytes:
     """switch_event_serialize_json: one flat object (repeated names kept, as cJSON writes them), the body last."""
+    values = dict(headers)
+    if len(values) != len(headers) or (body is not None and ("Content-Length" in values or "_body" in values)):
+        return _serialize_json_members(headers, body)
+    # No name repeats: one dict encoded at once writes the same bytes as member by member, several times faster.
+    members = cast(dict[str, object], values)
+    if "ARRAY::" in "".join(values.values()):
+        for name, value in values.items():
+            if value.startswith("ARRAY::"):
+                members[name] = value[7:].split("|:")
+    if body is not None:
+        members["Content-Length"] = str(len(body.encode("utf-8")))
+        members["_body"] = body
+    return _JSON.encode(members)
 
+
+def _serialize_json_members(headers: Sequence[tuple[str, str]], body: str | None) -> bytes:
     encode = _JSON.encode  # compact, UTF-8 as is: what json.dumps(ensure_ascii=False, separators=(",", ":")) writes
     members = []
     for name, value in headers:

@@ -678,7 +678,7 @@ async def app_socket(switch: Switch, leg: CallLeg, data: str) -> None:
         channel.variables.set("current_application_response", "-ERR")
         return
     listener = Listener(switch, reader, writer, session=leg, async_mode=async_mode, full=full)
-    switch.listeners.append(listener)
+    switch.listeners.add(listener)
     leg.listener = listener
     reading = switch.spawn(listener.run(), f"socket-{channel.uuid}")
     leg.parked_first = True

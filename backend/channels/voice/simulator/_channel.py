@@ -115,71 +115,158 @@ class CallerProfile:
     bridged: int = 0
     last_hold: int = 0
     hold_accum: int = 0
+    _headers: dict[tuple[str, bool], Pairs] | None = field(default=None, init=False, repr=False, compare=False)
+    """headers() by (prefix, with_index), until a field changes: every event carries the profile."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_headers":
+            object.__setattr__(self, "_headers", None)
 
     def headers(self, prefix: str, *, with_index: bool = True) -> Pairs:
         """switch_caller_profile_event_set_data: empty fields are left out; the other leg's copy has no index."""
+        cache = self._headers
+        if cache is None:
+            cache = self._headers = {}
+        pairs = cache.get((prefix, with_index))
+        if pairs is None:
+            pairs = cache[(prefix, with_index)] = self._build_headers(prefix, with_index)
+        # A copy: callers extend what they get.
+        return list(pairs)
+
+    def _build_headers(self, prefix: str, with_index: bool) -> Pairs:
+        names = _profile_names(prefix)
         orig_name = self.caller_id_name if self.orig_caller_id_name is None else self.orig_caller_id_name
         orig_number = self.caller_id_number if self.orig_caller_id_number is None else self.orig_caller_id_number
-        candidates: list[tuple[str, str | None]] = [
-            ("Direction", self.direction),
-            ("Logical-Direction", self.direction),
-            ("Username", self.username),
-            ("Dialplan", self.dialplan),
-            ("Caller-ID-Name", self.caller_id_name),
-            ("Caller-ID-Number", self.caller_id_number),
-            ("Orig-Caller-ID-Name", orig_name if self.caller_id_name else None),
-            ("Orig-Caller-ID-Number", orig_number if self.caller_id_number else None),
-            ("Callee-ID-Name", self.callee_id_name),
-            ("Callee-ID-Number", self.callee_id_number),
-            ("Network-Addr", self.network_addr),
-            ("ANI", self.ani or self.caller_id_number),
-            ("Destination-Number", self.destination_number),
-            ("Unique-ID", self.uuid),
-            ("Source", self.source),
-            ("Context", self.context),
-            ("Channel-Name", self.channel_name),
-        ]
-        pairs: Pairs = [(f"{prefix}-{name}", value) for name, value in candidates if value]
-        if with_index:
-            pairs.append((f"{prefix}-Profile-Index", self.profile_index))
-        times = (
-            ("Profile-Created-Time", self.profile_created),
-            ("Channel-Created-Time", self.created),
-            ("Channel-Answered-Time", self.answered),
-            ("Channel-Progress-Time", self.progress),
-            ("Channel-Progress-Media-Time", self.progress_media),
-            ("Channel-Hangup-Time", self.hangup),
-            ("Channel-Transfer-Time", self.transfer),
-            ("Channel-Resurrect-Time", self.resurrect),
-            ("Channel-Bridged-Time", self.bridged),
-            ("Channel-Last-Hold", self.last_hold),
-            ("Channel-Hold-Accum", self.hold_accum),
+        candidates: tuple[str | None, ...] = (
+            self.direction,
+            self.direction,
+            self.username,
+            self.dialplan,
+            self.caller_id_name,
+            self.caller_id_number,
+            orig_name if self.caller_id_name else None,
+            orig_number if self.caller_id_number else None,
+            self.callee_id_name,
+            self.callee_id_number,
+            self.network_addr,
+            self.ani or self.caller_id_number,
+            self.destination_number,
+            self.uuid,
+            self.source,
+            self.context,
+            self.channel_name,
         )
+        pairs: Pairs = [(name, value) for name, value in zip(names.fields, candidates, strict=True) if value]
         if with_index:
-            pairs += [(f"{prefix}-{name}", str(value)) for name, value in times]
+            pairs.append((names.index, self.profile_index))
+            times = (
+                self.profile_created,
+                self.created,
+                self.answered,
+                self.progress,
+                self.progress_media,
+                self.hangup,
+                self.transfer,
+                self.resurrect,
+                self.bridged,
+                self.last_hold,
+                self.hold_accum,
+            )
+            pairs += [(name, str(value)) for name, value in zip(names.times, times, strict=True)]
         else:
             # The originator/originatee copy is taken before its timestamps are filled.
-            pairs += [(f"{prefix}-{name}", "0") for name, _ in times]
-        pairs += [
-            (f"{prefix}-Screen-Bit", "true"),
-            (f"{prefix}-Privacy-Hide-Name", "false"),
-            (f"{prefix}-Privacy-Hide-Number", "false"),
-        ]
+            pairs += names.unset_times
+        pairs += names.trailer
         return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class _ProfileNames:
+    fields: tuple[str, ...]
+    index: str
+    times: tuple[str, ...]
+    unset_times: tuple[tuple[str, str], ...]
+    trailer: tuple[tuple[str, str], ...]
+
+
+_PROFILE_FIELDS = (
+    "Direction",
+    "Logical-Direction",
+    "Username",
+    "Dialplan",
+    "Caller-ID-Name",
+    "Caller-ID-Number",
+    "Orig-Caller-ID-Name",
+    "Orig-Caller-ID-Number",
+    "Callee-ID-Name",
+    "Callee-ID-Number",
+    "Network-Addr",
+    "ANI",
+    "Destination-Number",
+    "Unique-ID",
+    "Source",
+    "Context",
+    "Channel-Name",
+)
+_PROFILE_TIMES = (
+    "Profile-Created-Time",
+    "Channel-Created-Time",
+    "Channel-Answered-Time",
+    "Channel-Progress-Time",
+    "Channel-Progress-Media-Time",
+    "Channel-Hangup-Time",
+    "Channel-Transfer-Time",
+    "Channel-Resurrect-Time",
+    "Channel-Bridged-Time",
+    "Channel-Last-Hold",
+    "Channel-Hold-Accum",
+)
+_profile_names_cache: dict[str, _ProfileNames] = {}
+
+
+def _profile_names(prefix: str) -> _ProfileNames:
+    """The profile's header names under one prefix (Caller, Other-Leg, Channel, Hunt...), built once: every
+    event carries one or two profiles, and formatting some forty names each time showed in profiles."""
+    names = _profile_names_cache.get(prefix)
+    if names is None:
+        times = tuple(f"{prefix}-{name}" for name in _PROFILE_TIMES)
+        names = _profile_names_cache[prefix] = _ProfileNames(
+            fields=tuple(f"{prefix}-{name}" for name in _PROFILE_FIELDS),
+            index=f"{prefix}-Profile-Index",
+            times=times,
+            unset_times=tuple((name, "0") for name in times),
+            trailer=(
+                (f"{prefix}-Screen-Bit", "true"),
+                (f"{prefix}-Privacy-Hide-Name", "false"),
+                (f"{prefix}-Privacy-Hide-Number", "false"),
+            ),
+        )
+    return names
 
 
 class Variables:
     """Channel variables with FreeSWITCH's order: setting one moves it to the end, an empty value deletes it."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_headers", "_items")
 
     def __init__(self) -> None:
         self._items: dict[str, str] = {}
+        # The same, named as event headers (`variable_<name>`), kept in step: channels set variables far
+        # less often than they fire events carrying them all.
+        self._headers: dict[str, str] = {}
 
     def set(self, name: str, value: str | None) -> None:
+        header = "variable_" + name
         self._items.pop(name, None)
+        self._headers.pop(header, None)
         if value:
             self._items[name] = value
+            self._headers[header] = value
+
+    def event_pairs(self) -> list[tuple[str, str]]:
+        """`variable_<name>` headers, in the variables' order."""
+        return list(self._headers.items())
 
     def set_if_absent(self, name: str, value: str) -> None:
         if name not in self._items:
@@ -279,11 +366,11 @@ class Channel:
         return pairs
 
     def extended_data(self) -> Pairs:
-        return [(f"variable_{name}", value) for name, value in self.variables.items()]
+        return self.variables.event_pairs()
 
     def event_data(self, event_name: str, *, skip_hangup_cause: bool = False) -> Pairs:
         """switch_channel_event_set_data: basic data, plus variables for the events that carry them."""
         pairs = self.basic_data(skip_hangup_cause=skip_hangup_cause)
         if event_name in EXTENDED_EVENTS:
-            pairs += self.extended_data()
+            pairs += self.variables.event_pairs()
         return pairs

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import re
 import uuid as uuidlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from backend.channels.voice.esl._exceptions import ProtocolError
@@ -87,7 +88,16 @@ _FRAME_BYTES_ESTIMATE = 2048
 
 def event_unique_id(pairs: Pairs) -> str:
     """The event's Unique-ID header ("" when it has none), as mod_event_socket compares it for myevents."""
-    return next((value for key, value in pairs if key.lower() == "unique-id"), "")
+    found = find_unique_id(pairs)
+    return "" if found is None else found
+
+
+def find_unique_id(pairs: Pairs) -> str | None:
+    """The first Unique-ID header's value (switch_event_get_header: names compare without case), or None."""
+    for key, value in pairs:
+        if len(key) == 9 and key.lower() == "unique-id":
+            return value
+    return None
 
 
 class FiredEvent:
@@ -95,10 +105,10 @@ class FiredEvent:
 
     __slots__ = ("_frames", "_unique_id", "body", "pairs")
 
-    def __init__(self, pairs: Pairs, body: str | None) -> None:
+    def __init__(self, pairs: Pairs, body: str | None, unique_id: str | None = None) -> None:
         self.pairs = pairs
         self.body = body
-        self._unique_id: str | None = None
+        self._unique_id = unique_id
         self._frames: dict[str, bytes] = {}
 
     @property
@@ -112,6 +122,70 @@ class FiredEvent:
         if frame is None:
             frame = self._frames[event_format] = event_frame(event_format, self.pairs, self.body)
         return frame
+
+
+class Listeners:
+    """The switch's event-socket connections, in the order they came, as mod_event_socket's listen_list.
+
+    An event is offered only to the listeners that can want it: a `myevents` listener bound to a channel
+    takes nothing but events whose Unique-ID is that channel's, so those are kept by that uuid. With an
+    outbound socket per call, offering every event to every listener cost as many checks as calls up.
+    (Since 1.10.10 FreeSWITCH also passes a myevents listener the BACKGROUND_JOB of a bgapi it sent, by
+    Job-Owner-UUID; the simulator adds no such header, so it is not looked up here either.)
+    """
+
+    __slots__ = ("_all", "_bound", "_unbound")
+
+    def __init__(self) -> None:
+        # dicts as ordered sets: removal is O(1) and iteration keeps the order listeners came in.
+        self._all: dict[Listener, str | None] = {}
+        """Every listener, with the channel uuid it is bound to (None: offered every event)."""
+        self._unbound: dict[Listener, None] = {}
+        self._bound: dict[str, dict[Listener, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Listener]:
+        return iter(self._all)
+
+    def __contains__(self, listener: object) -> bool:
+        return listener in self._all
+
+    def add(self, listener: Listener) -> None:
+        self._all[listener] = None
+        self._unbound[listener] = None
+
+    def bind(self, listener: Listener, uuid: str) -> None:
+        """From now on `listener` only ever wants events whose Unique-ID is `uuid` (myevents on a channel)."""
+        if listener not in self._all or self._all[listener] is not None:
+            return
+        self._all[listener] = uuid
+        del self._unbound[listener]
+        self._bound.setdefault(uuid, {})[listener] = None
+
+    def discard(self, listener: Listener) -> None:
+        if listener not in self._all:
+            return
+        uuid = self._all.pop(listener)
+        if uuid is None:
+            del self._unbound[listener]
+            return
+        bound = self._bound[uuid]
+        del bound[listener]
+        if not bound:
+            del self._bound[uuid]
+
+    def deliver(self, name: str, subclass: str | None, fired: FiredEvent) -> None:
+        """Offer one event to every listener that could want it (each decides, as event_handler does)."""
+        # Copies: a listener that has lost too many events is killed, and leaves these, while we deliver.
+        for listener in tuple(self._unbound):
+            listener.deliver(name, subclass, fired)
+        if self._bound:
+            bound = self._bound.get(fired.unique_id)
+            if bound:
+                for listener in tuple(bound):
+                    listener.deliver(name, subclass, fired)
 
 
 class Listener:
@@ -148,24 +222,51 @@ class Listener:
         self.logging = False
         self.closed = asyncio.Event()
         self.handled_disconnect = False
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
     # ----- output -----
 
     def write(self, data: bytes) -> None:
+        """Queue a frame; the frames of one loop iteration go out in one transport write.
+
+        A state change fires several events at once; written one by one, each was a send() here and a
+        wakeup and a read on the other side (about three times the reads). The bytes are the same: TCP
+        keeps no frame boundaries, and FreeSWITCH too queues events for its listener thread to write.
+        """
         if self.closed.is_set():
             return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+
+    def _flush(self) -> None:
+        if self.closed.is_set() or not self._pending:
+            return
         try:
-            self.writer.write(data)
+            self._write_pending()
         except (ConnectionError, RuntimeError):
             self.kill()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self._pending_bytes = 0
+        self.writer.write(data)
 
     def kill(self) -> None:
         if not self.closed.is_set():
             self.closed.set()
-            if self in self.switch.listeners:
-                self.switch.listeners.remove(self)
+            # What was written before the close goes out before it, as if written at once.
+            if self._pending:
+                with contextlib.suppress(Exception):
+                    self._write_pending()
+            self.switch.listeners.discard(self)
             with contextlib.suppress(Exception):
                 self.writer.close()
 
@@ -221,17 +322,13 @@ class Listener:
                 send = False
         return send
 
-    def deliver(
-        self, name: str, subclass: str | None, pairs: Pairs, body: str | None, fired: FiredEvent | None = None
-    ) -> None:
+    def deliver(self, name: str, subclass: str | None, fired: FiredEvent) -> None:
         """Send the event if this listener wants it. `fired` carries what every listener of one event shares
-        (its Unique-ID, its frames once serialized): with a socket per call, an event is offered to as many
-        listeners as there are calls."""
-        fired = fired or FiredEvent(pairs, body)
-        if not self.wants(name, subclass, pairs, fired.unique_id):
+        (its Unique-ID, its frames once serialized)."""
+        if not self.wants(name, subclass, fired.pairs, fired.unique_id):
             return
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > self.switch.config.event_queue_size * _FRAME_BYTES_ESTIMATE:
+        queued = self.writer.transport.get_write_buffer_size() + self._pending_bytes
+        if queued > self.switch.config.event_queue_size * _FRAME_BYTES_ESTIMATE:
             # The client does not read: FreeSWITCH's queue would be full. Count, and kill past MAX_MISSED.
             self.lost += 1
             if self.lost > MAX_MISSED:
@@ -439,6 +536,8 @@ class Listener:
         self.events |= MYEVENTS
         self.myevents = True
         self.listening = True
+        if self.session is not None:
+            self.switch.listeners.bind(self, self.session.channel.uuid)
         self.reply("+OK Events Enabled")
 
     def set_linger(self, line: str) -> None:
@@ -541,7 +640,7 @@ class InboundServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for listener in list(self.switch.listeners):
+            for listener in tuple(self.switch.listeners):
                 if not listener.outbound:
                     listener.kill()
             await self._server.wait_closed()
@@ -563,7 +662,7 @@ class InboundServer:
             writer.close()
             return
         listener = Listener(self.switch, reader, writer)
-        self.switch.listeners.append(listener)
+        self.switch.listeners.add(listener)
         listener.write(b"Content-Type: auth/request\n\n")
         try:
             await listener.run()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from backend.channels.voice.esl._wire import serialize_json, serialize_plain, url_encode
 from backend.channels.voice.simulator._channel import Q850, CallerProfile, Channel, Pairs, now_us
 from backend.channels.voice.simulator._config import SimulatorConfig
-from backend.channels.voice.simulator._esl import FiredEvent
+from backend.channels.voice.simulator._esl import FiredEvent, Listeners, find_unique_id
 from backend.channels.voice.simulator._http import HttpResult, post, request
 from backend.lib.tasks import cancel_and_wait
 
@@ -176,7 +176,7 @@ class Switch:
         self.core_uuid = str(uuidlib.uuid4())
         self.started = time.time()
         self.sequence = 0
-        self.listeners: list[Listener] = []
+        self.listeners = Listeners()
         self.legs: dict[str, CallLeg] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.far_ends: dict[str, Endpoint] = {}
@@ -199,6 +199,7 @@ class Switch:
         self.on_channel_gone: list[Callable[[str], None]] = []
         self.http_cache: dict[str, float] = {}
         """mod_http_cache: URL -> when its cached copy goes stale (monotonic seconds)."""
+        self._dates: tuple[int, str, str] = (-1, "", "")
 
     # ----- lifecycle -----
 
@@ -215,7 +216,7 @@ class Switch:
             task.cancel()
         await asyncio.gather(*[leg.task for leg in self.legs.values() if leg.task], return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for listener in list(self.listeners):
+        for listener in tuple(self.listeners):
             listener.kill()
 
     def spawn(self, coroutine: Awaitable[object], name: str = "sim") -> asyncio.Task[object]:
@@ -235,25 +236,40 @@ class Switch:
     def base_headers(self, name: str, calling: tuple[str, str, int], subclass: str | None = None) -> Pairs:
         self.sequence += 1
         moment = time.time()
-        pairs: Pairs = []
-        if subclass is not None:
-            pairs.append(("Event-Subclass", subclass))
-        pairs += [
-            ("Event-Name", name),
-            ("Core-UUID", self.core_uuid),
-            ("FreeSWITCH-Hostname", self.config.hostname),
-            ("FreeSWITCH-Switchname", self.config.hostname),
-            ("FreeSWITCH-IPv4", self.config.ipv4),
-            ("FreeSWITCH-IPv6", "::1"),
-            ("Event-Date-Local", _local(moment)),
-            ("Event-Date-GMT", _gmt(moment)),
+        local, gmt = self._event_dates(moment)
+        pairs: Pairs = [("Event-Subclass", subclass)] if subclass is not None else []
+        pairs.append(("Event-Name", name))
+        pairs += self._node_headers
+        pairs += (
+            ("Event-Date-Local", local),
+            ("Event-Date-GMT", gmt),
             ("Event-Date-Timestamp", str(int(moment * 1_000_000))),
             ("Event-Calling-File", calling[0]),
             ("Event-Calling-Function", calling[1]),
             ("Event-Calling-Line-Number", str(calling[2])),
             ("Event-Sequence", str(self.sequence)),
-        ]
+        )
         return pairs
+
+    @property
+    def _node_headers(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("Core-UUID", self.core_uuid),
+            ("FreeSWITCH-Hostname", self.config.hostname),
+            ("FreeSWITCH-Switchname", self.config.hostname),
+            ("FreeSWITCH-IPv4", self.config.ipv4),
+            ("FreeSWITCH-IPv6", "::1"),
+        )
+
+    def _event_dates(self, moment: float) -> tuple[str, str]:
+        """Event-Date-Local and -GMT, whole seconds: formatted once a second, not once an event."""
+        second = int(moment)
+        # datetime rounds to the microsecond: this close to the next second it may format that one instead.
+        if moment - second >= 0.999999:
+            return _local(moment), _gmt(moment)
+        if self._dates[0] != second:
+            self._dates = (second, _local(moment), _gmt(moment))
+        return self._dates[1], self._dates[2]
 
     def fire(
         self,
@@ -270,15 +286,21 @@ class Switch:
         leading: Pairs = (),  # type: ignore[assignment]
     ) -> None:
         pairs: Pairs = list(leading) + self.base_headers(name, calling, subclass) + list(pre)
+        unique_id: str | None = None
         if channel is not None:
+            # The event's Unique-ID is the first such header: one in `leading` or `pre` (the base headers have
+            # none), else the channel's, which its data carries before any other. Saves a scan of them all.
+            unique_id = find_unique_id(leading)
+            if unique_id is None:
+                unique_id = find_unique_id(pre)
+            if unique_id is None:
+                unique_id = channel.uuid
             if extended is False:
                 pairs += channel.basic_data(skip_hangup_cause=skip_hangup_cause)
             else:
                 pairs += channel.event_data(name, skip_hangup_cause=skip_hangup_cause)
         pairs += list(post)
-        fired = FiredEvent(pairs, body)
-        for listener in list(self.listeners):
-            listener.deliver(name, subclass, pairs, body, fired)
+        self.listeners.deliver(name, subclass, FiredEvent(pairs, body, unique_id))
 
     def fire_custom(self, subclass: str, calling: tuple[str, str, int], pairs: Pairs) -> None:
         self.fire("CUSTOM", calling=calling, subclass=subclass, post=pairs)
