@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from backend.channels.voice.esl._config import ClientConfig
 from backend.channels.voice.esl._connection import BackgroundJob, Connection, EventBuffer
 from backend.channels.voice.esl._exceptions import ChannelGone, ESLError, ProtocolError
-from backend.channels.voice.esl._models import ApiResponse, CommandReply, Event, EventFormat, Headers
+from backend.channels.voice.esl._models import MYEVENTS, ApiResponse, CommandReply, Event, EventFormat, Headers
 from backend.lib.tasks import cancel_and_wait
 
 logger = logging.getLogger("backend.channels.voice.esl")
@@ -19,35 +19,6 @@ ACCEPT_BACKLOG = 1024
 """Connections the kernel queues for us while the process is busy (asyncio's default is 100). Past the queue
 the kernel drops the switch's SYNs and its `socket` application's connect is retried for seconds to minutes:
 under a burst of calls, callers sat in silence that long before reaching call control."""
-
-MYEVENTS = frozenset(
-    {
-        "CHANNEL_ANSWER",
-        "CHANNEL_APPLICATION",
-        "CHANNEL_BRIDGE",
-        "CHANNEL_CREATE",
-        "CHANNEL_DATA",
-        "CHANNEL_DESTROY",
-        "CHANNEL_EXECUTE",
-        "CHANNEL_EXECUTE_COMPLETE",
-        "CHANNEL_HANGUP",
-        "CHANNEL_HANGUP_COMPLETE",
-        "CHANNEL_ORIGINATE",
-        "CHANNEL_UUID",
-        "CHANNEL_OUTGOING",
-        "CHANNEL_PARK",
-        "CHANNEL_PROGRESS",
-        "CHANNEL_PROGRESS_MEDIA",
-        "CHANNEL_STATE",
-        "CHANNEL_UNBRIDGE",
-        "CHANNEL_UNPARK",
-        "DETECTED_SPEECH",
-        "DTMF",
-        "NOTALK",
-        "TALK",
-    }
-)
-"""The events `myevents` subscribes to (mod_event_socket.c, parse_command)."""
 
 
 class OutboundSession:

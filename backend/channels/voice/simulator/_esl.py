@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from backend.channels.voice.esl._exceptions import ProtocolError
-from backend.channels.voice.esl._models import Command
+from backend.channels.voice.esl._models import MYEVENTS, Command
 from backend.channels.voice.esl._parser import CommandParser
 from backend.channels.voice.esl._wire import GOODBYE, RUDE_REJECTION_TEXT, body_frame, event_frame, reply_frame
 from backend.channels.voice.simulator._channel import Pairs
@@ -22,34 +22,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("backend.channels.voice.simulator")
 
-# The events `myevents` subscribes to (mod_event_socket.c parse_command).
-MYEVENTS = frozenset(
-    {
-        "CHANNEL_ANSWER",
-        "CHANNEL_APPLICATION",
-        "CHANNEL_BRIDGE",
-        "CHANNEL_CREATE",
-        "CHANNEL_DATA",
-        "CHANNEL_DESTROY",
-        "CHANNEL_EXECUTE",
-        "CHANNEL_EXECUTE_COMPLETE",
-        "CHANNEL_HANGUP",
-        "CHANNEL_HANGUP_COMPLETE",
-        "CHANNEL_ORIGINATE",
-        "CHANNEL_UUID",
-        "CHANNEL_OUTGOING",
-        "CHANNEL_PARK",
-        "CHANNEL_PROGRESS",
-        "CHANNEL_PROGRESS_MEDIA",
-        "CHANNEL_STATE",
-        "CHANNEL_UNBRIDGE",
-        "CHANNEL_UNPARK",
-        "DETECTED_SPEECH",
-        "DTMF",
-        "NOTALK",
-        "TALK",
-    }
-)
 
 KNOWN_EVENTS = frozenset(
     MYEVENTS
