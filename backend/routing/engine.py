@@ -652,9 +652,7 @@ class RoutingEngine:
             if interaction.queued_at is None:
                 interaction.queued_at = utcnow()
             await interactions.record(session, interaction, "connected", agent_id=agent_id, direct=True)
-            state = await service.get_agent_state(session, tenant_id, agent_id)
-            if state.state in ("available", "away"):
-                await service.set_system_state(session, tenant_id, agent_id, "busy")
+            await service.mark_busy(session, tenant_id, agent_id)
             rules = await self._rules(session, interaction.queue_id) if interaction.queue_id else None
             result = interactions.out(interaction)
             waiting = self._waiting(interaction, rules) if rules is not None else _unqueued(interaction)
@@ -840,12 +838,14 @@ class RoutingEngine:
         is recorded after the state so their timeline reads available, then offered."""
         if held_nothing is None:
             held_nothing = not any((await self.matcher.load(tenant_id, agent)).values())
+        wrapping = False
         try:
+            # The state and what the matcher is told of the agent in one transaction (sync_agent's reads, after the
+            # change).
             async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                state = await service.get_agent_state(session, tenant_id, agent)
-                wrapping = state.state == "busy" and held_nothing and wrap_up_seconds > 0
-                if state.state == "busy" and held_nothing:
-                    await service.set_system_state(session, tenant_id, agent, "wrap_up" if wrapping else "available")
+                if held_nothing:
+                    wrapping = await service.release_agent(session, tenant_id, agent, wrap_up=wrap_up_seconds > 0)
+                routing = await _agent_routing(session, tenant_id, agent)
         finally:
             # The matcher made the offer already: even if the state could not be written, the offer is recorded
             # and reaches the agent (unannounced, it would time out and send them away for a missed offer).
@@ -853,7 +853,7 @@ class RoutingEngine:
                 await self._offered(tenant_id, offer.interaction_id, offer.agents, offer.timeout_ms)
         if wrapping:
             await self.matcher.schedule(tenant_id, f"wrapup:{agent}", now_ms() + wrap_up_seconds * 1000)
-        await self.sync_agent(tenant_id, agent)
+        await self._route_agent(tenant_id, routing)
 
     async def request_callback(
         self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, number: str, at: datetime | None
@@ -968,22 +968,13 @@ class RoutingEngine:
     async def sync_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
         """Copy an agent's state, capacity and skills to the matcher; if they can take work, offer them some."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            state = await session.get(AgentState, (tenant_id, user_id))
-            profile = await session.get(AgentProfile, (tenant_id, user_id))
-            skills = (await session.scalars(select(AgentSkill).where(AgentSkill.user_id == user_id))).all()
-        capacity = dict(profile.capacity if profile else DEFAULT_CAPACITY)
-        if state is None or not state.voice_registered:
-            capacity["voice"] = 0  # no softphone, no calls
-        routing = AgentRouting(
-            user_id=user_id,
-            available=state is not None and state.state in ACCEPTING_STATES,
-            capacity=capacity,
-            skills={str(s.skill_id): s.level for s in skills},
-            idle_since_ms=int(state.since.timestamp() * 1000) if state else 0,
-        )
+            routing = await _agent_routing(session, tenant_id, user_id)
+        await self._route_agent(tenant_id, routing)
+
+    async def _route_agent(self, tenant_id: uuid.UUID, routing: AgentRouting) -> None:
         await self.matcher.set_agent(tenant_id, routing)
         if routing.available:
-            await self.offer_agent(tenant_id, user_id)
+            await self.offer_agent(tenant_id, routing.user_id)
 
     async def offer_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> int:
         """Offer the agent waiting work until their capacity is used; returns how many offers were made."""
@@ -1152,6 +1143,24 @@ class RoutingEngine:
 CHANNEL_EVENTS = frozenset({"ivr_step", "held", "resumed"})
 _RECORD_CHANNEL_EVENT = "SELECT record_channel_event($1, $2, $3, $4, $5, $6::jsonb)"
 """Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
+
+
+async def _agent_routing(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> AgentRouting:
+    """What the matcher needs of an agent: availability, capacity (no voice without a softphone) and skills."""
+    state = await session.get(AgentState, (tenant_id, user_id))
+    profile = await session.get(AgentProfile, (tenant_id, user_id))
+    skills = (await session.scalars(select(AgentSkill).where(AgentSkill.user_id == user_id))).all()
+    capacity = dict(profile.capacity if profile else DEFAULT_CAPACITY)
+    if state is None or not state.voice_registered:
+        capacity["voice"] = 0  # no softphone, no calls
+    return AgentRouting(
+        user_id=user_id,
+        available=state is not None and state.state in ACCEPTING_STATES,
+        capacity=capacity,
+        skills={str(s.skill_id): s.level for s in skills},
+        idle_since_ms=int(state.since.timestamp() * 1000) if state else 0,
+    )
+
 
 _INTERACTION_STATE = "SELECT interaction_state($1, $2)"
 """An interaction's state without a transaction (migration 0015): None when the tenant has no such one."""

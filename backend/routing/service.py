@@ -833,6 +833,22 @@ async def mark_busy(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.U
         )
 
 
+async def release_agent(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, wrap_up: bool) -> bool:
+    """The agent's last contact is over: busy becomes wrap-up (when the queue asks for it) or available; any other
+    state (away, offline) stays. Returns whether they wrap up. One locked read, audited as the system."""
+    row = await _agent_state(session, tenant_id, user_id, lock=True)
+    if row.state != "busy":
+        return False
+    await _transition(
+        session,
+        row,
+        "wrap_up" if wrap_up else "available",
+        None,
+        {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None},
+    )
+    return wrap_up
+
+
 async def free_agent_for_consultation(
     session: AsyncSession, queue_id: uuid.UUID, *, excluding: Collection[uuid.UUID] = ()
 ) -> uuid.UUID | None:

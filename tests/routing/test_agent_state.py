@@ -130,3 +130,28 @@ async def test_reconnecting_within_the_grace_period_keeps_the_agent_available(cl
         await asyncio.sleep(1.0)  # longer than the 0.5 s grace
         state = (await client.get("/api/v1/routing/me/state", headers=agent["headers"])).json()
         assert state["state"] == "available"
+
+
+async def test_a_busy_agent_is_released_to_wrap_up_or_available_and_nobody_else_moves(client, factory, sessionmaker):
+    """`release_agent`: the end of an agent's last contact moves busy only (available and away stay), to
+    wrap-up when the queue asks for it."""
+    ctx = await factory.tenant()
+    agent = await factory.seated_agent(ctx)
+    assert (await _set(client, agent, state="available")).status_code == 200
+
+    async def release(wrap_up: bool) -> tuple[bool, str]:
+        async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+            wrapping = await service.release_agent(session, ctx.tenant_id, agent["id"], wrap_up=wrap_up)
+            state = await service.get_agent_state(session, ctx.tenant_id, agent["id"])
+        return wrapping, state.state
+
+    assert await release(wrap_up=True) == (False, "available")  # not busy: nothing to release
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        await service.mark_busy(session, ctx.tenant_id, agent["id"])
+    assert await release(wrap_up=True) == (True, "wrap_up")
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        await service.set_system_state(session, ctx.tenant_id, agent["id"], "busy")
+    assert await release(wrap_up=False) == (False, "available")
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        await service.set_system_state(session, ctx.tenant_id, agent["id"], "away", "offer_timeout")
+    assert await release(wrap_up=True) == (False, "away")
