@@ -25,7 +25,7 @@ from backend.channels.voice.legs import VAR_TENANT, Event, as_uuid, header
 from backend.channels.voice.legs import text as clean
 from backend.channels.voice.models import Registration, SwitchNode
 from backend.db.base import utcnow
-from backend.db.engine import tenant_transaction
+from backend.db.engine import driver_connection, tenant_transaction
 from backend.db.tenancy import set_tenant
 from backend.routing import service as routing
 from backend.routing.engine import RoutingEngine
@@ -43,6 +43,7 @@ _STATUS_TRANSPORT = re.compile(r"Registered\(([A-Za-z]+)", re.IGNORECASE)
 _TRANSPORTS = {"udp", "tcp", "tls", "ws", "wss"}
 _PROFILE_PREFIX = re.compile(r"^sofia/[^/]+/")
 MAX_EXPIRES_SECONDS = 7 * 86400
+_REGISTERED_CONTACT = "SELECT * FROM registered_contact($1, $2, $3)"
 
 
 def contact_uri(contact: str) -> str:
@@ -315,30 +316,8 @@ class Registrations:
         return changes
 
     async def where_registered(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> RegisteredContact | None:
-        """Where to bridge a call to the agent: their freshest live registration on a node that is up."""
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            row = (
-                await session.execute(
-                    select(Registration, SwitchNode.name, SwitchNode.sip_address)
-                    .join(SwitchNode, SwitchNode.id == Registration.node_id)
-                    .where(
-                        Registration.user_id == user_id,
-                        Registration.expires_at > utcnow(),
-                        SwitchNode.health == "up",
-                    )
-                    .order_by(Registration.registered_at.desc())
-                    .limit(1)
-                )
-            ).first()
-        if row is None:
-            return None
-        registration, node_name, sip_address = row
-        return RegisteredContact(
-            node_id=registration.node_id,
-            node_name=node_name,
-            node_sip_address=sip_address,
-            contact=registration.contact,
-            transport=registration.transport,
-            sip_username=registration.sip_username,
-            expires_at=registration.expires_at,
-        )
+        """Where to bridge a call to the agent: their freshest live registration on a node that is up (one
+        statement, `registered_contact`, migration 0016)."""
+        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+            row = await driver.fetchrow(_REGISTERED_CONTACT, tenant_id, user_id, utcnow())
+        return RegisteredContact(**dict(row)) if row is not None else None

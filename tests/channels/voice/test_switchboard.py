@@ -283,6 +283,29 @@ async def test_routing_follows_where_agents_are_registered(factory: Factory, cli
     assert state["voice_registered"] is False and state["voice_ready"] is False
 
 
+async def test_where_an_agent_is_registered_is_read_for_their_tenant_only_and_leaves_no_tenant_set(
+    factory: Factory, app, engine
+):
+    """`registered_contact` (one statement outside a transaction): another tenant asking about the seat's user
+    learns nothing, a node that is down hides its registrations, and the pooled connection keeps no tenant."""
+    from backend.db.engine import driver_connection
+
+    voice = app.state.voice
+    ctx = await factory.tenant()
+    other = await factory.tenant()
+    seat = await factory.sip_seat(ctx)
+    node = await factory.switch_node()
+    await voice.heartbeat(node["id"])
+    await voice.handle_event(node["id"], _registration("sofia::register", seat))
+    where = await voice.where_registered(ctx.tenant_id, seat["user_id"])
+    assert where is not None and (where.node_id, where.sip_username) == (node["id"], seat["username"])
+    assert await voice.where_registered(other.tenant_id, seat["user_id"]) is None
+    async with driver_connection(engine) as connection:
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
+        await connection.execute("UPDATE switch_nodes SET health = 'down' WHERE id = $1", node["id"])
+    assert await voice.where_registered(ctx.tenant_id, seat["user_id"]) is None
+
+
 async def test_registrations_that_are_not_ours_change_nothing(factory: Factory, app, client):
     voice = app.state.voice
     a = await factory.tenant()
