@@ -557,6 +557,12 @@ async def watch_node(index: int, esl_port: int, control: str, seen: Observed) ->
         name=f"bench-{index}",
     )
     await client.start()
+    await client.wait_connected(30)
+    # Only what the watcher reads (a measuring device, not part of the system): the menu's start, bridges and
+    # hang-ups, not every application every call runs. Filters pass an event matching any of them.
+    await client.add_filter("Application", "play_and_get_digits")
+    await client.add_filter("Event-Name", "CHANNEL_BRIDGE")
+    await client.add_filter("Event-Name", "CHANNEL_HANGUP_COMPLETE")
     presses: set[asyncio.Task[None]] = set()
 
     async def press(call: Call, leg: str) -> None:

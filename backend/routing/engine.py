@@ -31,7 +31,16 @@ from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
 from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInteraction
-from backend.routing.models import AgentProfile, AgentSkill, AgentState, BusinessHours, Interaction, Queue, QueueSkill
+from backend.routing.models import (
+    DEFAULT_PRIORITY,
+    AgentProfile,
+    AgentSkill,
+    AgentState,
+    BusinessHours,
+    Interaction,
+    Queue,
+    QueueSkill,
+)
 from backend.routing.offers import OfferRecorder
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
 from backend.routing.signals import RoutingSignal, SignalPublisher
@@ -425,20 +434,38 @@ class RoutingEngine:
 
         The channel records its own steps with `note` and queues it with `enqueue` (or ends it).
         """
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            interaction = Interaction(
-                tenant_id=tenant_id,
-                channel=channel,
-                queue_id=None,
-                customer_ref=customer_ref[:120] if customer_ref else None,
-                attributes=dict(attributes or {}),
-                state="new",
-                created_at=utcnow(),
+        # One statement (`open_interaction`, migration 0017): the row and its `created` event.
+        interaction = Interaction(
+            tenant_id=tenant_id,
+            id=uuid.uuid4(),
+            channel=channel,
+            queue_id=None,
+            customer_ref=customer_ref[:120] if customer_ref else None,
+            team_id=None,
+            priority=DEFAULT_PRIORITY,
+            attributes=dict(attributes or {}),
+            state="new",
+            agent_id=None,
+            outcome=None,
+            queued_at=None,
+            connected_at=None,
+            ended_at=None,
+            last_seq=1,
+            created_at=utcnow(),
+        )
+        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+            await driver.execute(
+                _OPEN_INTERACTION,
+                tenant_id,
+                interaction.id,
+                channel,
+                interaction.customer_ref,
+                msgspec.json.encode(interaction.attributes).decode(),
+                interaction.priority,
+                interaction.created_at,
+                msgspec.json.encode({"channel": channel}).decode(),
             )
-            session.add(interaction)
-            await session.flush()
-            await interactions.record(session, interaction, "created", channel=channel)
-            return interactions.out(interaction)
+        return interactions.out(interaction)
 
     async def open_outbound(
         self,
@@ -1162,6 +1189,7 @@ async def _agent_routing(session: AsyncSession, tenant_id: uuid.UUID, user_id: u
     )
 
 
+_OPEN_INTERACTION = "SELECT open_interaction($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)"
 _INTERACTION_STATE = "SELECT interaction_state($1, $2)"
 """An interaction's state without a transaction (migration 0015): None when the tenant has no such one."""
 

@@ -216,6 +216,10 @@ INTERACTION_EVENTS = (
 CHANNELS = ("voice", "webchat", "wechat", "callback", "email", "sms")
 
 
+DEFAULT_PRIORITY = 50
+"""An interaction's priority until a queue gives it its own."""
+
+
 class Interaction(TenantOwned, Base):
     """One customer contact on any channel, from creation to its end: the unit routing moves."""
 
@@ -235,7 +239,7 @@ class Interaction(TenantOwned, Base):
     customer_ref: Mapped[str | None] = mapped_column(String(120))
     """The customer's id in the customer store (linked by that capability), or the channel's own address."""
     team_id: Mapped[uuid.UUID | None] = mapped_column()
-    priority: Mapped[int] = mapped_column(SmallInteger, default=50)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=DEFAULT_PRIORITY)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     state: Mapped[str] = mapped_column(String(16), default="new")
     agent_id: Mapped[uuid.UUID | None] = mapped_column()

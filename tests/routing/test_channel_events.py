@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.db.engine import driver_connection, tenant_transaction
+from backend.lib.problems import NotFound
 from backend.routing.models import InteractionEvent
 from tests.factories import Factory
 
@@ -93,3 +95,45 @@ async def test_an_end_reported_again_is_answered_without_a_transaction_and_only_
         assert await connection.fetchval("SELECT interaction_state($1, $2)", b.tenant_id, theirs.id) == "ended"
         assert await connection.fetchval("SELECT interaction_state($1, $2)", a.tenant_id, theirs.id) is None
         assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
+
+
+async def test_a_channel_opens_its_contact_in_one_statement_for_its_tenant_only(
+    app, factory: Factory, sessionmaker: async_sessionmaker[AsyncSession], engine: AsyncEngine
+):
+    """`open` (`open_interaction`): the row in state new and its `created` event, written without a transaction of
+    the ORM's, visible to its tenant only, and no tenant left on the pooled connection."""
+    from sqlalchemy import event
+
+    from backend.routing import interactions
+
+    routing = app.state.routing
+    a = await factory.tenant()
+    b = await factory.tenant()
+    transactions: list[object] = []
+
+    def began(connection: object) -> None:
+        transactions.append(connection)
+
+    event.listen(engine.sync_engine, "begin", began)
+    try:
+        opened = await routing.open(b.tenant_id, channel="voice", customer_ref="+15550100", attributes={"did": "+1"})
+    finally:
+        event.remove(engine.sync_engine, "begin", began)
+    assert transactions == []
+    assert (opened.state, opened.channel, opened.customer_ref, opened.attributes) == (
+        "new",
+        "voice",
+        "+15550100",
+        {"did": "+1"},
+    )
+    async with tenant_transaction(sessionmaker, b.tenant_id) as session:
+        stored, _ = await interactions.get(session, opened.id)
+        assert interactions.out(stored) == opened
+    assert await _timeline(sessionmaker, b.tenant_id, opened.id) == [(1, "created", {"channel": "voice"})]
+    async with tenant_transaction(sessionmaker, a.tenant_id) as session:
+        with pytest.raises(NotFound):
+            await interactions.get(session, opened.id)
+    async with driver_connection(engine) as connection:
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
+    assert await routing.note(b.tenant_id, opened.id, "ivr_step", node="menu")  # numbered after `created`
+    assert [seq for seq, *_ in await _timeline(sessionmaker, b.tenant_id, opened.id)] == [1, 2]
