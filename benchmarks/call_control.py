@@ -68,6 +68,8 @@ KEY = os.environ.setdefault("CC_SECRET_KEY", "call-bench-application-key-0123456
 os.environ.setdefault("CC_SWITCH_SECRET", SECRET)
 PROVIDER_EMAIL = "ops@callbench.test"
 MENU_KEY = "2"
+SETUP_WINDOW_SECONDS = 5.0
+"""Arrivals are grouped by this many seconds to show whether setup grows through a run (saturation)."""
 WELCOME = "Welcome to the benchmark company. Your call matters to us."
 """The play node's text: the simulator speaks 0.06 s a character (3.5 s)."""
 MENU = "Press 2 for support."
@@ -788,6 +790,16 @@ async def one_run(
         if len(bridged) > 1
         else 0.0
     )
+    # Whether the rate is sustained: a saturated system's setup grows with each window of arrivals; one that keeps
+    # up has the same setup in every window, a slow tail only in some.
+    windows: dict[int, list[float]] = {}
+    for c in bridged:
+        if c.bridged:
+            windows.setdefault(int((c.due - start) // SETUP_WINDOW_SECONDS), []).append(c.bridged - c.due)
+    setup_by_window = [
+        f"{index * SETUP_WINDOW_SECONDS:.0f}s:{percentile(values, 0.5):.1f}/{percentile(values, 0.99):.1f}"
+        for index, values in sorted(windows.items())
+    ]
     causes: dict[str, int] = {}
     for c in placed:
         if not c.bridged:
@@ -812,6 +824,7 @@ async def one_run(
         "peak_concurrent": seen.peak,
         "setup_p50": percentile(setup, 0.5),
         "setup_p99": percentile(setup, 0.99),
+        "setup_by_window": setup_by_window,
         "press_to_agent_p50": percentile(queue_to_agent, 0.5),
         "press_to_agent_p99": percentile(queue_to_agent, 0.99),
         "not_placed": not_placed,
@@ -879,6 +892,7 @@ def show(result: dict[str, Any]) -> None:
         f"placed {r['placed_rate']:.1f}/s, connected {r['connected_rate']:.1f}/s, peak concurrent calls "
         f"{r['peak_concurrent']}; setup (arrival to agent) p50 {r['setup_p50']:.2f} s p99 {r['setup_p99']:.2f} s; "
         f"key to agent p50 {r['press_to_agent_p50']:.2f} s p99 {r['press_to_agent_p99']:.2f} s; "
+        f"setup p50/p99 by arrival window {' '.join(r['setup_by_window'])}; "
         f"lost: {r['not_placed']} not placed, {r['lost_before_agent']} ended before an agent, {r['stuck']} stuck, "
         f"{r['presses_failed']} key presses refused {r['lost_causes'] or ''}; CDRs {r['cdr_stored']}/{r['cdr_expected']}; "
         f"interactions {r['interactions']}; {r['events']} events watched; load {r['load_before']} -> {r['load_during']}; CPU s {r['cpu']}; "
