@@ -954,30 +954,36 @@ class RoutingEngine:
                     select(func.min(Interaction.queued_at)).where(Interaction.id.in_(waiting_ids))
                 )
                 longest = max(0.0, (utcnow() - oldest).total_seconds()) if oldest else 0.0
-            today = select(Interaction).where(Interaction.queue_id == queue_id, Interaction.queued_at >= start_of_day)
-            rows = (await session.scalars(today)).all()
+            # Counted by the database: pushed every STATS_COALESCE_MS while calls move, this must not grow with
+            # the day's calls (it loaded every one of them).
+            answered_at = Interaction.connected_at.is_not(None)
+            waited = func.extract("epoch", Interaction.connected_at - Interaction.queued_at)
+            today = (
+                await session.execute(
+                    select(
+                        func.count(),
+                        func.count().filter(answered_at),
+                        func.count().filter(Interaction.outcome == "abandoned"),
+                        func.count().filter(answered_at, waited <= queue.service_level_seconds),
+                    ).where(Interaction.queue_id == queue_id, Interaction.queued_at >= start_of_day)
+                )
+            ).one()
             by_state = dict(
                 (await session.execute(select(AgentState.state, func.count()).group_by(AgentState.state))).all()
             )
-        answered = [r for r in rows if r.connected_at is not None]
-        abandoned = [r for r in rows if r.outcome == "abandoned"]
-        within = [
-            r
-            for r in answered
-            if r.queued_at and (r.connected_at - r.queued_at).total_seconds() <= queue.service_level_seconds  # type: ignore[operator]
-        ]
-        decided = len(answered) + len(abandoned)
+        offered, answered, abandoned, within = (int(count) for count in today)
+        decided = answered + abandoned
         return QueueStats(
             queue_id=queue_id,
             waiting=len(waiting_ids),
             longest_wait_seconds=round(longest, 1),
             agents={state: int(count) for state, count in by_state.items()},
-            offered_today=len(rows),
-            answered_today=len(answered),
-            abandoned_today=len(abandoned),
-            answered_within_target_today=len(within),
-            service_level_percent=round(100 * len(within) / decided, 1) if decided else None,
-            abandonment_percent=round(100 * len(abandoned) / decided, 1) if decided else None,
+            offered_today=offered,
+            answered_today=answered,
+            abandoned_today=abandoned,
+            answered_within_target_today=within,
+            service_level_percent=round(100 * within / decided, 1) if decided else None,
+            abandonment_percent=round(100 * abandoned / decided, 1) if decided else None,
             at=utcnow(),
         )
 

@@ -57,3 +57,37 @@ async def test_supervisors_get_figures_pushed_when_the_queue_changes(client, fac
         # One push for both changes (coalesced), and none to an agent without reports:read.
         await workspace.send_json({"type": "ping"})
         assert (await workspace.receive_json()) == {"type": "pong"}
+
+
+async def test_service_level_counts_only_answers_within_the_target_and_nothing_of_yesterday(
+    client, factory, sessionmaker
+):
+    """The day's figures are counted by the database (FILTER clauses): an answer after the queue's target is
+    answered but not within it, and yesterday's contacts are not today's."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from backend.db.engine import tenant_transaction
+    from backend.routing.models import Interaction
+
+    ctx = await factory.tenant()
+    queue = await factory.queue(ctx, service_level_seconds=20)
+    agent = await _available(client, factory, ctx, capacity={"webchat": 3})
+    quick, late, old = [await _create(client, ctx, queue) for _ in range(3)]
+    for made in (quick, late, old):
+        await client.post(f"/api/v1/interactions/{made['id']}/accept", headers=agent["headers"])
+    async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+        await session.execute(
+            update(Interaction)
+            .where(Interaction.id == late["id"])
+            .values(connected_at=Interaction.queued_at + timedelta(seconds=25))
+        )
+        await session.execute(
+            update(Interaction)
+            .where(Interaction.id == old["id"])
+            .values(queued_at=Interaction.queued_at - timedelta(days=2))
+        )
+    stats = (await client.get(f"/api/v1/routing/queues/{queue}/stats", headers=ctx.headers)).json()
+    assert (stats["offered_today"], stats["answered_today"], stats["answered_within_target_today"]) == (2, 2, 1)
+    assert stats["service_level_percent"] == 50.0 and stats["abandonment_percent"] == 0.0
