@@ -289,7 +289,7 @@ class CdrRecorder:
             node_ids: dict[str, uuid.UUID] = {}
             if names:
                 found = await session.execute(select(SwitchNode.name, SwitchNode.id).where(SwitchNode.name.in_(names)))
-                node_ids = dict(found.tuples().all())
+                node_ids = dict(found.all())
             # Every leg's tenant first: the lookups read global tables, before any tenant context is set.
             by_tenant: dict[uuid.UUID, list[tuple[int, LegFacts, uuid.UUID | None]]] = {}
             for index, pending in enumerate(batch):
@@ -322,7 +322,7 @@ class CdrRecorder:
                         for index, leg, node_id in legs
                     ],
                 )
-                created: dict[uuid.UUID, uuid.UUID] = dict(inserted.tuples().all())
+                created: dict[uuid.UUID, uuid.UUID] = dict(inserted.all())
                 for index, leg, node_id in legs:
                     cdr_id = created.get(leg.leg_uuid)
                     if cdr_id is not None:
