@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, update
+from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.auth.principal import Principal
 from backend.db.base import utcnow
@@ -756,6 +757,9 @@ async def get_agent_state(session: AsyncSession, tenant_id: uuid.UUID, user_id: 
     return _state_out(await _agent_state(session, tenant_id, user_id, lock=False))
 
 
+_AGENT_TRANSITION = text("SELECT agent_transition(:tenant, :user, :state, :reason, :at)")
+
+
 async def _transition(
     session: AsyncSession, row: AgentState, state: str, reason: str | None, actor: dict[str, Any]
 ) -> AgentStateOut:
@@ -763,16 +767,14 @@ async def _transition(
         return _state_out(row)
     now = utcnow()
     before = {"state": row.state, "reason": row.reason}
+    # The open period closed, the next one opened and the row moved in one statement (migration 0018); the row
+    # in hand is told what the database now holds, so the session writes nothing more for it.
     await session.execute(
-        update(AgentStatePeriod)
-        .where(AgentStatePeriod.user_id == row.user_id, AgentStatePeriod.ended_at.is_(None))
-        .values(ended_at=now)
+        _AGENT_TRANSITION,
+        {"tenant": row.tenant_id, "user": row.user_id, "state": state, "reason": reason, "at": now},
     )
-    session.add(
-        AgentStatePeriod(tenant_id=row.tenant_id, user_id=row.user_id, state=state, reason=reason, started_at=now)
-    )
-    row.state, row.reason, row.since = state, reason, now
-    await session.flush()
+    for name, value in (("state", state), ("reason", reason), ("since", now)):
+        set_committed_value(row, name, value)
     await audit.record(
         session,
         action="agent_state.change",
