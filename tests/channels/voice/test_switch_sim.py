@@ -263,3 +263,16 @@ async def test_eavesdrop_follows_its_flags_and_dtmf_commands_and_ends_with_its_t
 def _flags(switch, leg: str) -> tuple[bool, bool] | None:
     state = switch.eavesdrops().get(leg)
     return (state["mux_read"], state["mux_write"]) if state else None
+
+
+async def test_a_long_running_node_keeps_only_its_latest_requests():
+    """The request log (ESL commands, xml_curl, CDR deliveries) is bounded by CC_SIM_REQUEST_LOG: the demo's node
+    runs for days, and a benchmark's sends tens of thousands of commands."""
+    config = simulator_config(time_scale=1.0, request_log_size=3)
+    async with SwitchSimulator(config) as simulator:
+        async with InboundClient("127.0.0.1", simulator.esl_port, "ClueCon") as client:
+            for command in ("status", "sofia status", "reloadxml", "show channels as json"):
+                await client.api(command)
+        commands = [item.get("command") for item in simulator.switch.requests]
+    assert len(commands) == 3 and commands[-1] == "exit"
+    assert "api status" not in commands and not any(str(c).startswith("auth") for c in commands)  # the oldest went

@@ -95,6 +95,9 @@ class SimulatorConfig:
     """max-sessions, reported in HEARTBEAT and `status`."""
     event_queue_size: int = field(default_factory=lambda: _int("CC_SIM_EVENT_QUEUE", 100_000))
     """Per-listener event queue (FreeSWITCH's MAX_QUEUE_LEN); a listener that overflows it is killed."""
+    request_log_size: int = field(default_factory=lambda: _int("CC_SIM_REQUEST_LOG", 10_000))
+    """How many of the latest requests (ESL commands, xml_curl, CDR deliveries) the node keeps for the control API
+    and tests: a node that runs for days (the demo's) must not grow without end."""
     http_cache_headers: tuple[tuple[str, str], ...] = field(
         default_factory=lambda: tuple(
             (name.strip(), value.strip())

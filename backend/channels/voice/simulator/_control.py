@@ -86,5 +86,5 @@ class ControlApi:
             items = [dict(item) for item in switch.requests if kind is None or item["kind"] == kind]
             return 200, {"requests": items}
         if method == "GET" and parts == ["cdrs"]:
-            return 200, {"cdrs": switch.cdr_results}
+            return 200, {"cdrs": list(switch.cdr_results)}
         raise LookupError(f"no route {method} {path}")

@@ -12,6 +12,7 @@ import struct
 import time
 import uuid as uuidlib
 import wave
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -181,8 +182,8 @@ class Switch:
         self.endpoints: dict[str, Endpoint] = {}
         self.far_ends: dict[str, Endpoint] = {}
         """Parties reached through a carrier gateway (`sofia/gateway/<gw>/<number>`), by number; others answer."""
-        self.requests: list[dict[str, object]] = []
-        """What was asked of the switch: ESL commands, xml_curl and CDR requests (for tests)."""
+        self.requests: deque[dict[str, object]] = deque(maxlen=self.config.request_log_size)
+        """What was asked of the switch lately: ESL commands, xml_curl and CDR requests (for tests)."""
         self.sessions_since_startup = 0
         self.peak_sessions = 0
         self.hash_store: dict[str, str] = {}
@@ -195,7 +196,7 @@ class Switch:
         }
         self._tasks: set[asyncio.Task[object]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
-        self.cdr_results: list[dict[str, object]] = []
+        self.cdr_results: deque[dict[str, object]] = deque(maxlen=self.config.request_log_size)
         self.on_channel_gone: list[Callable[[str], None]] = []
         self.http_cache: dict[str, float] = {}
         """mod_http_cache: URL -> when its cached copy goes stale (monotonic seconds)."""
