@@ -760,6 +760,11 @@ async def get_agent_state(session: AsyncSession, tenant_id: uuid.UUID, user_id: 
 _AGENT_TRANSITION = text("SELECT agent_transition(:tenant, :user, :state, :reason, :at)")
 
 
+def _system(tenant_id: uuid.UUID) -> dict[str, Any]:
+    """Who made routing's own transitions, for the audit log."""
+    return {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
+
+
 async def _transition(
     session: AsyncSession, row: AgentState, state: str, reason: str | None, actor: dict[str, Any]
 ) -> AgentStateOut:
@@ -820,9 +825,7 @@ async def set_system_state(
     row = await _agent_state(session, tenant_id, user_id, lock=True)
     if state == "away" and reason not in SYSTEM_REASONS and reason is not None:
         raise InvalidInput.field("reason", "unknown system reason")
-    return await _transition(
-        session, row, state, reason, {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
-    )
+    return await _transition(session, row, state, reason, _system(tenant_id))
 
 
 async def mark_busy(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
@@ -830,9 +833,7 @@ async def mark_busy(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.U
     Audited as the system, as `set_system_state`; the agent is one routing or the channel already knows."""
     row = await _agent_state(session, tenant_id, user_id, lock=True)
     if row.state in ("available", "away"):
-        await _transition(
-            session, row, "busy", None, {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None}
-        )
+        await _transition(session, row, "busy", None, _system(tenant_id))
 
 
 async def release_agent(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, wrap_up: bool) -> bool:
@@ -841,13 +842,7 @@ async def release_agent(session: AsyncSession, tenant_id: uuid.UUID, user_id: uu
     row = await _agent_state(session, tenant_id, user_id, lock=True)
     if row.state != "busy":
         return False
-    await _transition(
-        session,
-        row,
-        "wrap_up" if wrap_up else "available",
-        None,
-        {"tenant_id": tenant_id, "actor_type": "system", "actor_id": None},
-    )
+    await _transition(session, row, "wrap_up" if wrap_up else "available", None, _system(tenant_id))
     return wrap_up
 
 

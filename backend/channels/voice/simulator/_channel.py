@@ -372,5 +372,5 @@ class Channel:
         """switch_channel_event_set_data: basic data, plus variables for the events that carry them."""
         pairs = self.basic_data(skip_hangup_cause=skip_hangup_cause)
         if event_name in EXTENDED_EVENTS:
-            pairs += self.variables.event_pairs()
+            pairs += self.extended_data()
         return pairs
