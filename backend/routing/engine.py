@@ -34,7 +34,6 @@ from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInterac
 from backend.routing.models import (
     DEFAULT_PRIORITY,
     AgentProfile,
-    AgentSkill,
     AgentState,
     BusinessHours,
     Interaction,
@@ -865,14 +864,11 @@ class RoutingEngine:
         is recorded after the state so their timeline reads available, then offered."""
         if held_nothing is None:
             held_nothing = not any((await self.matcher.load(tenant_id, agent)).values())
-        wrapping = False
         try:
-            # The state and what the matcher is told of the agent in one transaction (sync_agent's reads, after the
-            # change).
-            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-                if held_nothing:
-                    wrapping = await service.release_agent(session, tenant_id, agent, wrap_up=wrap_up_seconds > 0)
-                routing = await _agent_routing(session, tenant_id, agent)
+            # The release and what the matcher is told of the agent after it, in one statement.
+            wrapping, routing = await self._agent_routing(
+                tenant_id, agent, release=held_nothing, wrap_up=wrap_up_seconds > 0
+            )
         finally:
             # The matcher made the offer already: even if the state could not be written, the offer is recorded
             # and reaches the agent (unannounced, it would time out and send them away for a missed offer).
@@ -1000,9 +996,27 @@ class RoutingEngine:
 
     async def sync_agent(self, tenant_id: uuid.UUID, user_id: uuid.UUID) -> None:
         """Copy an agent's state, capacity and skills to the matcher; if they can take work, offer them some."""
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            routing = await _agent_routing(session, tenant_id, user_id)
+        _, routing = await self._agent_routing(tenant_id, user_id)
         await self._route_agent(tenant_id, routing)
+
+    async def _agent_routing(
+        self, tenant_id: uuid.UUID, user_id: uuid.UUID, *, release: bool = False, wrap_up: bool = False
+    ) -> tuple[bool, AgentRouting]:
+        """What the matcher needs of an agent: availability, capacity (no voice without a softphone) and skills;
+        first released from busy when `release` (their last contact is over). Returns whether they now wrap up."""
+        facts = await service.agent_facts(
+            self.sessionmaker.kw["bind"], tenant_id, user_id, release=release, wrap_up=wrap_up
+        )
+        capacity = dict(facts.capacity if facts.capacity is not None else DEFAULT_CAPACITY)
+        if not facts.voice_registered:
+            capacity["voice"] = 0  # no softphone, no calls
+        return facts.moved and wrap_up, AgentRouting(
+            user_id=user_id,
+            available=facts.state in ACCEPTING_STATES,
+            capacity=capacity,
+            skills=facts.skills,
+            idle_since_ms=int(facts.since.timestamp() * 1000) if facts.since is not None else 0,
+        )
 
     async def _route_agent(self, tenant_id: uuid.UUID, routing: AgentRouting) -> None:
         await self.matcher.set_agent(tenant_id, routing)
@@ -1176,23 +1190,6 @@ class RoutingEngine:
 CHANNEL_EVENTS = frozenset({"ivr_step", "held", "resumed"})
 _RECORD_CHANNEL_EVENT = "SELECT record_channel_event($1, $2, $3, $4, $5, $6::jsonb)"
 """Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
-
-
-async def _agent_routing(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID) -> AgentRouting:
-    """What the matcher needs of an agent: availability, capacity (no voice without a softphone) and skills."""
-    state = await session.get(AgentState, (tenant_id, user_id))
-    profile = await session.get(AgentProfile, (tenant_id, user_id))
-    skills = (await session.scalars(select(AgentSkill).where(AgentSkill.user_id == user_id))).all()
-    capacity = dict(profile.capacity if profile else DEFAULT_CAPACITY)
-    if state is None or not state.voice_registered:
-        capacity["voice"] = 0  # no softphone, no calls
-    return AgentRouting(
-        user_id=user_id,
-        available=state is not None and state.state in ACCEPTING_STATES,
-        capacity=capacity,
-        skills={str(s.skill_id): s.level for s in skills},
-        idle_since_ms=int(state.since.timestamp() * 1000) if state else 0,
-    )
 
 
 _OPEN_INTERACTION = "SELECT open_interaction($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)"

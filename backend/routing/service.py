@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,11 +17,12 @@ import msgspec
 from sqlalchemy import Integer, Select, String, any_, bindparam, cast, delete, literal, null, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
 from backend.auth.principal import Principal
 from backend.db.base import utcnow
+from backend.db.engine import driver_connection
 from backend.lib.pagination import PageRequest, paginate
 from backend.lib.problems import Conflict, InvalidInput, NotFound
 from backend.lib.validation import clean_text, clean_time_zone
@@ -836,14 +838,44 @@ async def mark_busy(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.U
         await _transition(session, row, "busy", None, _system(tenant_id))
 
 
-async def release_agent(session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, wrap_up: bool) -> bool:
-    """The agent's last contact is over: busy becomes wrap-up (when the queue asks for it) or available; any other
-    state (away, offline) stays. Returns whether they wrap up. One locked read, audited as the system."""
-    row = await _agent_state(session, tenant_id, user_id, lock=True)
-    if row.state != "busy":
-        return False
-    await _transition(session, row, "wrap_up" if wrap_up else "available", None, _system(tenant_id))
-    return wrap_up
+_AGENT_RELEASED = "SELECT * FROM agent_released($1, $2, $3, $4, $5, $6, $7)"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFacts:
+    """What routing needs of an agent: their state row (None when they never had one), capacity and skills."""
+
+    moved: bool
+    """Whether `agent_released` released them (they were busy)."""
+    state: str | None
+    since: datetime | None
+    voice_registered: bool
+    capacity: dict[str, int] | None
+    """Their profile's capacity per channel; None without a profile."""
+    skills: dict[str, int]
+    """Skill id -> level."""
+
+
+async def agent_facts(
+    engine: AsyncEngine, tenant_id: uuid.UUID, user_id: uuid.UUID, *, release: bool = False, wrap_up: bool = False
+) -> AgentFacts:
+    """What routing needs of an agent, in one statement of its own (`agent_released`, migration 0019).
+
+    With `release` (their last contact is over), busy becomes wrap-up (`wrap_up`) or available, audited as the
+    system; any other state (available, away, offline) stays."""
+    ip, request_id = audit.origin()
+    async with driver_connection(engine) as driver:
+        row = await driver.fetchrow(_AGENT_RELEASED, tenant_id, user_id, release, wrap_up, utcnow(), ip, request_id)
+    if row["r_moved"]:
+        audit.written(tenant_id=tenant_id, action="agent_state.change", target_type="user", target_id=str(user_id))
+    return AgentFacts(
+        moved=row["r_moved"],
+        state=row["r_state"],
+        since=row["r_since"],
+        voice_registered=bool(row["r_voice_registered"]),
+        capacity=row["r_capacity"],
+        skills=row["r_skills"],
+    )
 
 
 async def free_agent_for_consultation(

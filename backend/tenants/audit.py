@@ -54,7 +54,17 @@ async def record(
         request_id=request_id_var.get(),
     )
     session.add(entry)
-    log.info("audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=entry.target_id)
+    written(tenant_id=tenant_id, action=action, target_type=target_type, target_id=entry.target_id)
+
+
+def origin() -> tuple[str | None, str | None]:
+    """Where the current change comes from (client IP, request id): for an entry a SQL function writes itself."""
+    return _ip(), request_id_var.get()
+
+
+def written(*, tenant_id: uuid.UUID, action: str, target_type: str, target_id: str | None) -> None:
+    """The log line of an entry, whether `record` added it or a SQL function wrote it."""
+    log.info("audit", tenant_id=str(tenant_id), action=action, target_type=target_type, target_id=target_id)
 
 
 async def record_by(

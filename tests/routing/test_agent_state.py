@@ -132,26 +132,89 @@ async def test_reconnecting_within_the_grace_period_keeps_the_agent_available(cl
         assert state["state"] == "available"
 
 
-async def test_a_busy_agent_is_released_to_wrap_up_or_available_and_nobody_else_moves(client, factory, sessionmaker):
-    """`release_agent`: the end of an agent's last contact moves busy only (available and away stay), to
-    wrap-up when the queue asks for it."""
+async def test_a_busy_agent_is_released_to_wrap_up_or_available_and_nobody_else_moves(
+    client, factory, sessionmaker, engine
+):
+    """`agent_facts` with `release` (`agent_released`): the end of an agent's last contact moves busy only (available
+    and away stay), to wrap-up when the queue asks for it, audited as the system; one statement, no ORM
+    transaction."""
+    from sqlalchemy import event, select
+
+    from backend.tenants.models import AuditEntry
+
     ctx = await factory.tenant()
     agent = await factory.seated_agent(ctx)
     assert (await _set(client, agent, state="available")).status_code == 200
 
-    async def release(wrap_up: bool) -> tuple[bool, str]:
+    async def release(wrap_up: bool) -> tuple[bool, str | None]:
+        transactions: list[object] = []
+
+        def began(connection: object) -> None:
+            transactions.append(connection)
+
+        event.listen(engine.sync_engine, "begin", began)
+        try:
+            facts = await service.agent_facts(engine, ctx.tenant_id, agent["id"], release=True, wrap_up=wrap_up)
+        finally:
+            event.remove(engine.sync_engine, "begin", began)
+        assert transactions == []
         async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
-            wrapping = await service.release_agent(session, ctx.tenant_id, agent["id"], wrap_up=wrap_up)
             state = await service.get_agent_state(session, ctx.tenant_id, agent["id"])
-        return wrapping, state.state
+        assert facts.state == state.state
+        return facts.moved, state.state
+
+    async def system_entries() -> list[tuple[object, object]]:
+        async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
+            rows = await session.scalars(
+                select(AuditEntry)
+                .where(AuditEntry.actor_type == "system", AuditEntry.target_id == str(agent["id"]))
+                .order_by(AuditEntry.created_at)
+            )
+            return [(row.before, row.after) for row in rows]
 
     assert await release(wrap_up=True) == (False, "available")  # not busy: nothing to release
     async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
         await service.mark_busy(session, ctx.tenant_id, agent["id"])
     assert await release(wrap_up=True) == (True, "wrap_up")
+    assert (await system_entries())[-1] == ({"state": "busy", "reason": None}, {"state": "wrap_up", "reason": None})
     async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
         await service.set_system_state(session, ctx.tenant_id, agent["id"], "busy")
-    assert await release(wrap_up=False) == (False, "available")
+    assert await release(wrap_up=False) == (True, "available")
+    assert (await system_entries())[-1][1] == {"state": "available", "reason": None}
     async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
         await service.set_system_state(session, ctx.tenant_id, agent["id"], "away", "offer_timeout")
+    entries = len(await system_entries())
     assert await release(wrap_up=True) == (False, "away")
+    assert len(await system_entries()) == entries
+
+
+async def test_what_routing_reads_of_an_agent_is_their_own_tenants_and_leaves_no_tenant_behind(
+    client, factory, sessionmaker, engine
+):
+    """`agent_facts` (`agent_released`): state, capacity and skills of the tenant's agent only; another tenant asking
+    for them (or releasing them) sees and changes nothing, and the pooled connection keeps no tenant."""
+    from backend.db.engine import driver_connection
+
+    a = await factory.tenant()
+    b = await factory.tenant()
+    agent = await factory.seated_agent(b)
+    skill = await factory.skill(b)
+    await factory.agent_skills(b, agent["id"], {skill: 7})
+    async with tenant_transaction(sessionmaker, b.tenant_id) as session:
+        await service.set_system_state(session, b.tenant_id, agent["id"], "busy")
+
+    facts = await service.agent_facts(engine, b.tenant_id, agent["id"])
+    assert (facts.moved, facts.state, facts.skills) == (False, "busy", {str(skill): 7})
+    assert facts.since is not None
+
+    intruder = await service.agent_facts(engine, a.tenant_id, agent["id"], release=True)
+    assert (intruder.moved, intruder.state, intruder.since, intruder.capacity, intruder.skills) == (
+        False,
+        None,
+        None,
+        None,
+        {},
+    )
+    assert (await service.agent_facts(engine, b.tenant_id, agent["id"])).state == "busy"
+    async with driver_connection(engine) as connection:
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
