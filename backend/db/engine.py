@@ -58,3 +58,11 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
             # trusting: the pool gets a fresh one instead.
             await connection.invalidate()
             raise
+
+
+async def session_driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session's transaction (begun already): a SQL function called on it takes
+    part in that transaction, and in the row locks it holds."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection

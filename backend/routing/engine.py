@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
 from backend.db.base import utcnow
-from backend.db.engine import driver_connection, tenant_transaction
+from backend.db.engine import driver_connection, session_driver, tenant_transaction
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
 from backend.routing.hub import AgentHub
@@ -381,15 +381,13 @@ class RoutingEngine:
         `outcome` when given (`node_failure`); its agent's capacity is freed. Idempotent: an interaction
         already ended (or unknown to this tenant) is left alone and None is returned.
         """
-        # The end is reported by call control and by both CDR paths: those that come second learn it in one read.
-        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
-            state = await driver.fetchval(_INTERACTION_STATE, tenant_id, interaction_id)
-        if state in ("ended", "wrap_up"):
-            return None
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            try:
-                interaction = await interactions.lock(session, interaction_id)
-            except NotFound:
+        # The end is reported by call control and by both CDR paths: those that come second learn it in one read;
+        # the first writes the end in one more, made on the state it read (read again if that changed meanwhile).
+        engine = self.sessionmaker.kw["bind"]
+        for _ in range(_END_ATTEMPTS):
+            async with driver_connection(engine) as driver:
+                interaction = await interactions.row(driver, tenant_id, interaction_id)
+            if interaction is None:
                 log.warning(
                     "channel_end_unknown_interaction", tenant_id=str(tenant_id), interaction=str(interaction_id)
                 )
@@ -407,17 +405,30 @@ class RoutingEngine:
             ):
                 # The caller hung up after asking to be called back: the callback keeps its place.
                 return None
+            ending = outcome
             disposition = data.get("disposition")
-            if outcome is None and disposition not in (None, "answered"):
+            if ending is None and disposition not in (None, "answered"):
                 if interaction.channel == "callback" and interaction.state == "connected":
                     # Our dial-out's agent leg was not answered: the voice channel decides what follows.
                     return None
                 if _outbound(interaction) and interaction.state != "connected":
-                    outcome = outbound_outcome(str(disposition))
-            agent, wrap_up = await self._close(session, interaction, outcome or "handled", at=at, **data)
-            result = interactions.out(interaction)
-        await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
-        return result
+                    ending = outbound_outcome(str(disposition))
+            closing = _closing(interaction, ending or "handled")
+            async with driver_connection(engine) as driver:
+                ended, wrap_up, interaction = await interactions.end(
+                    driver,
+                    interaction,
+                    closing.outcome,
+                    at=at or utcnow(),
+                    wrap_up_lookup=closing.wraps_up,
+                    data=data,
+                )
+            if ended:
+                agent = interaction.agent_id if closing.releases_agent else None
+                result = interactions.out(interaction)
+                await self._released(tenant_id, interaction_id, agent, wrap_up, result.queue_id, result.outcome)
+                return result
+        raise RuntimeError(f"interaction {interaction_id} kept changing while its end was written")
 
     # --- contacts a channel holds itself (a call in its IVR, bridged by call control) ---------------
 
@@ -586,31 +597,37 @@ class RoutingEngine:
         """
         acceptance = await self.matcher.accept(tenant_id, interaction_id, agent_id, now_ms())
         withdrawn = list(acceptance.withdrawn)
-        async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            interaction = await interactions.lock(session, interaction_id)
-            if interaction.state in ("ended", "wrap_up"):
-                if acceptance.ok:
-                    await self.matcher.finish(tenant_id, interaction_id)
-                return None
-            if interaction.state == "connected" and interaction.agent_id == agent_id:
-                return interactions.out(interaction)
-            forced = not acceptance.ok
-            if forced:
+        forced = not acceptance.ok
+        if forced:
+            # The matcher did not offer it to this agent: its routing state is rebuilt as connected to them while
+            # the row is locked, so an end reported meanwhile waits and frees the agent after.
+            async with tenant_transaction(self.sessionmaker, tenant_id) as session:
+                interaction = await interactions.lock(session, interaction_id)
+                if interaction.state in ("ended", "wrap_up"):
+                    return None
+                if interaction.state == "connected" and interaction.agent_id == agent_id:
+                    return interactions.out(interaction)
                 current = await self.matcher.current_offer(tenant_id, interaction_id)
                 withdrawn = [a for a in (current.agents if current else ()) if a != agent_id]
                 await self.matcher.finish(tenant_id, interaction_id)
+                outcome, interaction = await interactions.connect(
+                    await session_driver(session), tenant_id, interaction_id, agent_id, forced=True
+                )
                 if interaction.queue_id is not None:
                     rules = await self._rules(session, interaction.queue_id)
-                    if interaction.queued_at is None:
-                        interaction.queued_at = utcnow()
                     await self.matcher.restore_connected(tenant_id, self._waiting(interaction, rules), agent_id)
-            interaction.state = "connected"
-            interaction.agent_id = agent_id
-            interaction.connected_at = interaction.connected_at or utcnow()
-            await interactions.record(session, interaction, "offer_accepted", agent_id=agent_id, forced=forced)
-            await interactions.record(session, interaction, "connected", agent_id=agent_id)
-            await service.mark_busy(session, tenant_id, agent_id)
-            result = interactions.out(interaction)
+        else:
+            # The usual case, in one statement.
+            async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+                outcome, interaction = await interactions.connect(
+                    driver, tenant_id, interaction_id, agent_id, forced=False
+                )
+            if outcome == "ended":
+                await self.matcher.finish(tenant_id, interaction_id)
+                return None
+        result = interactions.out(interaction)
+        if outcome == "already":
+            return result
         for other in withdrawn:
             await self.hub.publish(
                 tenant_id, other, {"type": "offer_withdrawn", "interaction_id": str(interaction_id), "reason": "taken"}
@@ -796,16 +813,12 @@ class RoutingEngine:
         self, session: AsyncSession, interaction: Interaction, outcome: str, *, at: datetime | None = None, **data: Any
     ) -> tuple[uuid.UUID | None, int]:
         """End the interaction in the transaction; returns its agent (if one had it) and their wrap-up time."""
-        dialling = _outbound(interaction) and interaction.state == "new"
-        agent = interaction.agent_id if interaction.state == "connected" or dialling else None
-        final = outcome if interaction.state == "connected" or outcome != "handled" else "abandoned"
-        if dialling and outcome == "handled":
-            final = "cancelled"  # the agent's own call ended before the customer answered
-        await self._end(session, interaction, final, at=at, **data)
+        closing = _closing(interaction, outcome)
+        agent = interaction.agent_id if closing.releases_agent else None
+        await self._end(session, interaction, closing.outcome, at=at, **data)
         wrap_up = 0
-        if agent is not None and interaction.queue_id is not None and not dialling:
-            queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
-            wrap_up = queue.wrap_up_seconds if queue else 0
+        if agent is not None and closing.wraps_up and interaction.queue_id is not None:
+            wrap_up = await session.scalar(select(Queue.wrap_up_seconds).where(Queue.id == interaction.queue_id)) or 0
         return agent, wrap_up
 
     async def _released(
@@ -1192,9 +1205,30 @@ _RECORD_CHANNEL_EVENT = "SELECT record_channel_event($1, $2, $3, $4, $5, $6::jso
 """Timeline events a channel records itself through `RoutingEngine.note` (routing records the rest)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Closing:
+    """How an interaction ends, decided on its state before the end is written."""
+
+    outcome: str
+    releases_agent: bool
+    """Whether its agent comes free (it was connected, or it was the agent's own call still dialling)."""
+    wraps_up: bool
+    """Whether its queue's wrap-up time applies to that agent."""
+
+
+def _closing(interaction: Interaction, outcome: str) -> _Closing:
+    dialling = _outbound(interaction) and interaction.state == "new"
+    connected = interaction.state == "connected"
+    final = outcome if connected or outcome != "handled" else "abandoned"
+    if dialling and outcome == "handled":
+        final = "cancelled"  # the agent's own call ended before the customer answered
+    return _Closing(final, releases_agent=connected or dialling, wraps_up=connected and not dialling)
+
+
+_END_ATTEMPTS = 10
+"""Times a channel's end is read and written again because the interaction's state changed in between."""
+
 _OPEN_INTERACTION = "SELECT open_interaction($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)"
-_INTERACTION_STATE = "SELECT interaction_state($1, $2)"
-"""An interaction's state without a transaction (migration 0015): None when the tenant has no such one."""
 
 NO_QUEUE = uuid.UUID(int=0)
 """The matcher's queue for a contact connected outside any queue (it never waits in a line)."""

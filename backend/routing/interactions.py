@@ -17,6 +17,7 @@ from backend.lib.pagination import PageRequest, paginate
 from backend.lib.problems import NotFound
 from backend.routing.models import Interaction, InteractionEvent
 from backend.routing.schemas import InteractionEventOut, InteractionOut
+from backend.tenants import audit
 
 
 async def record(
@@ -49,6 +50,72 @@ async def lock(session: AsyncSession, interaction_id: uuid.UUID) -> Interaction:
     if found is None:
         raise NotFound("No such interaction")
     return found
+
+
+_CONNECT = (
+    "SELECT c.r_outcome, c.r_agent_moved, (c.r_interaction).* FROM connect_interaction($1, $2, $3, $4, $5, $6, $7) AS c"
+)
+_COLUMNS = tuple(column.key for column in Interaction.__table__.columns)
+
+
+async def connect(
+    driver: Any, tenant_id: uuid.UUID, interaction_id: uuid.UUID, agent_id: uuid.UUID, *, forced: bool
+) -> tuple[str, Interaction]:
+    """Connect the interaction to the agent who took it, in one statement (`connect_interaction`, migration 0020):
+    its state, the `offer_accepted` and `connected` events, and the agent busy if they were available or away
+    (audited as the system). Returns `connected`, `already` (with this agent before) or `ended` (nothing written),
+    and the interaction as it now is. `driver` is a pooled asyncpg connection, or a transaction's (`session_driver`)
+    whose row locks it shares."""
+    ip, request_id = audit.origin()
+    row = await driver.fetchrow(_CONNECT, tenant_id, interaction_id, agent_id, forced, utcnow(), ip, request_id)
+    if row is None:
+        raise NotFound("No such interaction")
+    if row["r_agent_moved"]:
+        audit.written(tenant_id=tenant_id, action="agent_state.change", target_type="user", target_id=str(agent_id))
+    return row["r_outcome"], Interaction(**{name: row[name] for name in _COLUMNS})
+
+
+_ROW = "SELECT * FROM interaction_row($1, $2)"
+_END = (
+    "SELECT e.r_result, e.r_wrap_up_seconds, (e.r_interaction).* "
+    "FROM end_interaction($1, $2, $3, $4, $5, $6, $7::jsonb) AS e"
+)
+
+
+async def row(driver: Any, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> Interaction | None:
+    """The interaction as it is, unlocked, in one statement of its own (`interaction_row`, migration 0021); None
+    when the tenant has no such one."""
+    found = await driver.fetchrow(_ROW, tenant_id, interaction_id)
+    return Interaction(**{name: found[name] for name in _COLUMNS}) if found is not None else None
+
+
+async def end(
+    driver: Any,
+    interaction: Interaction,
+    outcome: str,
+    *,
+    at: datetime,
+    wrap_up_lookup: bool,
+    data: dict[str, Any],
+) -> tuple[bool, int, Interaction]:
+    """End the interaction with `outcome` in one statement (`end_interaction`, migration 0021), if it is still in
+    the state it was read in: its `abandoned` (for that outcome) and `ended` events are appended. Returns whether
+    it was ended (False: its state changed meanwhile, nothing written), its queue's wrap-up seconds (asked for
+    with `wrap_up_lookup`), and the interaction as it now is."""
+    found = await driver.fetchrow(
+        _END,
+        interaction.tenant_id,
+        interaction.id,
+        interaction.state,
+        outcome,
+        wrap_up_lookup,
+        at,
+        msgspec.json.encode(data).decode(),
+    )
+    if found is None:
+        raise NotFound("No such interaction")
+    now = Interaction(**{name: found[name] for name in _COLUMNS})
+    return found["r_result"] == "ended", found["r_wrap_up_seconds"], now
 
 
 def out(
