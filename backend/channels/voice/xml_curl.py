@@ -32,6 +32,7 @@ from backend.channels.voice.legs import (
     VAR_DID,
     VAR_DIRECTION,
     VAR_IVR_FLOW,
+    VAR_IVR_FLOW_VERSION,
     VAR_NODE,
     VAR_NUMBER,
     VAR_QUEUE,
@@ -126,6 +127,8 @@ class DialplanRoute:
     queue_id: uuid.UUID | None
     ivr_flow_id: uuid.UUID | None
     queue_name: str | None
+    ivr_flow_version: int | None
+    """The flow's published version (migration 0022): the one the call starts on. None when it has none."""
 
 
 _DIALPLAN_ROUTE = "SELECT * FROM dialplan_route($1, $2, $3)"
@@ -134,7 +137,7 @@ _DIALPLAN_ROUTE = "SELECT * FROM dialplan_route($1, $2, $3)"
 async def dialplan_route(
     engine: AsyncEngine, node_id: uuid.UUID, did: str | None, tenant_id: uuid.UUID | None
 ) -> DialplanRoute:
-    """The node's health and the call's tenant, number and queue in one statement (migration 0014).
+    """The node's health and the call's tenant, number, queue and flow version in one statement (0014, 0022).
 
     With `did`, the tenant is the number's, whatever `tenant_id` says; without, it is `tenant_id`'s.
     """
@@ -289,6 +292,8 @@ class XmlCurl:
         shown = switch_text(caller_name) or switch_text(caller_number)
         if route.ivr_flow_id is not None:
             actions.append(("export", f"{VAR_IVR_FLOW}={route.ivr_flow_id}"))
+            if route.ivr_flow_version is not None:
+                actions.append(("export", f"{VAR_IVR_FLOW_VERSION}={route.ivr_flow_version}"))
         if route.queue_id is not None:
             actions.append(("export", f"{VAR_QUEUE}={route.queue_id}"))
             if route.queue_name is not None:

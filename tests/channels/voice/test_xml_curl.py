@@ -28,7 +28,7 @@ from backend.channels.voice.xml_curl import XmlCurl, dialplan_route, parse_form
 from backend.channels.voice.xml_documents import NOT_FOUND
 from backend.db.engine import driver_connection
 from backend.lib.problems import InvalidInput
-from tests.factories import Factory, TenantCtx
+from tests.factories import Factory, MediaFactory, TenantCtx
 from tests.support.freeswitch_captures import A_LEG, fixture, rewrite_form, xml_curl_body
 
 pytestmark = pytest.mark.integration
@@ -479,6 +479,32 @@ async def test_the_dialplan_lookup_reads_the_queue_as_its_tenant_and_leaves_no_t
         await connection.fetchrow("SELECT * FROM dialplan_route($1, $2, NULL)", node_up, number["number"])
         assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
         assert await connection.fetchval("SELECT count(*) FROM queues") == 0  # row-level security: no tenant
+
+
+async def test_a_call_to_an_ivr_number_starts_on_the_flow_version_published_when_it_arrived(
+    factory: Factory, client, engine: AsyncEngine, node_up, switch_headers
+):
+    """The dialplan pins the flow's published version (`cc_ivr_flow_version`, migration 0022): call control starts
+    the call on it without reading it again; a later publication is for the calls after it."""
+    ctx = await factory.tenant()
+    media = MediaFactory(factory)
+    flow = await media.flow(ctx)
+    number = await factory.number(ctx)
+    pointed = await client.patch(
+        f"/api/v1/voice/numbers/{number['id']}", json={"ivr_flow_id": str(flow)}, headers=ctx.headers
+    )
+    assert pointed.status_code == 200, pointed.text
+    body = dialplan_request(number["number"])
+    exported = [a[1] for a in _actions(await _post(client, DIALPLAN, body, switch_headers)) if a[0] == "export"]
+    assert exported[-2:] == [f"cc_ivr_flow_id={flow}", "cc_ivr_flow_version=1"]
+    published = await client.post(f"/api/v1/routing/ivr-flows/{flow}/publish", headers=ctx.headers)
+    assert published.status_code == 201, published.text
+    assert (await dialplan_route(engine, node_up, number["number"], None)).ivr_flow_version == 2
+    draft = await media.flow(ctx, publish=False)
+    refused = await client.patch(
+        f"/api/v1/voice/numbers/{number['id']}", json={"ivr_flow_id": str(draft)}, headers=ctx.headers
+    )
+    assert refused.status_code == 422, refused.text  # a number only reaches a published flow
 
 
 async def test_a_seat_places_a_call_through_call_control(

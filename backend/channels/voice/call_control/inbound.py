@@ -65,6 +65,7 @@ from backend.channels.voice.legs import (
     VAR_DID,
     VAR_INTERACTION,
     VAR_IVR_FLOW,
+    VAR_IVR_FLOW_VERSION,
     VAR_NODE,
     VAR_NUMBER,
     VAR_QUEUE,
@@ -72,6 +73,7 @@ from backend.channels.voice.legs import (
     as_uuid,
     e164,
 )
+from backend.channels.voice.media import QueueAudio
 from backend.channels.voice.outbound import OutboundRequest
 from backend.channels.voice.recordings import recording_policy
 from backend.db.base import utcnow
@@ -132,6 +134,8 @@ class CallFacts:
     number_id: uuid.UUID | None
     queue_id: uuid.UUID | None
     flow_id: uuid.UUID | None
+    flow_version: int | None
+    """The flow version the dialplan pinned when the call arrived (None: call control reads the published one)."""
     caller_number: str
     caller_name: str
 
@@ -158,9 +162,14 @@ def facts_of(session: OutboundSession) -> CallFacts | None:
         number_id=as_uuid(session.variable(VAR_NUMBER)),
         queue_id=as_uuid(session.variable(VAR_QUEUE)),
         flow_id=as_uuid(session.variable(VAR_IVR_FLOW)),
+        flow_version=_version(session.variable(VAR_IVR_FLOW_VERSION)),
         caller_number=number[:64],
         caller_name=name[:120],
     )
+
+
+def _version(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() and 0 < len(value) < 10 else None
 
 
 def _tag(value: Any) -> str:
@@ -196,6 +205,8 @@ class InboundCall:
         self.direct = False
         self.routing_ended: RoutingSignal | None = None
         self.queue_moved = False
+        self.waiting_audio: tuple[uuid.UUID, QueueAudio] | None = None
+        """The queue the caller waits in and its voice settings, as read when the wait began."""
         self.in_music = False
         self.interaction_closed = False
         """We ended the interaction ourselves (voicemail, transfer out, the flow hung up)."""
@@ -446,7 +457,8 @@ class InboundCall:
         flow_id = state.flow_id if state is not None else self.facts.flow_id
         assert flow_id is not None
         try:
-            pinned = await self.s.pinned_flow(self.tenant_id, flow_id, state.version if state is not None else None)
+            version = state.version if state is not None else self.facts.flow_version
+            pinned = await self.s.pinned_flow(self.tenant_id, flow_id, version)
         except (NotFound, msgspec.ValidationError, msgspec.DecodeError) as exc:
             self.log.warning("ivr_flow_unavailable", flow_id=str(flow_id), error=str(exc)[:200])
             return Hangup(Speech(_tts_prompt(APOLOGY), None, None), "NORMAL_CLEARING", "flow")
@@ -621,6 +633,7 @@ class InboundCall:
         """Music on hold, announcements and the callback offer, until an agent takes the call or it ends."""
         assert self.record.queue_id is not None
         queue, audio = await self.s.queue(self.tenant_id, self.record.queue_id)
+        self.waiting_audio = (self.record.queue_id, audio)
         loop = asyncio.get_running_loop()
         interval = queue.announcements.interval_seconds * self.s.settings.call_control_announcement_scale
         next_announcement = loop.time()
@@ -635,6 +648,7 @@ class InboundCall:
                 self.queue_moved = False
                 assert self.record.queue_id is not None
                 queue, audio = await self.s.queue(self.tenant_id, self.record.queue_id)
+                self.waiting_audio = (self.record.queue_id, audio)
                 await self.s.store.save(self.record)
             offer = await self.s.routing.current_offer(self.tenant_id, self.interaction_id)
             if offer is not None:
@@ -861,8 +875,11 @@ class InboundCall:
             return
         self.log.info("call_connected", agent_id=str(agent_id), leg=str(leg))
         if self.record.recording_id is None and self.record.queue_id is not None:
-            async with tenant_transaction(self.s.sessionmaker, self.tenant_id) as session:
-                policy = await recording_policy(session, self.record.queue_id)
+            if self.waiting_audio is not None and self.waiting_audio[0] == self.record.queue_id:
+                policy = self.waiting_audio[1].recording_policy  # read when the wait in this queue began
+            else:
+                async with tenant_transaction(self.s.sessionmaker, self.tenant_id) as session:
+                    policy = await recording_policy(session, self.record.queue_id)
             if policy == "always":
                 await self._start_recording(on_demand=False)
 

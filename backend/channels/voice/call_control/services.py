@@ -148,8 +148,11 @@ class CallServices:
         return self._sip_domains.keep(tenant_id, tenant.sip_domain)
 
     async def pinned_flow(self, tenant_id: uuid.UUID, flow_id: uuid.UUID, version: int | None) -> Any:
-        """The flow version a new call starts on, or the one a resumed call is pinned to. A published version
-        never changes, so each process reads and decodes it once; which version is current is read every time."""
+        """The flow version a call runs: the one the dialplan pinned when it arrived, the one a resumed call is
+        pinned to, or else the published one (read every time). A version never changes once published, so each
+        process reads and decodes it once."""
+        if version is not None and (pinned := self._flows.get((tenant_id, flow_id, version))) is not None:
+            return pinned
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             if version is None:
                 version = await ivr_service.published_version(session, flow_id)
