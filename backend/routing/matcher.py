@@ -37,7 +37,9 @@ STRATEGIES = ("longest_idle", "round_robin", "fewest_interactions", "best_skill"
 # (waiting, offered, connected) and the agent it is with. A waiting interaction is in two sorted sets by rank:
 # `q:<queue>` (the queue as customers see it: positions) and `qc:<queue>:<channel>`, the lane agents scan,
 # so an agent with room only for chats never wades through waiting calls; `lanes:<channel>` lists the queues
-# with someone waiting on that channel. A ring-all voice offer rings several agents at
+# with someone waiting on that channel. `room:<channel>` holds the available agents whose load there is below
+# their capacity: the ones an arrival may be offered to, so an offer reads those agents, not every available one
+# (at a busy hour, nearly every agent is available and busy). A ring-all voice offer rings several agents at
 # once: they are the members of `ring:<id>` and its `agent` stays empty until one of them accepts. Every
 # agent an interaction is offered to (or connected with) carries one unit of load on its channel.
 _COMMON = r"""
@@ -69,6 +71,28 @@ local function required_ok(req_json, agent_skills_json, waited_s)
   return true, total
 end
 -- (Fields of one hash are read with one HMGET: each redis.call costs more than the Lua around it.)
+-- Puts the agent in, or takes them out of, the channel's room set after their load, capacity or availability
+-- changed there.
+local function update_room(agent, channel)
+  local f = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel)
+  if tonumber(f[2] or 0) < tonumber(f[1] or 0) and redis.call('SISMEMBER', P .. 'avail', agent) == 1 then
+    redis.call('SADD', P .. 'room:' .. channel, agent)
+  else
+    redis.call('SREM', P .. 'room:' .. channel, agent)
+  end
+end
+-- The same for every channel the agent has a capacity on.
+local function update_rooms(agent)
+  local fields = redis.call('HGETALL', P .. 'a:' .. agent)
+  for f = 1, #fields, 2 do
+    local channel = string.match(fields[f], '^cap:(.+)$')
+    if channel then update_room(agent, channel) end
+  end
+end
+local function add_load(agent, channel, delta)
+  redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, delta)
+  update_room(agent, channel)
+end
 local function has_room(agent, channel)
   local f = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel)
   return tonumber(f[2] or 0) < tonumber(f[1] or 0)
@@ -83,7 +107,7 @@ local function eligible_agents(iid, now)
   local channel, req = i[1], i[2]
   local waited = (now - tonumber(i[3])) / 1000
   local found = {}
-  for _, agent in ipairs(redis.call('SMEMBERS', P .. 'avail')) do
+  for _, agent in ipairs(redis.call('SMEMBERS', P .. 'room:' .. channel)) do
     local a = redis.call('HMGET', P .. 'a:' .. agent, 'cap:' .. channel, 'load:' .. channel, 'skills')
     if tonumber(a[2] or 0) < tonumber(a[1] or 0) then
       local ok = required_ok(req, a[3], waited)
@@ -176,7 +200,7 @@ local function make_offer(iid, agents, now, timeout_ms)
     redis.call('SADD', P .. 'ring:' .. iid, unpack(agents))
   end
   for _, agent in ipairs(agents) do
-    redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
+    add_load(agent, channel, 1)
     redis.call('HSET', P .. 'a:' .. agent, 'lastoffer', now)
   end
   redis.call('ZADD', P .. 'offers', now + timeout_ms, iid)
@@ -244,7 +268,7 @@ local function offered_to(iid)
   return redis.call('SMEMBERS', P .. 'ring:' .. iid)
 end
 local function release(agents, channel)
-  for _, agent in ipairs(agents) do redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, -1) end
+  for _, agent in ipairs(agents) do add_load(agent, channel, -1) end
 end
 -- Withdraws the offer from everyone it is with and puts the interaction back at its old rank.
 local function back_to_queue(iid)
@@ -347,7 +371,7 @@ if expiry <= now then return {'expired'} end
 local out = {'ok'}
 for _, a in ipairs(ringing) do
   if a ~= agent then
-    redis.call('HINCRBY', P .. 'a:' .. a, 'load:' .. redis.call('HGET', ikey, 'ch'), -1)
+    add_load(a, redis.call('HGET', ikey, 'ch'), -1)
     table.insert(out, a)
   end
 end
@@ -426,6 +450,7 @@ for f = 1, #fields, 2 do
 end
 if ARGV[5] == '1' and out[2] == 1 then
   redis.call('SREM', P .. 'avail', agent)
+  update_rooms(agent)
 else
   offer_agent(agent, now, depth, out)
 end
@@ -443,7 +468,7 @@ local ikey = P .. 'i:' .. iid
 if redis.call('HGET', ikey, 'state') == 'connected' then return 0 end
 leave_queue(iid)
 redis.call('HSET', ikey, 'q', queue, 'ch', channel, 'rank', rank, 'enq', enq, 'state', 'connected', 'agent', agent)
-redis.call('HINCRBY', P .. 'a:' .. agent, 'load:' .. channel, 1)
+add_load(agent, channel, 1)
 return 1
 """
 )
@@ -451,16 +476,20 @@ return 1
 
 # ARGV: agent, '1' if available else '0', then field/value pairs of the agent's hash (load fields are left as
 # they are). A script rather than a MULTI/EXEC pipeline so that it shares round trips with other calls.
-_SET_AGENT = r"""
-local P, agent = KEYS[1], ARGV[1]
+_SET_AGENT = (
+    _COMMON
+    + r"""
+local agent = ARGV[1]
 redis.call('HSET', P .. 'a:' .. agent, unpack(ARGV, 3))
 if ARGV[2] == '1' then
   redis.call('SADD', P .. 'avail', agent)
 else
   redis.call('SREM', P .. 'avail', agent)
 end
+update_rooms(agent)
 return 1
 """
+)
 
 # KEYS[1]: a sorted set of timers. ARGV: now_ms, limit. Pops the due members atomically.
 _POP_DUE = r"""
@@ -469,8 +498,9 @@ if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
 
-STATE_MARKER = global_key("routing", "state")
-"""Present while Redis holds routing state built from PostgreSQL; gone after a restart without data or a flush."""
+STATE_MARKER = global_key("routing", "state", "2")
+"""Present while Redis holds routing state built from PostgreSQL; gone after a restart without data or a flush.
+Its version changes with the layout of that state (2: agents' room sets), so a deployment rebuilds it once."""
 REBUILD_LOCK = global_key("routing", "rebuilding")
 TIMER_INDEX = global_key("routing", "timers")
 """Tenants with pending routing timers, scored by their earliest due time (one small global index)."""

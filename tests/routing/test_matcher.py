@@ -467,3 +467,32 @@ async def test_finish_and_offer_offers_nothing_to_an_unavailable_agent(matcher):
     freed = await matcher.finish_and_offer(tenant, call.interaction_id, me.user_id, NOW + 10)
     assert freed.was_with == me.user_id and freed.held_nothing and freed.offer is None
     assert await matcher.load(tenant, me.user_id) == {"voice": 0}
+
+
+async def test_an_arrival_reads_only_the_agents_with_room_on_its_channel(matcher, redis):
+    """`room:<channel>` follows every change of load, capacity and availability: an agent busy on voice, away, or
+    without a softphone (voice capacity 0) is out of it, so a new call never reads them; back with room, they are in."""
+    tenant, queue = uuid.uuid4(), uuid.uuid4()
+    talking, away, no_phone, free = agent(), agent(available=False), agent(capacity={"voice": 0, "webchat": 2}), agent()
+    for a in (talking, away, no_phone, free):
+        await matcher.set_agent(tenant, a)
+    room = matcher.prefix(tenant) + "room:"
+
+    async def with_room(channel: str) -> set[uuid.UUID]:
+        return {uuid.UUID(member) for member in await redis.smembers(room + channel)}
+
+    assert await with_room("voice") == {talking.user_id, free.user_id}
+    assert await with_room("webchat") == {talking.user_id, no_phone.user_id, free.user_id}
+    call = item(queue)
+    await matcher.enqueue(tenant, call)
+    taker = (await offer(matcher, tenant, call, NOW))[0]
+    other = free.user_id if taker == talking.user_id else talking.user_id
+    assert await with_room("voice") == {other}  # offered: the taker's one voice slot is used
+    assert (await matcher.accept(tenant, call.interaction_id, taker, NOW)).ok
+    assert await with_room("voice") == {other}
+    await matcher.finish(tenant, call.interaction_id)
+    assert await with_room("voice") == {talking.user_id, free.user_id}
+    await matcher.set_agent(tenant, AgentRouting(free.user_id, False, {"voice": 1, "webchat": 2}, {}, NOW))
+    assert await with_room("voice") == {talking.user_id}
+    await matcher.set_agent(tenant, AgentRouting(no_phone.user_id, True, {"voice": 1, "webchat": 2}, {}, NOW))
+    assert await with_room("voice") == {talking.user_id, no_phone.user_id}

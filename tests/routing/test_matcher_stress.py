@@ -394,9 +394,14 @@ async def test_many_processes_many_operations_keep_every_invariant(redis):
         assert set(queued) <= alive
         for agent, details in spec["agents"].items():
             load = await matcher.load(uuid.UUID(tenant), uuid.UUID(agent))
+            available = await redis.sismember(prefix + "avail", agent)
             for channel, capacity in details["capacity"].items():
                 assert load.get(channel, 0) == loads.get((agent, channel), 0), f"seed {seed}: load drifted"
                 assert load.get(channel, 0) <= capacity, f"seed {seed}: over capacity"
+                room = bool(available) and load.get(channel, 0) < capacity
+                assert bool(await redis.sismember(prefix + "room:" + channel, agent)) == room, (
+                    f"seed {seed}: {agent}'s room on {channel} disagrees with their load and availability"
+                )
         # Finishing everything leaves nothing behind: no stray lane, ring or load.
         for iid in alive:
             await matcher.finish(uuid.UUID(tenant), uuid.UUID(iid))
