@@ -29,16 +29,15 @@ from backend.db.base import utcnow
 from backend.db.engine import driver_connection, session_driver, tenant_transaction
 from backend.lib.problems import Conflict, Forbidden, InvalidInput, NotFound
 from backend.routing import interactions, service
+from backend.routing.hours import Schedule
 from backend.routing.hub import AgentHub
 from backend.routing.matcher import AgentRouting, Matcher, Offer, WaitingInteraction
 from backend.routing.models import (
     DEFAULT_PRIORITY,
     AgentProfile,
     AgentState,
-    BusinessHours,
     Interaction,
     Queue,
-    QueueSkill,
 )
 from backend.routing.offers import OfferRecorder
 from backend.routing.schemas import InteractionCreate, InteractionOut, QueueStats
@@ -74,10 +73,47 @@ def capacity_channel(channel: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class QueueRules:
-    """The parts of a queue's settings the engine acts on."""
+    """The parts of a queue's settings the engine acts on, read in one statement (`queue_rules`, migration 0023)."""
 
     queue: Queue
     requirements: list[tuple[str, list[tuple[int, int]]]]
+    schedule: Schedule | None
+    """Its business hours (None without hours, or hours deleted since: open)."""
+    anyone_logged_in: bool | None
+    """For a queue with a no-agents action: whether any agent of the tenant is logged in."""
+
+    def open_at(self, at: datetime) -> bool:
+        return self.schedule is None or self.schedule.is_open(at)
+
+    def refusal(self, at: datetime) -> tuple[str, dict[str, Any]] | None:
+        """The outcome and action when the queue does not take a new contact now (closed, nobody logged in)."""
+        if not self.open_at(at):
+            return "closed", self.queue.closed_action
+        if self.queue.no_agents_action.get("type", "none") != "none" and self.anyone_logged_in is False:
+            return "no_agents", self.queue.no_agents_action
+        return None
+
+
+_QUEUE_RULES = "SELECT (r.r_queue).*, r.r_requirements, r.r_hours, r.r_anyone_logged_in FROM queue_rules($1, $2) AS r"
+_QUEUE_COLUMNS = tuple(column.key for column in Queue.__table__.columns)
+
+
+async def read_rules(driver: Any, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> QueueRules:
+    """A queue's routing rules in one statement (422 when it is not a queue of the tenant). `driver` is a pooled
+    asyncpg connection, or a transaction's (`session_driver`)."""
+    row = await driver.fetchrow(_QUEUE_RULES, tenant_id, queue_id)
+    if row is None:
+        raise InvalidInput.field("queue_id", "is not a queue of this tenant")
+    hours = row["r_hours"]
+    return QueueRules(
+        Queue(**{name: row[name] for name in _QUEUE_COLUMNS}),
+        [
+            (skill, [(int(s["after_seconds"]), int(s["min_level"])) for s in steps])
+            for skill, steps in row["r_requirements"]
+        ],
+        Schedule.build(hours["time_zone"], hours["weekly"], hours["holidays"], hours["exceptions"]) if hours else None,
+        row["r_anyone_logged_in"],
+    )
 
 
 class RoutingEngine:
@@ -105,15 +141,9 @@ class RoutingEngine:
     # --- queue rules --------------------------------------------------------------------------
 
     @staticmethod
-    async def _rules(session: AsyncSession, queue_id: uuid.UUID) -> QueueRules:
-        queue = await session.scalar(select(Queue).where(Queue.id == queue_id))
-        if queue is None:
-            raise InvalidInput.field("queue_id", "is not a queue of this tenant")
-        requirements = [
-            (str(r.skill_id), [(int(step["after_seconds"]), int(step["min_level"])) for step in r.steps])
-            for r in (await session.scalars(select(QueueSkill).where(QueueSkill.queue_id == queue_id))).all()
-        ]
-        return QueueRules(queue, requirements)
+    async def _rules(session: AsyncSession, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> QueueRules:
+        """`read_rules` in the session's transaction (begun: `tenant_transaction` set its tenant)."""
+        return await read_rules(await session_driver(session), tenant_id, queue_id)
 
     def _waiting(self, interaction: Interaction, rules: QueueRules) -> WaitingInteraction:
         assert interaction.queued_at is not None
@@ -129,19 +159,12 @@ class RoutingEngine:
             requirements=rules.requirements,
         )
 
-    @staticmethod
-    async def _open_now(session: AsyncSession, queue: Queue, at: datetime) -> bool:
-        if queue.business_hours_id is None:
-            return True
-        hours = await session.scalar(select(BusinessHours).where(BusinessHours.id == queue.business_hours_id))
-        return hours is None or service.schedule_of(hours).is_open(at)
-
     # --- interactions -------------------------------------------------------------------------
 
     async def create(self, tenant_id: uuid.UUID, data: InteractionCreate) -> InteractionOut:
         """Create an interaction durably and queue it (or apply the queue's closed action)."""
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
-            rules = await self._rules(session, data.queue_id)
+            rules = await self._rules(session, tenant_id, data.queue_id)
             now = utcnow()
             interaction = Interaction(
                 tenant_id=tenant_id,
@@ -168,11 +191,10 @@ class RoutingEngine:
         self, session: AsyncSession, interaction: Interaction, rules: QueueRules, now: datetime
     ) -> WaitingInteraction | None:
         """Put the interaction in the queue's line durably, or end it by the queue's closed or no-agent action."""
-        if not await self._open_now(session, rules.queue, now):
-            await self._end(session, interaction, "closed", action=rules.queue.closed_action)
-            return None
-        if rules.queue.no_agents_action.get("type", "none") != "none" and not await self._anyone_logged_in(session):
-            await self._end(session, interaction, "no_agents", action=rules.queue.no_agents_action)
+        refusal = rules.refusal(now)
+        if refusal is not None:
+            outcome, action = refusal
+            await self._end(session, interaction, outcome, action=action)
             return None
         interaction.state = "queued"
         interaction.queue_id = rules.queue.id
@@ -197,11 +219,6 @@ class RoutingEngine:
             if position is not None:
                 estimate = await self.estimated_wait_seconds(session, tenant_id, interaction.queue_id, position)
         return interactions.out(interaction, position=position, estimated_wait=estimate, timeline=timeline)
-
-    @staticmethod
-    async def _anyone_logged_in(session: AsyncSession) -> bool:
-        found = await session.scalar(select(AgentState.user_id).where(AgentState.state != "offline").limit(1))
-        return found is not None
 
     async def _schedule_wait(
         self, tenant_id: uuid.UUID, waiting: WaitingInteraction, max_wait_ms: int, after_ms: int
@@ -345,7 +362,7 @@ class RoutingEngine:
             for agent in agents or (None,):
                 await interactions.record(session, interaction, event, agent_id=agent, **data)
             assert interaction.queue_id is not None
-            waiting = self._waiting(interaction, await self._rules(session, interaction.queue_id))
+            waiting = self._waiting(interaction, await self._rules(session, tenant_id, interaction.queue_id))
         if agents:
             await self.signals.publish(
                 RoutingSignal(tenant_id, interaction_id, "offer_ended", agents=tuple(agents), reason=event)
@@ -496,7 +513,7 @@ class RoutingEngine:
         load = await self.matcher.load(tenant_id, agent_id)
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             if queue_id is not None:
-                await self._rules(session, queue_id)  # the tenant's queue, or 422
+                await self._rules(session, tenant_id, queue_id)  # the tenant's queue, or 422
             profile = await session.scalar(select(AgentProfile).where(AgentProfile.user_id == agent_id))
             capacity = (profile.capacity if profile is not None else DEFAULT_CAPACITY).get("voice", 1)
             if load.get("voice", 0) >= capacity:
@@ -560,20 +577,36 @@ class RoutingEngine:
         The queue's closed and no-agent actions apply: the result is then ended with their outcome. Otherwise it
         is the interaction as it was queued, without its place in line (`place` tells that, when it is wanted).
         """
+        # What the decision needs in one statement, then the contact queued in one more; only a queue that refuses
+        # it (closed, nobody logged in) takes the transaction that ends it.
+        engine = self.sessionmaker.kw["bind"]
+        async with driver_connection(engine) as driver:
+            rules = await read_rules(driver, tenant_id, queue_id)
+        now = utcnow()
+        chosen = priority if priority is not None else rules.queue.priority
+        if rules.refusal(now) is None:
+            async with driver_connection(engine) as driver:
+                result, interaction = await interactions.queue(
+                    driver, tenant_id, interaction_id, queue_id, priority=chosen, attributes=attributes or {}, at=now
+                )
+            if result != "queued":
+                raise Conflict("Only a contact that is not queued yet can be queued", kind="not-new")
+            queued = interactions.out(interaction)
+            await self._queued(tenant_id, self._waiting(interaction, rules), rules)
+            await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
+            return queued
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             interaction = await interactions.lock(session, interaction_id)
             if interaction.state != "new":
                 raise Conflict("Only a contact that is not queued yet can be queued", kind="not-new")
-            rules = await self._rules(session, queue_id)
-            interaction.priority = priority if priority is not None else rules.queue.priority
+            interaction.priority = chosen
             if attributes:
                 interaction.attributes = {**interaction.attributes, **attributes}
-            waiting = await self._admit(session, interaction, rules, utcnow())
+            waiting = await self._admit(session, interaction, rules, now)
             queued = interactions.out(interaction)
-            if waiting is None:
-                return queued
-        await self._queued(tenant_id, waiting, rules)
-        await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
+        if waiting is not None:  # the queue opened, or someone logged in, since the read: as above
+            await self._queued(tenant_id, waiting, rules)
+            await self.signals.publish(RoutingSignal(tenant_id, interaction_id, "queued", queue_id=queue_id))
         return queued
 
     async def place(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> InteractionOut:
@@ -614,7 +647,7 @@ class RoutingEngine:
                     await session_driver(session), tenant_id, interaction_id, agent_id, forced=True
                 )
                 if interaction.queue_id is not None:
-                    rules = await self._rules(session, interaction.queue_id)
+                    rules = await self._rules(session, tenant_id, interaction.queue_id)
                     await self.matcher.restore_connected(tenant_id, self._waiting(interaction, rules), agent_id)
         else:
             # The usual case, in one statement.
@@ -696,7 +729,7 @@ class RoutingEngine:
                 interaction.queued_at = utcnow()
             await interactions.record(session, interaction, "connected", agent_id=agent_id, direct=True)
             await service.mark_busy(session, tenant_id, agent_id)
-            rules = await self._rules(session, interaction.queue_id) if interaction.queue_id else None
+            rules = await self._rules(session, tenant_id, interaction.queue_id) if interaction.queue_id else None
             result = interactions.out(interaction)
             waiting = self._waiting(interaction, rules) if rules is not None else _unqueued(interaction)
         await self.matcher.finish(tenant_id, interaction_id)
@@ -729,7 +762,7 @@ class RoutingEngine:
                 queue = await session.scalar(select(Queue).where(Queue.id == interaction.queue_id))
                 wrap_up = queue.wrap_up_seconds if queue else 0
             await interactions.record(session, interaction, "transferred", agent_id=previous, to_queue=queue_id, **data)
-            rules = await self._rules(session, queue_id)
+            rules = await self._rules(session, tenant_id, queue_id)
             interaction.agent_id = None
             interaction.state = "new"
             waiting = await self._admit(session, interaction, rules, utcnow())
@@ -789,7 +822,7 @@ class RoutingEngine:
                 return result
         async with tenant_transaction(self.sessionmaker, tenant_id) as session:
             if queue_id is not None:
-                await self._rules(session, queue_id)  # the tenant's queue, or 422
+                await self._rules(session, tenant_id, queue_id)  # the tenant's queue, or 422
             now = utcnow()
             interaction = Interaction(
                 tenant_id=tenant_id,
@@ -900,9 +933,9 @@ class RoutingEngine:
             interaction = await interactions.lock(session, interaction_id)
             if interaction.state != "queued" or interaction.queue_id is None:
                 raise Conflict("Only a waiting interaction can become a callback", kind="not-waiting")
-            rules = await self._rules(session, interaction.queue_id)
+            rules = await self._rules(session, tenant_id, interaction.queue_id)
             if at is not None:
-                await self._check_callback_time(session, rules.queue, at)
+                self._check_callback_time(rules, at)
             interaction.channel = "callback"
             interaction.attributes = {**interaction.attributes, "callback_number": parsed}
             if at is not None:
@@ -922,13 +955,14 @@ class RoutingEngine:
             found, _ = await interactions.get(session, interaction_id)
             return await self.describe(session, tenant_id, found)
 
-    async def _check_callback_time(self, session: AsyncSession, queue: Queue, at: datetime) -> None:
+    @staticmethod
+    def _check_callback_time(rules: QueueRules, at: datetime) -> None:
         if at.tzinfo is None:
             raise InvalidInput.field("at", "must carry a UTC offset")
         now = utcnow()
         if at <= now or (at - now).total_seconds() > MAX_CALLBACK_DAYS * 86_400:
             raise InvalidInput.field("at", f"must be in the future and within {MAX_CALLBACK_DAYS} days")
-        if not await self._open_now(session, queue, at):
+        if not rules.open_at(at):
             raise InvalidInput.field("at", "is outside the queue's business hours")
 
     async def _callback_due(self, tenant_id: uuid.UUID, interaction_id: uuid.UUID, moment: int) -> None:
@@ -939,7 +973,7 @@ class RoutingEngine:
             # A scheduled callback joins the line as if it had arrived at its time.
             interaction.queued_at = utc_from_ms(moment)
             await interactions.record(session, interaction, "queued", queue_id=interaction.queue_id, scheduled=True)
-            rules = await self._rules(session, interaction.queue_id)
+            rules = await self._rules(session, tenant_id, interaction.queue_id)
             waiting = self._waiting(interaction, rules)
         await self.matcher.enqueue(tenant_id, waiting)
         await self._offer(tenant_id, waiting, moment)
@@ -1087,7 +1121,7 @@ class RoutingEngine:
             interaction = await interactions.lock(session, interaction_id)
             if interaction.state != "queued" or interaction.queue_id is None:
                 return
-            rules = await self._rules(session, interaction.queue_id)
+            rules = await self._rules(session, tenant_id, interaction.queue_id)
             waiting = self._waiting(interaction, rules)
             overdue = moment >= waiting.enqueued_ms + rules.queue.max_wait_seconds * 1000
             action = rules.queue.overflow_action
@@ -1099,7 +1133,7 @@ class RoutingEngine:
                     interaction.queue_id = target
                     interaction.queued_at = utcnow()
                     await interactions.record(session, interaction, "queued", queue_id=target)
-                    moved = self._waiting(interaction, await self._rules(session, target))
+                    moved = self._waiting(interaction, await self._rules(session, tenant_id, target))
                 else:
                     await self._end(session, interaction, "overflowed", action=action)
         if overdue and action.get("type", "none") != "none":
@@ -1182,7 +1216,10 @@ class RoutingEngine:
             for interaction in open_items:
                 if interaction.queue_id is not None and interaction.queued_at is not None:
                     plans.append(
-                        (interaction, self._waiting(interaction, await self._rules(session, interaction.queue_id)))
+                        (
+                            interaction,
+                            self._waiting(interaction, await self._rules(session, tenant_id, interaction.queue_id)),
+                        )
                     )
         for interaction, waiting in plans:
             await self.matcher.enqueue(tenant_id, waiting)

@@ -89,6 +89,30 @@ async def row(driver: Any, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> I
     return Interaction(**{name: found[name] for name in _COLUMNS}) if found is not None else None
 
 
+_QUEUE = "SELECT q.r_result, (q.r_interaction).* FROM queue_interaction($1, $2, $3, $4, $5::jsonb, $6) AS q"
+
+
+async def queue(
+    driver: Any,
+    tenant_id: uuid.UUID,
+    interaction_id: uuid.UUID,
+    queue_id: uuid.UUID,
+    *,
+    priority: int,
+    attributes: dict[str, str],
+    at: datetime,
+) -> tuple[str, Interaction]:
+    """Put a contact that is still `new` in its queue, in one statement (`queue_interaction`, migration 0023): its
+    queue, state, queue time, priority, `attributes` merged into its own, and its `queued` event. Returns `queued`,
+    or `not_new` (nothing written), and the interaction as it now is."""
+    found = await driver.fetchrow(
+        _QUEUE, tenant_id, interaction_id, queue_id, priority, msgspec.json.encode(attributes).decode(), at
+    )
+    if found is None:
+        raise NotFound("No such interaction")
+    return found["r_result"], Interaction(**{name: found[name] for name in _COLUMNS})
+
+
 async def end(
     driver: Any,
     interaction: Interaction,

@@ -280,3 +280,57 @@ async def test_an_end_decided_on_a_state_that_changed_meanwhile_is_decided_again
     assert "abandoned" not in names and names[-2:] == ["connected", "ended"]
     async with tenant_transaction(sessionmaker, ctx.tenant_id) as session:
         assert (await service.get_agent_state(session, ctx.tenant_id, agent["id"])).state != "busy"
+
+
+async def test_a_channel_queues_its_contact_in_two_statements_for_its_tenant_only(
+    app, factory: Factory, client, sessionmaker: async_sessionmaker[AsyncSession], engine: AsyncEngine
+):
+    """`enqueue` (`queue_rules`, then `queue_interaction`): the contact is queued with its priority and merged
+    attributes and its `queued` event, without a transaction of the ORM's; not twice; another tenant's queue is
+    refused as input and another tenant's contact is not found; a closed queue or one with nobody logged in ends it
+    by its action."""
+    from sqlalchemy import event
+
+    from backend.lib.problems import Conflict, InvalidInput
+
+    routing = app.state.routing
+    a = await factory.tenant()
+    b = await factory.tenant()
+    queue = await factory.queue(b, priority=70)
+    opened = await routing.open(b.tenant_id, channel="voice", attributes={"did": "+1"})
+    with pytest.raises(InvalidInput):
+        await routing.enqueue(b.tenant_id, opened.id, await factory.queue(a))
+    with pytest.raises(NotFound):
+        await routing.enqueue(a.tenant_id, opened.id, await factory.queue(a))
+    transactions: list[object] = []
+
+    def began(connection: object) -> None:
+        transactions.append(connection)
+
+    event.listen(engine.sync_engine, "begin", began)
+    try:
+        queued = await routing.enqueue(b.tenant_id, opened.id, queue, attributes={"language": "fr"})
+    finally:
+        event.remove(engine.sync_engine, "begin", began)
+    assert transactions == []
+    assert (queued.state, queued.queue_id, queued.priority) == ("queued", queue, 70)
+    assert queued.attributes == {"did": "+1", "language": "fr"}
+    assert queued.queued_at is not None
+    assert (await _timeline(sessionmaker, b.tenant_id, opened.id))[-1] == (2, "queued", {"queue_id": str(queue)})
+    assert opened.id in await routing.matcher.waiting(b.tenant_id, queue)
+    with pytest.raises(Conflict):
+        await routing.enqueue(b.tenant_id, opened.id, queue)
+
+    hours = await client.post(
+        "/api/v1/routing/business-hours", json={"name": "never", "weekly": [], "exceptions": []}, headers=b.headers
+    )
+    closed = await factory.queue(b, business_hours_id=hours.json()["id"], closed_action={"type": "voicemail"})
+    late = await routing.open(b.tenant_id, channel="voice")
+    refused = await routing.enqueue(b.tenant_id, late.id, closed)
+    assert (refused.state, refused.outcome) == ("ended", "closed")
+    nobody = await factory.queue(b, no_agents_action={"type": "callback"})
+    alone = await routing.open(b.tenant_id, channel="voice")
+    refused = await routing.enqueue(b.tenant_id, alone.id, nobody)
+    assert (refused.state, refused.outcome) == ("ended", "no_agents")
+    async with driver_connection(engine) as connection:
+        assert not await connection.fetchval("SELECT current_setting('app.tenant_id', true)")
