@@ -26,10 +26,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
+import msgspec
 import structlog
-from sqlalchemy import Table, literal_column, select
+from sqlalchemy import literal_column, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,6 +38,7 @@ from backend.channels.voice import numbers
 from backend.channels.voice.legs import Event, LegError, LegFacts, e164, leg_from_event, leg_from_json_cdr
 from backend.channels.voice.models import CallLeg, SwitchNode, UnattributedLeg
 from backend.channels.voice.schemas import CdrOut
+from backend.db.engine import driver_connection, session_driver
 from backend.db.tenancy import set_tenant
 from backend.lib.pagination import PageRequest, paginate
 from backend.routing.engine import RoutingEngine
@@ -112,57 +114,19 @@ def _columns(leg: LegFacts) -> dict[str, Any]:
     }
 
 
-_FILLABLE = (
-    "call_uuid",
-    "did",
-    "queue_id",
-    "agent_id",
-    "interaction_id",
-    "ringing_at",
-    "answered_at",
-    "bridged_at",
-    "hangup_cause",
-    "hangup_cause_q850",
-)
-_TEXT_FILLABLE = ("node_name", "caller_number", "caller_name", "destination_number")
+_JSON = msgspec.json.Encoder()
+_RECORD_LEG = "SELECT * FROM record_cdr_leg($1, $2, $3::jsonb)"
 
 
-def merge(row: CallLeg, leg: LegFacts, source: Source) -> bool:
-    """Fold a further report of a leg into its row; returns whether anything changed.
-
-    FreeSWITCH's own reports agree with each other (the same channel's variables), so a later one
-    only fills what the row lacks. A row we closed for a lost node is replaced by FreeSWITCH's report.
-    """
-    if source in row.sources and (source in REAL_SOURCES or not REAL_SOURCES.intersection(row.sources)):
-        return False
-    if source == "node_failure" and REAL_SOURCES.intersection(row.sources):
-        return False
-    columns = _columns(leg)
-    if source in REAL_SOURCES and not REAL_SOURCES.intersection(row.sources):
-        for name, value in columns.items():
-            merged = {**row.details, **value} if name == "details" else value
-            if merged is not None or name in {"answered_at", "bridged_at", "ringing_at", "hangup_cause"}:
-                setattr(row, name, merged)
-    else:
-        for name in _FILLABLE:
-            if getattr(row, name) is None and columns[name] is not None:
-                setattr(row, name, columns[name])
-        for name in _TEXT_FILLABLE:
-            if not getattr(row, name) and columns[name]:
-                setattr(row, name, columns[name])
-        row.details = {**columns["details"], **row.details}
-    row.sources = sorted({*row.sources, source})
-    return True
-
-
-# One statement object, so SQLAlchemy compiles it once: the values travel as parameters (several legs
-# of a tenant in one multi-row INSERT, rows returned in the order of the parameters).
-_LEGS = cast(Table, CallLeg.__table__)
-_INSERT_LEG = (
-    insert(_LEGS)
-    .on_conflict_do_nothing(index_elements=["tenant_id", "leg_uuid"])
-    .returning(_LEGS.c.leg_uuid, _LEGS.c.id, sort_by_parameter_order=True)
-)
+async def _record_leg(
+    driver: Any, tenant_id: uuid.UUID, leg: LegFacts, source: Source, node_id: uuid.UUID | None
+) -> tuple[Outcome, uuid.UUID]:
+    """Store a report of a leg, or fold it into the leg's row, in one statement (`record_cdr_leg`, migration 0024,
+    which holds the merge rules). `driver` is a pooled asyncpg connection (the statement is its own transaction)
+    or a batch's transaction's (`session_driver`)."""
+    row = {"id": uuid.uuid4(), "leg_uuid": leg.leg_uuid, "node_id": node_id, **_columns(leg)}
+    found = await driver.fetchrow(_RECORD_LEG, tenant_id, source, _JSON.encode(row).decode())
+    return found["r_outcome"], found["r_id"]
 
 
 @dataclass(slots=True)
@@ -192,6 +156,7 @@ class CdrRecorder:
         self.sessionmaker = sessionmaker
         self.listeners = list(listeners)
         self._known_tenants: dict[uuid.UUID, float] = {}
+        self._node_ids: dict[str, tuple[uuid.UUID, float]] = {}
         self._max_batch = max_batch
         self._pending: list[_PendingLeg] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -199,9 +164,9 @@ class CdrRecorder:
         """Commits made so far (each carries one or more legs)."""
 
     async def _attribute(self, session: AsyncSession, leg: LegFacts) -> tuple[uuid.UUID | None, str]:
-        hint = leg.tenant_hint
-        if hint is not None and time.monotonic() < self._known_tenants.get(hint, 0.0):
-            return hint, "variable"
+        known = self._known_tenant(leg)
+        if known is not None:
+            return known, "variable"
         tenant_id, how = await attribute(session, leg)
         if tenant_id is not None and how == "variable":
             if len(self._known_tenants) > 10_000:
@@ -282,7 +247,26 @@ class CdrRecorder:
         if not pending.done.done():
             pending.done.set_exception(exc)
 
+    def _known_tenant(self, leg: LegFacts) -> uuid.UUID | None:
+        hint = leg.tenant_hint
+        return hint if hint is not None and time.monotonic() < self._known_tenants.get(hint, 0.0) else None
+
+    def _known_node(self, pending: _PendingLeg) -> uuid.UUID | None:
+        if pending.node_id is not None or not pending.leg.node_name:
+            return pending.node_id
+        node_id, until = self._node_ids.get(pending.leg.node_name, (None, 0.0))
+        return node_id if time.monotonic() < until else None
+
     async def _write(self, batch: list[_PendingLeg]) -> list[tuple[Recorded, LegFacts]]:
+        if len(batch) == 1:
+            # Alone, with its tenant and node known: one statement, its own transaction (nothing to group with).
+            pending = batch[0]
+            tenant_id = self._known_tenant(pending.leg)
+            node_id = self._known_node(pending)
+            if tenant_id is not None and (node_id is not None or not pending.leg.node_name):
+                async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+                    outcome, cdr_id = await _record_leg(driver, tenant_id, pending.leg, pending.source, node_id)
+                return [(Recorded(outcome, pending.leg.leg_uuid, tenant_id, cdr_id), pending.leg)]
         results: list[tuple[Recorded, LegFacts] | None] = [None] * len(batch)
         async with self.sessionmaker() as session, session.begin():
             names = {p.leg.node_name for p in batch if p.node_id is None and p.leg.node_name}
@@ -290,6 +274,10 @@ class CdrRecorder:
             if names:
                 found = await session.execute(select(SwitchNode.name, SwitchNode.id).where(SwitchNode.name.in_(names)))
                 node_ids = dict(found.all())
+                if len(self._node_ids) > 10_000:
+                    self._node_ids.clear()
+                until = time.monotonic() + KNOWN_TENANT_SECONDS
+                self._node_ids.update({name: (node_id, until) for name, node_id in node_ids.items()})
             # Every leg's tenant first: the lookups read global tables, before any tenant context is set.
             by_tenant: dict[uuid.UUID, list[tuple[int, LegFacts, uuid.UUID | None]]] = {}
             for index, pending in enumerate(batch):
@@ -307,29 +295,10 @@ class CdrRecorder:
             # legs in the same order, so two batches sharing legs wait on each other and never deadlock.
             for tenant_id, legs in sorted(by_tenant.items()):
                 legs.sort(key=lambda entry: entry[1].leg_uuid)
-                await set_tenant(session, tenant_id)
-                inserted = await session.execute(
-                    _INSERT_LEG,
-                    [
-                        {
-                            "tenant_id": tenant_id,
-                            "id": uuid.uuid4(),
-                            "leg_uuid": leg.leg_uuid,
-                            "node_id": node_id,
-                            "sources": [batch[index].source],
-                            **_columns(leg),
-                        }
-                        for index, leg, node_id in legs
-                    ],
-                )
-                created: dict[uuid.UUID, uuid.UUID] = dict(inserted.all())
+                await set_tenant(session, tenant_id)  # the transaction begins here if no lookup began it
+                driver = await session_driver(session)
                 for index, leg, node_id in legs:
-                    cdr_id = created.get(leg.leg_uuid)
-                    if cdr_id is not None:
-                        results[index] = (Recorded("created", leg.leg_uuid, tenant_id, cdr_id), leg)
-                        continue
-                    # Stored already (an earlier report, or another process a moment ago): fold into its row.
-                    outcome, cdr_id = await self._merge_into_row(session, leg, batch[index].source, node_id)
+                    outcome, cdr_id = await _record_leg(driver, tenant_id, leg, batch[index].source, node_id)
                     results[index] = (Recorded(outcome, leg.leg_uuid, tenant_id, cdr_id), leg)
         return [result for result in results if result is not None]
 
@@ -340,18 +309,6 @@ class CdrRecorder:
     async def record_json_cdr(self, document: Mapping[str, Any], source: Source = "json_cdr") -> Recorded:
         """A mod_json_cdr document, posted or read from its err-log-dir."""
         return await self.record(leg_from_json_cdr(document), source)
-
-    @staticmethod
-    async def _merge_into_row(
-        session: AsyncSession, leg: LegFacts, source: Source, node_id: uuid.UUID | None
-    ) -> tuple[Outcome, uuid.UUID]:
-        row = await session.scalar(select(CallLeg).where(CallLeg.leg_uuid == leg.leg_uuid).with_for_update())
-        assert row is not None
-        if row.node_id is None and node_id is not None:
-            row.node_id = node_id
-        changed = merge(row, leg, source)
-        await session.flush()
-        return ("merged" if changed else "duplicate"), row.id
 
     @staticmethod
     async def _unattributed(session: AsyncSession, leg: LegFacts, source: Source, reason: str) -> None:

@@ -398,3 +398,39 @@ async def test_two_writers_reporting_the_same_legs_in_opposite_orders_do_not_dea
         assert {r.outcome for r in results} <= {"created", "duplicate", "merged"}, {r.outcome for r in results}
     # One commit per writer per round: no batch was refused and split.
     assert holder.batches_written == api.batches_written == 5
+
+
+async def test_a_leg_reported_alone_for_a_known_tenant_is_one_statement(
+    factory: Factory, app, sessionmaker, engine, switch_node
+):
+    """`record_cdr_leg` (migration 0024): once the tenant is confirmed, a report that has no other to share a commit
+    with is one statement, without a transaction of the ORM's, whether it creates the row, folds into it or repeats
+    it; and another tenant never sees the row."""
+    from sqlalchemy import event
+
+    ctx = await factory.tenant()
+    other = await factory.tenant()
+    recorder = CdrRecorder(sessionmaker)
+    tenant = str(ctx.tenant_id)
+    first_leg = leg_from_event(hangup_event(A_LEG, cc_tenant_id=tenant))
+    assert (await recorder.record(first_leg, "event", switch_node["id"])).outcome == "created"  # confirms the tenant
+    transactions: list[object] = []
+
+    def began(connection: object) -> None:
+        transactions.append(connection)
+
+    b_leg = leg_from_event(hangup_event(B_LEG, cc_tenant_id=tenant))
+    event.listen(engine.sync_engine, "begin", began)
+    try:
+        created = await recorder.record(b_leg, "event", switch_node["id"])
+        merged = await recorder.record(replace(b_leg, caller_name="Alice"), "json_cdr", switch_node["id"])
+        repeated = await recorder.record(b_leg, "json_cdr", switch_node["id"])
+    finally:
+        event.remove(engine.sync_engine, "begin", began)
+    assert transactions == []
+    assert (created.outcome, merged.outcome, repeated.outcome) == ("created", "merged", "duplicate")
+    assert created.cdr_id == merged.cdr_id == repeated.cdr_id
+    [row] = await rows(sessionmaker, ctx.tenant_id, B_LEG)
+    assert row.sources == ["event", "json_cdr"]
+    assert row.caller_name == (b_leg.caller_name or "Alice")  # a report only fills what the row lacks
+    assert await rows(sessionmaker, other.tenant_id, B_LEG) == []
