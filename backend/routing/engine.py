@@ -15,14 +15,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import msgspec
 import phonenumbers
 import structlog
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from backend.auth.principal import Principal
 from backend.db.base import utcnow
@@ -111,7 +111,7 @@ async def read_rules(driver: Any, tenant_id: uuid.UUID, queue_id: uuid.UUID) -> 
             (skill, [(int(s["after_seconds"]), int(s["min_level"])) for s in steps])
             for skill, steps in row["r_requirements"]
         ],
-        Schedule.build(hours["time_zone"], hours["weekly"], hours["holidays"], hours["exceptions"]) if hours else None,
+        Schedule.build(**hours) if hours else None,
         row["r_anyone_logged_in"],
     )
 
@@ -137,6 +137,11 @@ class RoutingEngine:
         """Tells the channel holding a contact (voice call control) what routing did with it (`signals.py`)."""
         self.offer_context: list[OfferContextProvider] = []
         """Filled by the app's wiring (the customer store's screen pop); a failing provider never blocks an offer."""
+
+    @property
+    def _engine(self) -> AsyncEngine:
+        """The engine under the sessionmaker: its pooled connections run the single-statement steps."""
+        return cast(AsyncEngine, self.sessionmaker.kw["bind"])
 
     # --- queue rules --------------------------------------------------------------------------
 
@@ -400,9 +405,8 @@ class RoutingEngine:
         """
         # The end is reported by call control and by both CDR paths: those that come second learn it in one read;
         # the first writes the end in one more, made on the state it read (read again if that changed meanwhile).
-        engine = self.sessionmaker.kw["bind"]
         for _ in range(_END_ATTEMPTS):
-            async with driver_connection(engine) as driver:
+            async with driver_connection(self._engine) as driver:
                 interaction = await interactions.row(driver, tenant_id, interaction_id)
             if interaction is None:
                 log.warning(
@@ -431,7 +435,7 @@ class RoutingEngine:
                 if _outbound(interaction) and interaction.state != "connected":
                     ending = outbound_outcome(str(disposition))
             closing = _closing(interaction, ending or "handled")
-            async with driver_connection(engine) as driver:
+            async with driver_connection(self._engine) as driver:
                 ended, wrap_up, interaction = await interactions.end(
                     driver,
                     interaction,
@@ -480,18 +484,8 @@ class RoutingEngine:
             last_seq=1,
             created_at=utcnow(),
         )
-        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
-            await driver.execute(
-                _OPEN_INTERACTION,
-                tenant_id,
-                interaction.id,
-                channel,
-                interaction.customer_ref,
-                msgspec.json.encode(interaction.attributes).decode(),
-                interaction.priority,
-                interaction.created_at,
-                msgspec.json.encode({"channel": channel}).decode(),
-            )
+        async with driver_connection(self._engine) as driver:
+            await interactions.open_new(driver, interaction)
         return interactions.out(interaction)
 
     async def open_outbound(
@@ -557,7 +551,7 @@ class RoutingEngine:
         if name not in CHANNEL_EVENTS:
             raise ValueError(f"{name!r} is not an event a channel records itself")
         payload = msgspec.json.encode({k: str(v) if isinstance(v, uuid.UUID) else v for k, v in data.items()})
-        async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+        async with driver_connection(self._engine) as driver:
             recorded = await driver.fetchval(
                 _RECORD_CHANNEL_EVENT, tenant_id, interaction_id, name, agent_id, utcnow(), payload.decode()
             )
@@ -579,13 +573,12 @@ class RoutingEngine:
         """
         # What the decision needs in one statement, then the contact queued in one more; only a queue that refuses
         # it (closed, nobody logged in) takes the transaction that ends it.
-        engine = self.sessionmaker.kw["bind"]
-        async with driver_connection(engine) as driver:
+        async with driver_connection(self._engine) as driver:
             rules = await read_rules(driver, tenant_id, queue_id)
         now = utcnow()
         chosen = priority if priority is not None else rules.queue.priority
         if rules.refusal(now) is None:
-            async with driver_connection(engine) as driver:
+            async with driver_connection(self._engine) as driver:
                 result, interaction = await interactions.queue(
                     driver, tenant_id, interaction_id, queue_id, priority=chosen, attributes=attributes or {}, at=now
                 )
@@ -651,7 +644,7 @@ class RoutingEngine:
                     await self.matcher.restore_connected(tenant_id, self._waiting(interaction, rules), agent_id)
         else:
             # The usual case, in one statement.
-            async with driver_connection(self.sessionmaker.kw["bind"]) as driver:
+            async with driver_connection(self._engine) as driver:
                 outcome, interaction = await interactions.connect(
                     driver, tenant_id, interaction_id, agent_id, forced=False
                 )
@@ -1051,9 +1044,7 @@ class RoutingEngine:
     ) -> tuple[bool, AgentRouting]:
         """What the matcher needs of an agent: availability, capacity (no voice without a softphone) and skills;
         first released from busy when `release` (their last contact is over). Returns whether they now wrap up."""
-        facts = await service.agent_facts(
-            self.sessionmaker.kw["bind"], tenant_id, user_id, release=release, wrap_up=wrap_up
-        )
+        facts = await service.agent_facts(self._engine, tenant_id, user_id, release=release, wrap_up=wrap_up)
         capacity = dict(facts.capacity if facts.capacity is not None else DEFAULT_CAPACITY)
         if not facts.voice_registered:
             capacity["voice"] = 0  # no softphone, no calls
@@ -1265,7 +1256,6 @@ def _closing(interaction: Interaction, outcome: str) -> _Closing:
 _END_ATTEMPTS = 10
 """Times a channel's end is read and written again because the interaction's state changed in between."""
 
-_OPEN_INTERACTION = "SELECT open_interaction($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)"
 
 NO_QUEUE = uuid.UUID(int=0)
 """The matcher's queue for a contact connected outside any queue (it never waits in a line)."""

@@ -52,10 +52,34 @@ async def lock(session: AsyncSession, interaction_id: uuid.UUID) -> Interaction:
     return found
 
 
+_OPEN = "SELECT open_interaction($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)"
+
+
+async def open_new(driver: Any, interaction: Interaction) -> None:
+    """Write a new interaction (state `new`) and its `created` event in one statement (`open_interaction`,
+    migration 0017), its own transaction."""
+    await driver.execute(
+        _OPEN,
+        interaction.tenant_id,
+        interaction.id,
+        interaction.channel,
+        interaction.customer_ref,
+        msgspec.json.encode(interaction.attributes).decode(),
+        interaction.priority,
+        interaction.created_at,
+        msgspec.json.encode({"channel": interaction.channel}).decode(),
+    )
+
+
 _CONNECT = (
     "SELECT c.r_outcome, c.r_agent_moved, (c.r_interaction).* FROM connect_interaction($1, $2, $3, $4, $5, $6, $7) AS c"
 )
 _COLUMNS = tuple(column.key for column in Interaction.__table__.columns)
+
+
+def _from_row(row: Any) -> Interaction:
+    """The interaction a SQL function returned (its columns expanded, `(r).*`), as the ORM type `out` reads."""
+    return Interaction(**{name: row[name] for name in _COLUMNS})
 
 
 async def connect(
@@ -72,7 +96,7 @@ async def connect(
         raise NotFound("No such interaction")
     if row["r_agent_moved"]:
         audit.written(tenant_id=tenant_id, action="agent_state.change", target_type="user", target_id=str(agent_id))
-    return row["r_outcome"], Interaction(**{name: row[name] for name in _COLUMNS})
+    return row["r_outcome"], _from_row(row)
 
 
 _ROW = "SELECT * FROM interaction_row($1, $2)"
@@ -86,7 +110,7 @@ async def row(driver: Any, tenant_id: uuid.UUID, interaction_id: uuid.UUID) -> I
     """The interaction as it is, unlocked, in one statement of its own (`interaction_row`, migration 0021); None
     when the tenant has no such one."""
     found = await driver.fetchrow(_ROW, tenant_id, interaction_id)
-    return Interaction(**{name: found[name] for name in _COLUMNS}) if found is not None else None
+    return _from_row(found) if found is not None else None
 
 
 _QUEUE = "SELECT q.r_result, (q.r_interaction).* FROM queue_interaction($1, $2, $3, $4, $5::jsonb, $6) AS q"
@@ -110,7 +134,7 @@ async def queue(
     )
     if found is None:
         raise NotFound("No such interaction")
-    return found["r_result"], Interaction(**{name: found[name] for name in _COLUMNS})
+    return found["r_result"], _from_row(found)
 
 
 async def end(
@@ -138,7 +162,7 @@ async def end(
     )
     if found is None:
         raise NotFound("No such interaction")
-    now = Interaction(**{name: found[name] for name in _COLUMNS})
+    now = _from_row(found)
     return found["r_result"] == "ended", found["r_wrap_up_seconds"], now
 
 
